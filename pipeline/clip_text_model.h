@@ -1,0 +1,87 @@
+// transformers' CLIPTextModel (the SD 1.x text encoder): pre-LayerNorm transformer with a causal mask.
+// The module tree spells the checkpoint keys: text_model.embeddings.token_embedding,
+// text_model.encoder.layers.N.{self_attn.{q,k,v,out}_proj, layer_norm1, mlp.{fc1,fc2}, layer_norm2},
+// text_model.final_layer_norm. Immutable after load; forward() is safe to call from one thread at a time per
+// device stream (the worker that owns it).
+#pragma once
+
+#include <filesystem>
+
+#include <ATen/ATen.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/pimpl.h>
+
+#include "absl/status/statusor.h"
+#include "pipeline/device.h"
+#include "pipeline/layers.h"
+#include "pipeline/model_config.h"
+
+namespace tomeserve::pipeline {
+
+class ClipAttentionImpl : public torch::nn::Module {
+ public:
+  ClipAttentionImpl(const ClipTextConfig& config, const at::TensorOptions& options);
+  at::Tensor forward(const at::Tensor& x) const;  // causal self-attention, [B, L, C]
+
+ private:
+  int64_t heads_;
+  Linear q_proj_{nullptr}, k_proj_{nullptr}, v_proj_{nullptr}, out_proj_{nullptr};
+};
+TORCH_MODULE(ClipAttention);
+
+class ClipMlpImpl : public torch::nn::Module {
+ public:
+  ClipMlpImpl(const ClipTextConfig& config, const at::TensorOptions& options);
+  at::Tensor forward(const at::Tensor& x) const;
+
+ private:
+  Activation act_;
+  Linear fc1_{nullptr}, fc2_{nullptr};
+};
+TORCH_MODULE(ClipMlp);
+
+class ClipEncoderLayerImpl : public torch::nn::Module {
+ public:
+  ClipEncoderLayerImpl(const ClipTextConfig& config, const at::TensorOptions& options);
+  at::Tensor forward(const at::Tensor& x) const;
+
+ private:
+  ClipAttention self_attn_{nullptr};
+  LayerNorm layer_norm1_{nullptr}, layer_norm2_{nullptr};
+  ClipMlp mlp_{nullptr};
+};
+TORCH_MODULE(ClipEncoderLayer);
+
+// The "text_model" submodule: embeddings + encoder + final_layer_norm.
+class ClipTextTransformerImpl : public torch::nn::Module {
+ public:
+  ClipTextTransformerImpl(const ClipTextConfig& config, const at::TensorOptions& options);
+  at::Tensor forward(const at::Tensor& input_ids) const;
+
+ private:
+  Embedding token_embedding_{nullptr}, position_embedding_{nullptr};
+  torch::nn::ModuleList layers_;
+  LayerNorm final_layer_norm_{nullptr};
+};
+TORCH_MODULE(ClipTextTransformer);
+
+class ClipTextModelImpl : public torch::nn::Module {
+ public:
+  ClipTextModelImpl(const ClipTextConfig& config, const at::TensorOptions& options);
+
+  // Loads text_encoder/{config.json, model.safetensors} onto `target`.
+  static absl::StatusOr<std::shared_ptr<ClipTextModelImpl>> Load(const std::filesystem::path& dir,
+                                                                 const ComputeTarget& target);
+
+  // input_ids [B, L] (int64, L <= max_position_embeddings) -> last_hidden_state [B, L, hidden].
+  at::Tensor forward(const at::Tensor& input_ids) const;
+  const ClipTextConfig& config() const { return config_; }
+
+ private:
+  ClipTextConfig config_;
+  ClipTextTransformer text_model_{nullptr};
+};
+TORCH_MODULE(ClipTextModel);
+
+}  // namespace tomeserve::pipeline

@@ -1,0 +1,26 @@
+// Where and in which precision a model runs. Parsed from user strings ("cpu", "cuda:1", "fp16") once, at load.
+#pragma once
+
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include "absl/status/statusor.h"
+
+namespace tomeserve::pipeline {
+
+struct ComputeTarget {
+  c10::Device device = c10::Device(c10::kCPU);
+  c10::ScalarType dtype = c10::kFloat;
+};
+
+// "cpu", "cuda" (= cuda:0) or "cuda:N". A CUDA device that is absent or out of range is an error here, so a
+// misconfigured server fails at startup rather than on its first request.
+absl::StatusOr<c10::Device> ParseDevice(absl::string_view text);
+// "fp32" | "fp16" | "bf16" (also "float32", "float16", "bfloat16").
+absl::StatusOr<c10::ScalarType> ParseComputeDType(absl::string_view text);
+std::string ComputeDTypeName(c10::ScalarType dtype);
+
+}  // namespace tomeserve::pipeline

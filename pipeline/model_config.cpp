@@ -1,0 +1,77 @@
+#include "pipeline/model_config.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace tomeserve::pipeline {
+namespace {
+
+using json = nlohmann::json;
+
+// Reads an optional positive integer field; absent keeps the default.
+absl::Status GetPositive(const json& j, const char* key, const std::string& where, int64_t* out) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_number_integer() || it->get<int64_t>() <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": \"", key, "\" must be a positive integer"));
+  }
+  *out = it->get<int64_t>();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<json> ReadJsonFile(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat(path.string(), ": cannot open"));
+  std::stringstream text;
+  text << in.rdbuf();
+  json j = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not valid JSON"));
+  if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path.string(), ": expected a JSON object"));
+  return j;
+}
+
+absl::StatusOr<ClipTextConfig> ClipTextConfig::FromJson(const json& j, const std::string& where) {
+  ClipTextConfig c;
+  for (auto [key, field] : {std::pair{"vocab_size", &c.vocab_size}, std::pair{"hidden_size", &c.hidden_size},
+                            std::pair{"intermediate_size", &c.intermediate_size},
+                            std::pair{"num_hidden_layers", &c.num_hidden_layers},
+                            std::pair{"num_attention_heads", &c.num_attention_heads},
+                            std::pair{"max_position_embeddings", &c.max_position_embeddings}}) {
+    if (absl::Status s = GetPositive(j, key, where, field); !s.ok()) return s;
+  }
+  if (auto it = j.find("layer_norm_eps"); it != j.end() && !it->is_null()) {
+    if (!it->is_number() || it->get<double>() <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": \"layer_norm_eps\" must be a positive number"));
+    }
+    c.layer_norm_eps = it->get<double>();
+  }
+  if (auto it = j.find("hidden_act"); it != j.end() && !it->is_null()) {
+    const std::string act = it->is_string() ? it->get<std::string>() : "";
+    if (act == "quick_gelu") {
+      c.hidden_act = Activation::kQuickGelu;
+    } else if (act == "gelu") {
+      c.hidden_act = Activation::kGelu;
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": \"hidden_act\" \"", act, "\" is not supported (quick_gelu or gelu)"));
+    }
+  }
+  if (c.hidden_size % c.num_attention_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": hidden_size ", c.hidden_size,
+                                                   " is not divisible by num_attention_heads ", c.num_attention_heads));
+  }
+  return c;
+}
+
+absl::StatusOr<ClipTextConfig> ClipTextConfig::Load(const std::filesystem::path& config_json) {
+  absl::StatusOr<json> j = ReadJsonFile(config_json);
+  if (!j.ok()) return j.status();
+  return FromJson(*j, config_json.string());
+}
+
+}  // namespace tomeserve::pipeline

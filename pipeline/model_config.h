@@ -1,0 +1,35 @@
+// Architecture configs read from a diffusers folder's config.json files. Torch-free. Missing keys take the
+// defaults of the library that wrote the file (transformers / diffusers), so configs written by older versions
+// load the same way the reference loads them.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "nlohmann/json.hpp"
+
+namespace tomeserve::pipeline {
+
+// Reads and parses a JSON file; errors name the file.
+absl::StatusOr<nlohmann::json> ReadJsonFile(const std::filesystem::path& path);
+
+enum class Activation { kQuickGelu, kGelu };
+
+// transformers' CLIPTextConfig (text_encoder/config.json). Defaults are CLIPTextConfig's.
+struct ClipTextConfig {
+  int64_t vocab_size = 49408;
+  int64_t hidden_size = 512;
+  int64_t intermediate_size = 2048;
+  int64_t num_hidden_layers = 12;
+  int64_t num_attention_heads = 8;
+  int64_t max_position_embeddings = 77;
+  double layer_norm_eps = 1e-5;
+  Activation hidden_act = Activation::kQuickGelu;
+
+  static absl::StatusOr<ClipTextConfig> FromJson(const nlohmann::json& j, const std::string& where);
+  static absl::StatusOr<ClipTextConfig> Load(const std::filesystem::path& config_json);
+};
+
+}  // namespace tomeserve::pipeline

@@ -1,0 +1,36 @@
+// The one boundary where libtorch exceptions become absl::Status. Every public pipeline entry point that runs
+// torch code wraps its body in GuardTorch(); nothing above the pipeline sees a c10::Error.
+#pragma once
+
+#include <exception>
+#include "absl/strings/string_view.h"
+#include <type_traits>
+
+#include <c10/util/Exception.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+
+namespace tomeserve::pipeline {
+
+// The first line of a c10 message: libtorch appends multi-line backtraces that do not belong in a status.
+absl::string_view FirstLine(absl::string_view message);
+
+// Runs `fn` (returning absl::Status or absl::StatusOr<T>) and maps exceptions:
+//   c10::OutOfMemoryError -> RESOURCE_EXHAUSTED (the server splits the batch and counts it),
+//   other c10::Error / std::exception -> INTERNAL, prefixed with `what`.
+template <typename Fn>
+auto GuardTorch(absl::string_view what, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const c10::OutOfMemoryError& e) {
+    return absl::ResourceExhaustedError(absl::StrCat(what, ": out of memory: ", FirstLine(e.what_without_backtrace())));
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat(what, ": ", FirstLine(e.what_without_backtrace())));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(what, ": ", FirstLine(e.what())));
+  }
+}
+
+}  // namespace tomeserve::pipeline

@@ -1,0 +1,44 @@
+// The seam between the UNet's transformer blocks and Token Merging (tome/). A hook is chosen per UNet forward
+// call and passed down as an argument: the loaded model holds no ToMe state, so one model serves batches with
+// different settings back to back. A hook instance belongs to one forward call on one thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/string_view.h"
+
+namespace tomeserve::pipeline {
+
+// Where a BasicTransformerBlock sits, for hooks that decide per block.
+struct BlockContext {
+  absl::string_view path;  // checkpoint path, e.g. "down_blocks.0.attentions.0.transformer_blocks.0"
+  int64_t latent_height;   // spatial size of the UNet's input sample (tomesd's "size")
+  int64_t latent_width;
+};
+
+// A token reduction and its inverse around one sub-layer: Unmerge(f(Merge(x))) has x's shape [B, N, C].
+class TokenOps {
+ public:
+  virtual ~TokenOps() = default;
+  virtual at::Tensor Merge(const at::Tensor& x) const = 0;
+  virtual at::Tensor Unmerge(const at::Tensor& x) const = 0;
+};
+
+// Per-block choice for the three sub-layers; a null pointer means identity (no merging).
+struct BlockTokenOps {
+  std::shared_ptr<const TokenOps> attn;       // around attn1 (self-attention)
+  std::shared_ptr<const TokenOps> crossattn;  // around attn2
+  std::shared_ptr<const TokenOps> mlp;        // around ff
+};
+
+class TransformerBlockHook {
+ public:
+  virtual ~TransformerBlockHook() = default;
+  // Called once per block per UNet call, before norm1, with the block input x [B, N, C] (the merge metric).
+  virtual BlockTokenOps ForBlock(const BlockContext& ctx, const at::Tensor& x) = 0;
+};
+
+}  // namespace tomeserve::pipeline

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs everything tomeserve needs on a fresh Debian 12 machine: the C++ toolchain's libraries from apt and the
+# Python reference stack (plus libtorch, which ships inside the torch wheel) in .venv. Idempotent: a second run
+# only checks. Timings of each step go to stderr so install cost stays visible in CI logs.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+apt_packages=(
+  build-essential cmake ninja-build pkg-config
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  nlohmann-json3-dev libpng-dev libpcre2-dev libutf8proc-dev libyaml-cpp-dev
+  python3-venv unzip
+)
+
+step() { printf '[bootstrap] %s\n' "$*" >&2; }
+timed() { local t0=$SECONDS; "$@"; step "  done in $((SECONDS - t0)) s"; }
+
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  step "apt: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_cmd=(); [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  timed "${sudo_cmd[@]}" apt-get update -q
+  timed "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  step "apt: all packages present"
+fi
+
+# The venv is keyed by the requirements file: a changed pin re-runs pip, an unchanged one costs nothing.
+venv="$root/.venv"
+stamp="$venv/.requirements.sha256"
+want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ]; then
+  step "venv: creating $venv"
+  python3 -m venv "$venv"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  step "pip: installing requirements.txt (the CUDA torch wheel and its nvidia-* wheels are several GB)"
+  timed "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  timed "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt
+  echo "$want" > "$stamp"
+else
+  step "pip: requirements unchanged"
+fi
+
+# The CLIP BPE merges ship inside open_clip's wheel; take the one data file, not the package and its deps.
+bpe="$root/build/cache/bpe_simple_vocab_16e6.txt.gz"
+if [ ! -s "$bpe" ]; then
+  step "fetching the CLIP BPE merges from the open-clip-torch wheel"
+  tmp="$(mktemp -d)"
+  "$venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    open-clip-torch==3.3.0 -d "$tmp"
+  mkdir -p "$(dirname "$bpe")"
+  unzip -p "$tmp"/open_clip_torch-*.whl 'open_clip/bpe_simple_vocab_16e6.txt.gz' > "$bpe"
+  rm -rf "$tmp"
+fi
+step "ready"

@@ -1,0 +1,151 @@
+// CLIP text encoder parity with transformers' CLIPTextModel. The reference outputs are written by
+// scripts/reference_text_encoder.py from the same random-weight model folders (ctest fixtures).
+// Tolerance: relative L2 error <= 1e-5 in fp32 (both sides run the same math in fp32; the remaining difference
+// is summation order in matmul/attention kernels, ~1e-7 per op, well below 1e-5 over 12 layers).
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include <torch/cuda.h>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "pipeline/clip_text_model.h"
+#include "pipeline/load_weights.h"
+#include "pipeline/weight_store.h"
+
+namespace tomeserve::pipeline {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+fs::path EnvPath(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? fs::path(v) : fs::path();
+}
+
+double RelErr(const at::Tensor& got, const at::Tensor& want) {
+  return (got.to(at::kDouble) - want.to(at::kDouble)).norm().item<double>() /
+         want.to(at::kDouble).norm().item<double>();
+}
+
+struct Reference {
+  at::Tensor input_ids, last_hidden_state;
+};
+
+Reference LoadReference(const std::string& preset) {
+  fs::path ref = EnvPath("TOMESERVE_REF_DIR") / ("text_encoder_" + preset + ".safetensors");
+  auto store = WeightStore::OpenFile(ref);
+  EXPECT_TRUE(store.ok()) << store.status();
+  if (!store.ok()) return {};
+  return {ReadTensor(*store, "input_ids").value().to(at::kLong), ReadTensor(*store, "last_hidden_state").value()};
+}
+
+fs::path ModelDir(const std::string& preset) {
+  return EnvPath(preset == "tiny" ? "TOMESERVE_TINY_MODEL" : "TOMESERVE_SD15_MODEL") / "text_encoder";
+}
+
+class TextEncoderParity : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TextEncoderParity, MatchesTransformersFp32) {
+  if (EnvPath("TOMESERVE_REF_DIR").empty()) GTEST_SKIP() << "TOMESERVE_REF_DIR not set";
+  Reference ref = LoadReference(GetParam());
+  auto model = ClipTextModelImpl::Load(ModelDir(GetParam()), {c10::Device(c10::kCPU), c10::kFloat});
+  ASSERT_TRUE(model.ok()) << model.status();
+  at::NoGradGuard no_grad;
+  at::Tensor out = (*model)->forward(ref.input_ids);
+  ASSERT_EQ(out.sizes(), ref.last_hidden_state.sizes());
+  const double err = RelErr(out, ref.last_hidden_state);
+  RecordProperty("rel_err", std::to_string(err));
+  EXPECT_LE(err, 1e-5) << GetParam();
+}
+
+TEST_P(TextEncoderParity, Bf16OnCpuStaysCloseToFp32) {
+  if (EnvPath("TOMESERVE_REF_DIR").empty()) GTEST_SKIP() << "TOMESERVE_REF_DIR not set";
+  Reference ref = LoadReference(GetParam());
+  auto model = ClipTextModelImpl::Load(ModelDir(GetParam()), {c10::Device(c10::kCPU), c10::kBFloat16});
+  ASSERT_TRUE(model.ok()) << model.status();
+  at::NoGradGuard no_grad;
+  at::Tensor out = (*model)->forward(ref.input_ids);
+  EXPECT_EQ(out.scalar_type(), at::kBFloat16);
+  // bf16 keeps 8 mantissa bits (~4e-3 per rounding); over the encoder the relative error stays a few 1e-2.
+  EXPECT_LE(RelErr(out, ref.last_hidden_state), 5e-2) << GetParam();
+}
+
+TEST_P(TextEncoderParity, MatchesTransformers_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device visible";
+  if (EnvPath("TOMESERVE_REF_DIR").empty()) GTEST_SKIP() << "TOMESERVE_REF_DIR not set";
+  Reference ref = LoadReference(GetParam());
+  at::NoGradGuard no_grad;
+  auto fp32 = ClipTextModelImpl::Load(ModelDir(GetParam()), {c10::Device(c10::kCUDA, 0), c10::kFloat});
+  ASSERT_TRUE(fp32.ok()) << fp32.status();
+  at::Tensor out = (*fp32)->forward(ref.input_ids.to(c10::Device(c10::kCUDA, 0))).cpu();
+  // cuBLAS fp32 without TF32 (libtorch's default) keeps the same bound as the CPU.
+  EXPECT_LE(RelErr(out, ref.last_hidden_state), 1e-5);
+  auto fp16 = ClipTextModelImpl::Load(ModelDir(GetParam()), {c10::Device(c10::kCUDA, 0), c10::kHalf});
+  ASSERT_TRUE(fp16.ok()) << fp16.status();
+  at::Tensor half = (*fp16)->forward(ref.input_ids.to(c10::Device(c10::kCUDA, 0))).cpu();
+  EXPECT_LE(RelErr(half, ref.last_hidden_state), 1e-2);  // fp16: 11 mantissa bits
+}
+
+INSTANTIATE_TEST_SUITE_P(Presets, TextEncoderParity, ::testing::Values("tiny", "sd15"));
+
+TEST(TextEncoderLoad, ErrorsNameTheFile) {
+  fs::path dir = fs::temp_directory_path() / ("tomeserve_te_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto missing = ClipTextModelImpl::Load(dir, {});
+  ASSERT_FALSE(missing.ok());
+  EXPECT_THAT(missing.status().message(), HasSubstr("config.json"));
+
+  std::ofstream(dir / "config.json") << R"({"hidden_size": 32, "num_attention_heads": 5})";
+  auto bad = ClipTextModelImpl::Load(dir, {});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(bad.status().message(), HasSubstr("not divisible"));
+
+  std::ofstream(dir / "config.json") << R"({"hidden_size": 32, "num_attention_heads": 4, "hidden_act": "relu"})";
+  EXPECT_THAT(ClipTextModelImpl::Load(dir, {}).status().message(), HasSubstr("hidden_act"));
+
+  std::ofstream(dir / "config.json") << R"({"hidden_size": 32, "num_attention_heads": 4})";
+  auto no_weights = ClipTextModelImpl::Load(dir, {});
+  EXPECT_EQ(no_weights.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(no_weights.status().message(), HasSubstr("model.safetensors"));
+  fs::remove_all(dir);
+}
+
+TEST(TextEncoderLoad, WrongArchitectureListsKeys) {
+  if (EnvPath("TOMESERVE_TINY_MODEL").empty()) GTEST_SKIP() << "TOMESERVE_TINY_MODEL not set";
+  // The tiny checkpoint against a config with one layer fewer: the extra layer's tensors are unexpected.
+  fs::path dir = fs::temp_directory_path() / ("tomeserve_te_arch_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  fs::copy_file(ModelDir("tiny") / "model.safetensors", dir / "model.safetensors");
+  auto config = ClipTextConfig::Load(ModelDir("tiny") / "config.json");
+  ASSERT_TRUE(config.ok());
+  std::ofstream(dir / "config.json") << "{\"hidden_size\": " << config->hidden_size
+                                     << ", \"intermediate_size\": " << config->intermediate_size
+                                     << ", \"num_attention_heads\": " << config->num_attention_heads
+                                     << ", \"num_hidden_layers\": " << config->num_hidden_layers - 1 << "}";
+  auto model = ClipTextModelImpl::Load(dir, {});
+  ASSERT_FALSE(model.ok());
+  EXPECT_THAT(model.status().message(), HasSubstr("unexpected"));
+  EXPECT_THAT(model.status().message(),
+              HasSubstr("text_model.encoder.layers." + std::to_string(config->num_hidden_layers - 1)));
+  fs::remove_all(dir);
+}
+
+TEST(TextEncoderLoad, LegacyKeyLayoutLoadsTheSame) {
+  // transformers >= 5 writes "encoder.layers..."; SD 1.x checkpoints have "text_model.encoder.layers..." plus an
+  // int64 position_ids buffer. Same weights in both layouts must give bit-identical outputs.
+  fs::path legacy = EnvPath("TOMESERVE_TINY_LEGACY_MODEL");
+  if (legacy.empty()) GTEST_SKIP() << "TOMESERVE_TINY_LEGACY_MODEL not set";
+  auto a = ClipTextModelImpl::Load(ModelDir("tiny"), {});
+  auto b = ClipTextModelImpl::Load(legacy / "text_encoder", {});
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  at::NoGradGuard no_grad;
+  at::Tensor ids = at::tensor({49406, 320, 1125, 539, 320, 2368, 49407}, at::kLong).unsqueeze(0);
+  EXPECT_TRUE(at::equal((*a)->forward(ids), (*b)->forward(ids)));
+}
+
+}  // namespace
+}  // namespace tomeserve::pipeline

@@ -1,0 +1,67 @@
+// tomeserve-gen: the offline tool. Subcommands:
+//   tokenize --model DIR [--pad] [--max-length N]   prompts on stdin (one per line) -> one JSON id array per line
+// Usage errors print one line on stderr and exit 2; runtime errors exit 1.
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_join.h"
+#include "pipeline/clip_tokenizer.h"
+#include "tools/cli_args.h"
+
+namespace tomeserve::tools {
+namespace {
+
+constexpr char kUsage[] =
+    "usage: tomeserve-gen tokenize --model DIR [--pad] [--max-length N]\n"
+    "  tokenize   read prompts from stdin, one per line; print each one's CLIP token ids as a JSON array\n"
+    "             (bos ... eos, truncated to --max-length, default 77; --pad pads with the pad id)\n";
+
+int UsageError(const absl::Status& status) {
+  std::fprintf(stderr, "tomeserve-gen: %s (see --help)\n", std::string(status.message()).c_str());
+  return 2;
+}
+
+int Tokenize(const std::vector<std::string>& rest) {
+  absl::StatusOr<CliArgs> args = CliArgs::Parse(rest, {"model", "max-length"}, {"pad"});
+  if (!args.ok()) return UsageError(args.status());
+  absl::StatusOr<std::string> model = args->Required("model");
+  if (!model.ok()) return UsageError(model.status());
+  absl::StatusOr<int64_t> max_length =
+      args->GetInt("max-length", pipeline::ClipTokenizer::kMaxLength, 2, pipeline::ClipTokenizer::kMaxLength);
+  if (!max_length.ok()) return UsageError(max_length.status());
+
+  auto tokenizer = pipeline::ClipTokenizer::Load(std::filesystem::path(*model) / "tokenizer");
+  if (!tokenizer.ok()) {
+    std::fprintf(stderr, "tomeserve-gen: %s\n", std::string(tokenizer.status().message()).c_str());
+    return 1;
+  }
+  const bool pad = args->Has("pad");
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    std::vector<int32_t> ids = pad ? (*tokenizer)->EncodePadded(line, static_cast<int>(*max_length))
+                                   : (*tokenizer)->Encode(line, static_cast<int>(*max_length));
+    std::cout << '[' << absl::StrJoin(ids, ", ") << "]\n";
+  }
+  std::cout.flush();
+  return std::cout.good() ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace tomeserve::tools
+
+int main(int argc, char** argv) {
+  using namespace tomeserve::tools;
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty()) return UsageError(absl::InvalidArgumentError("missing subcommand"));
+  if (args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  const std::string command = args[0];
+  args.erase(args.begin());
+  if (command == "tokenize") return Tokenize(args);
+  return UsageError(absl::InvalidArgumentError("unknown subcommand \"" + command + "\""));
+}
