@@ -55,6 +55,13 @@ foreach(_t IN ITEMS c10 c10_cuda torch_cpu torch_cuda torch)
   endif()
 endforeach()
 
+# libtorch.so exports pieces of a newer libstdc++ than the system's (std::filesystem::remove_all and others,
+# built for GCC 14) that crash when they run against the system's libstdc++. Executables linking torch list
+# libstdc++ first among their DT_NEEDED entries, so the dynamic linker binds those symbols to the system copy.
+add_library(tomeserve_libstdcxx_first INTERFACE)
+target_link_options(tomeserve_libstdcxx_first INTERFACE
+  "SHELL:-Wl,--push-state,--no-as-needed -lstdc++ -Wl,--pop-state")
+
 find_package(absl REQUIRED CONFIG)
 find_package(spdlog REQUIRED CONFIG)
 find_package(nlohmann_json REQUIRED CONFIG)
