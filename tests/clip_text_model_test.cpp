@@ -2,6 +2,7 @@
 // scripts/reference_text_encoder.py from the same random-weight model folders (ctest fixtures).
 // Tolerance: relative L2 error <= 1e-5 in fp32 (both sides run the same math in fp32; the remaining difference
 // is summation order in matmul/attention kernels, ~1e-7 per op, well below 1e-5 over 12 layers).
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -57,7 +58,7 @@ TEST_P(TextEncoderParity, MatchesTransformersFp32) {
   at::Tensor out = (*model)->forward(ref.input_ids);
   ASSERT_EQ(out.sizes(), ref.last_hidden_state.sizes());
   const double err = RelErr(out, ref.last_hidden_state);
-  RecordProperty("rel_err", std::to_string(err));
+  std::printf("text encoder %s fp32 rel_err %.3g\n", GetParam().c_str(), err);
   EXPECT_LE(err, 1e-5) << GetParam();
 }
 
@@ -70,7 +71,9 @@ TEST_P(TextEncoderParity, Bf16OnCpuStaysCloseToFp32) {
   at::Tensor out = (*model)->forward(ref.input_ids);
   EXPECT_EQ(out.scalar_type(), at::kBFloat16);
   // bf16 keeps 8 mantissa bits (~4e-3 per rounding); over the encoder the relative error stays a few 1e-2.
-  EXPECT_LE(RelErr(out, ref.last_hidden_state), 5e-2) << GetParam();
+  const double err = RelErr(out, ref.last_hidden_state);
+  std::printf("text encoder %s bf16 (cpu) rel_err %.3g\n", GetParam().c_str(), err);
+  EXPECT_LE(err, 5e-2) << GetParam();
 }
 
 TEST_P(TextEncoderParity, MatchesTransformers_CUDA) {
@@ -82,11 +85,15 @@ TEST_P(TextEncoderParity, MatchesTransformers_CUDA) {
   ASSERT_TRUE(fp32.ok()) << fp32.status();
   at::Tensor out = (*fp32)->forward(ref.input_ids.to(c10::Device(c10::kCUDA, 0))).cpu();
   // cuBLAS fp32 without TF32 (libtorch's default) keeps the same bound as the CPU.
-  EXPECT_LE(RelErr(out, ref.last_hidden_state), 1e-5);
+  const double err32 = RelErr(out, ref.last_hidden_state);
+  std::printf("text encoder %s fp32 (cuda) rel_err %.3g\n", GetParam().c_str(), err32);
+  EXPECT_LE(err32, 1e-5);
   auto fp16 = ClipTextModelImpl::Load(ModelDir(GetParam()), {c10::Device(c10::kCUDA, 0), c10::kHalf});
   ASSERT_TRUE(fp16.ok()) << fp16.status();
   at::Tensor half = (*fp16)->forward(ref.input_ids.to(c10::Device(c10::kCUDA, 0))).cpu();
-  EXPECT_LE(RelErr(half, ref.last_hidden_state), 1e-2);  // fp16: 11 mantissa bits
+  const double err16 = RelErr(half, ref.last_hidden_state);
+  std::printf("text encoder %s fp16 (cuda) rel_err %.3g\n", GetParam().c_str(), err16);
+  EXPECT_LE(err16, 1e-2);  // fp16: 11 mantissa bits
 }
 
 INSTANTIATE_TEST_SUITE_P(Presets, TextEncoderParity, ::testing::Values("tiny", "sd15"));
@@ -128,8 +135,9 @@ TEST(TextEncoderLoad, WrongArchitectureListsKeys) {
   auto model = ClipTextModelImpl::Load(dir, {});
   ASSERT_FALSE(model.ok());
   EXPECT_THAT(model.status().message(), HasSubstr("unexpected"));
-  EXPECT_THAT(model.status().message(),
-              HasSubstr("text_model.encoder.layers." + std::to_string(config->num_hidden_layers - 1)));
+  // Unexpected keys are listed as the checkpoint spells them (transformers >= 5 drops the "text_model." prefix).
+  EXPECT_THAT(std::string(model.status().message()),
+              HasSubstr("encoder.layers." + std::to_string(config->num_hidden_layers - 1) + "."));
   fs::remove_all(dir);
 }
 
