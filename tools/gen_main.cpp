@@ -1,5 +1,6 @@
 // tomeserve-gen: the offline tool. Subcommands:
 //   tokenize --model DIR [--pad] [--max-length N]   prompts on stdin (one per line) -> one JSON id array per line
+//   generate --model DIR --prompt TEXT ... -o OUT.png  text-to-image (see kUsage)
 // Usage errors print one line on stderr and exit 2; runtime errors exit 1.
 #include <cstdio>
 #include <iostream>
@@ -10,18 +11,35 @@
 #include "absl/strings/str_join.h"
 #include "pipeline/clip_tokenizer.h"
 #include "tools/cli_args.h"
+#include "tools/gen_commands.h"
 
 namespace tomeserve::tools {
 namespace {
 
 constexpr char kUsage[] =
     "usage: tomeserve-gen tokenize --model DIR [--pad] [--max-length N]\n"
+    "       tomeserve-gen generate --model DIR --prompt TEXT [--negative-prompt TEXT] [--width W --height H]\n"
+    "                              [--steps N] [--guidance G] [--seed S]\n"
+    "                              [--scheduler pndm|ddim|euler|euler_a|dpmpp_2m|dpmpp_2m_karras]\n"
+    "                              [--num-images N] [--device cpu|cuda:N] [--dtype fp32|fp16|bf16]\n"
+    "                              [--init-latents FILE.safetensors] [--save-latents FILE.safetensors] -o OUT.png\n"
     "  tokenize   read prompts from stdin, one per line; print each one's CLIP token ids as a JSON array\n"
-    "             (bos ... eos, truncated to --max-length, default 77; --pad pads with the pad id)\n";
+    "             (bos ... eos, truncated to --max-length, default 77; --pad pads with the pad id)\n"
+    "  generate   text-to-image; defaults follow diffusers: the model's native size, 50 steps, guidance 7.5,\n"
+    "             the model's scheduler, a random seed (printed). Several images: OUT-0.png, OUT-1.png, ...\n"
+    "             with seeds S, S+1, ... --init-latents reads tensor \"latents\" [N,4,H/8,W/8];\n"
+    "             --save-latents writes the final latents (before decoding) under the same name.\n";
+
+}  // namespace
 
 int UsageError(const absl::Status& status) {
   std::fprintf(stderr, "tomeserve-gen: %s (see --help)\n", std::string(status.message()).c_str());
   return 2;
+}
+
+int RuntimeError(const absl::Status& status) {
+  std::fprintf(stderr, "tomeserve-gen: %s\n", std::string(status.message()).c_str());
+  return 1;
 }
 
 int Tokenize(const std::vector<std::string>& rest) {
@@ -34,10 +52,7 @@ int Tokenize(const std::vector<std::string>& rest) {
   if (!max_length.ok()) return UsageError(max_length.status());
 
   auto tokenizer = pipeline::ClipTokenizer::Load(std::filesystem::path(*model) / "tokenizer");
-  if (!tokenizer.ok()) {
-    std::fprintf(stderr, "tomeserve-gen: %s\n", std::string(tokenizer.status().message()).c_str());
-    return 1;
-  }
+  if (!tokenizer.ok()) return RuntimeError(tokenizer.status());
   const bool pad = args->Has("pad");
   std::string line;
   while (std::getline(std::cin, line)) {
@@ -49,7 +64,6 @@ int Tokenize(const std::vector<std::string>& rest) {
   return std::cout.good() ? 0 : 1;
 }
 
-}  // namespace
 }  // namespace tomeserve::tools
 
 int main(int argc, char** argv) {
@@ -63,5 +77,6 @@ int main(int argc, char** argv) {
   const std::string command = args[0];
   args.erase(args.begin());
   if (command == "tokenize") return Tokenize(args);
+  if (command == "generate") return Generate(args);
   return UsageError(absl::InvalidArgumentError("unknown subcommand \"" + command + "\""));
 }

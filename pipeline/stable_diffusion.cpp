@@ -1,0 +1,196 @@
+#include "pipeline/stable_diffusion.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <chrono>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "pipeline/denoise_batch.h"
+#include "pipeline/model_config.h"
+#include "pipeline/torch_status.h"
+
+namespace tomeserve::pipeline {
+namespace {
+
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<StableDiffusion>> StableDiffusion::Create(const PipelineOptions& options) {
+  const std::filesystem::path& dir = options.model_dir;
+  if (absl::StatusOr<nlohmann::json> index = ReadJsonFile(dir / "model_index.json"); !index.ok()) {
+    return absl::Status(index.status().code(),
+                        absl::StrCat(index.status().message(), " (is ", dir.string(), " a diffusers model folder?)"));
+  }
+  std::unique_ptr<StableDiffusion> sd(new StableDiffusion(options));
+  absl::StatusOr<SchedulerConfig> scheduler = SchedulerConfig::Load(dir / "scheduler" / "scheduler_config.json");
+  if (!scheduler.ok()) return scheduler.status();
+  sd->scheduler_config_ = *std::move(scheduler);
+  absl::StatusOr<SchedulerKind> kind = sd->scheduler_config_.DefaultKind();
+  if (!kind.ok()) return kind.status();
+  sd->default_scheduler_ = *kind;
+
+  absl::StatusOr<std::unique_ptr<ClipTokenizer>> tokenizer = ClipTokenizer::Load(dir / "tokenizer");
+  if (!tokenizer.ok()) return tokenizer.status();
+  sd->tokenizer_ = *std::move(tokenizer);
+  absl::StatusOr<std::shared_ptr<ClipTextModelImpl>> text = ClipTextModelImpl::Load(dir / "text_encoder", options.target);
+  if (!text.ok()) return text.status();
+  sd->text_encoder_ = *std::move(text);
+  absl::StatusOr<std::shared_ptr<UNet2DConditionModelImpl>> unet =
+      UNet2DConditionModelImpl::Load(dir / "unet", options.target);
+  if (!unet.ok()) return unet.status();
+  sd->unet_ = *std::move(unet);
+  absl::StatusOr<std::shared_ptr<VaeDecoderImpl>> vae = VaeDecoderImpl::Load(dir / "vae", options.target);
+  if (!vae.ok()) return vae.status();
+  sd->vae_ = *std::move(vae);
+  return sd;
+}
+
+int StableDiffusion::native_height() const {
+  const int64_t h = unet_->config().sample_height;
+  return h > 0 ? static_cast<int>(h) * vae_scale() : 512;
+}
+
+int StableDiffusion::native_width() const {
+  const int64_t w = unet_->config().sample_width;
+  return w > 0 ? static_cast<int>(w) * vae_scale() : 512;
+}
+
+absl::StatusOr<at::Tensor> StableDiffusion::EncodePrompts(const std::vector<std::string>& texts) const {
+  return GuardTorch("text encoding", [&]() -> absl::StatusOr<at::Tensor> {
+    at::NoGradGuard no_grad;
+    std::vector<int64_t> ids;
+    ids.reserve(texts.size() * ClipTokenizer::kMaxLength);
+    for (const std::string& text : texts) {
+      for (int32_t id : tokenizer_->EncodePadded(text)) ids.push_back(id);
+    }
+    at::Tensor input = at::tensor(ids, at::kLong).view({static_cast<int64_t>(texts.size()), ClipTokenizer::kMaxLength});
+    return text_encoder_->forward(input.to(options_.target.device));
+  });
+}
+
+absl::StatusOr<std::unique_ptr<DenoiseBatch>> StableDiffusion::StartBatch(BatchSpec spec,
+                                                                         std::vector<SampleSpec> specs,
+                                                                         PhaseTimings* timings) const {
+  const int scale = vae_scale();
+  if (spec.width == 0) spec.width = native_width();
+  if (spec.height == 0) spec.height = native_height();
+  if (spec.width < scale || spec.height < scale || spec.width % scale != 0 || spec.height % scale != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("width and height must be positive multiples of ", scale, ", got ",
+                                                   spec.width, "x", spec.height));
+  }
+  if (specs.empty()) return absl::InvalidArgumentError("a batch needs at least one sample");
+  const int64_t h = spec.height / scale, w = spec.width / scale;
+  const int64_t channels = unet_->config().in_channels;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (!std::isfinite(specs[i].guidance_scale)) {
+      return absl::InvalidArgumentError(absl::StrCat("sample ", i, ": guidance_scale must be finite"));
+    }
+    const at::Tensor& init = specs[i].init_latents;
+    if (init.defined()) {
+      const at::Tensor one = init.dim() == 3 ? init.unsqueeze(0) : init;
+      if (one.dim() != 4 || one.size(0) != 1 || one.size(1) != channels || one.size(2) != h || one.size(3) != w) {
+        return absl::InvalidArgumentError(absl::StrCat("sample ", i, ": init_latents must be [", channels, ", ", h,
+                                                       ", ", w, "] for ", spec.width, "x", spec.height));
+      }
+    }
+  }
+  absl::StatusOr<std::shared_ptr<const NoiseSchedule>> schedule =
+      NoiseSchedule::Create(scheduler_config_, spec.scheduler, spec.num_inference_steps);
+  if (!schedule.ok()) return schedule.status();
+
+  // Prompts first, then the negative prompts of the samples that use guidance: one text-encoder call.
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::string> texts;
+  for (const SampleSpec& s : specs) texts.push_back(s.prompt);
+  for (const SampleSpec& s : specs) {
+    if (s.guidance_scale > 1.0) texts.push_back(s.negative_prompt);
+  }
+  absl::StatusOr<at::Tensor> embeddings = EncodePrompts(texts);
+  if (!embeddings.ok()) return embeddings.status();
+  if (timings != nullptr) timings->text_encoding = SecondsSince(t0);
+
+  return GuardTorch("preparing latents", [&]() -> absl::StatusOr<std::unique_ptr<DenoiseBatch>> {
+    std::vector<DenoiseBatch::Sample> samples;
+    int64_t next_uncond = static_cast<int64_t>(specs.size());
+    for (size_t i = 0; i < specs.size(); ++i) {
+      DenoiseBatch::Sample s;
+      s.cond = embeddings->narrow(0, static_cast<int64_t>(i), 1);
+      if (specs[i].guidance_scale > 1.0) s.uncond = embeddings->narrow(0, next_uncond++, 1);
+      s.generator = at::make_generator<at::CPUGeneratorImpl>(specs[i].seed);
+      const at::TensorOptions model_options = at::TensorOptions().dtype(options_.target.dtype).device(options_.target.device);
+      at::Tensor initial;
+      if (specs[i].init_latents.defined()) {
+        const at::Tensor& given = specs[i].init_latents;
+        initial = given.dim() == 3 ? given.unsqueeze(0) : given;
+      } else {
+        // Noise comes from the sample's own CPU generator, then moves to the device: CPU and GPU runs start from
+        // the same latents and batch-mates never influence each other (diffusers with a list of CPU generators).
+        // It is drawn in the compute dtype, as diffusers' randn_tensor does: a CPU fp16 randn is not an fp32
+        // randn rounded to fp16.
+        initial = at::randn({1, channels, h, w}, s.generator, at::TensorOptions().dtype(options_.target.dtype));
+      }
+      // Given latents are scaled by init_noise_sigma too, as diffusers' prepare_latents does.
+      s.latents = (*schedule)->ScaleInitialNoise(initial.to(model_options));
+      s.state = NewSamplerState(*schedule);
+      s.spec = std::move(specs[i]);
+      samples.push_back(std::move(s));
+    }
+    return std::make_unique<DenoiseBatch>(*this, std::move(spec), *std::move(schedule), std::move(samples));
+  });
+}
+
+absl::StatusOr<std::vector<at::Tensor>> StableDiffusion::Decode(const at::Tensor& latents) const {
+  return GuardTorch("VAE decoding", [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
+    at::NoGradGuard no_grad;
+    at::Tensor rgb = ToRgb8(vae_->Decode(latents));
+    std::vector<at::Tensor> images;
+    for (int64_t i = 0; i < rgb.size(0); ++i) images.push_back(rgb[i].contiguous());
+    return images;
+  });
+}
+
+absl::StatusOr<std::vector<GeneratedImage>> StableDiffusion::Generate(const BatchSpec& spec,
+                                                                     std::vector<SampleSpec> samples,
+                                                                     const GenerateCallbacks& callbacks,
+                                                                     PhaseTimings* timings) const {
+  PhaseTimings local;
+  PhaseTimings* t = timings != nullptr ? timings : &local;
+  absl::StatusOr<std::unique_ptr<DenoiseBatch>> batch = StartBatch(spec, std::move(samples), t);
+  if (!batch.ok()) return batch.status();
+  DenoiseBatch& b = **batch;
+
+  auto t0 = std::chrono::steady_clock::now();
+  while (!b.Done()) {
+    if (callbacks.cancelled) {
+      for (int i = 0; i < b.num_samples(); ++i) {
+        if (!b.cancelled(i) && callbacks.cancelled(i)) b.Cancel(i);
+      }
+      if (b.Done()) break;
+    }
+    if (absl::Status s = b.Step(); !s.ok()) return s;
+    if (callbacks.progress) callbacks.progress(b.calls_done(), b.num_calls());
+  }
+  t->denoising = SecondsSince(t0);
+
+  std::vector<GeneratedImage> out(b.num_samples());
+  for (int i = 0; i < b.num_samples(); ++i) out[i].seed = b.sample(i).spec.seed;
+  at::Tensor latents = b.ActiveLatents();
+  if (!latents.defined()) return out;
+  t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<std::vector<at::Tensor>> images = Decode(latents);
+  if (!images.ok()) return images.status();
+  t->decoding = SecondsSince(t0);
+  size_t next = 0;
+  for (int i = 0; i < b.num_samples(); ++i) {
+    if (b.cancelled(i)) continue;
+    out[i].rgb8 = (*images)[next++];
+    out[i].latents = b.sample(i).latents.to(at::kCPU, at::kFloat);
+  }
+  return out;
+}
+
+}  // namespace tomeserve::pipeline

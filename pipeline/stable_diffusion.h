@@ -1,0 +1,88 @@
+// A loaded Stable Diffusion 1.x model (tokenizer, text encoder, UNet, VAE decoder, scheduler config) on one device
+// and dtype. Immutable after Create(): one instance serves batch after batch with different sizes, schedulers and
+// Token Merging settings. Not internally synchronised: the worker thread that owns it runs one batch at a time
+// (the const methods do not mutate it, but torch work on one device is serialised by its owner).
+//
+// A request's journey through it: EncodePrompts -> StartBatch -> DenoiseBatch::Step() x num_calls -> Decode.
+// Generate() strings these together for offline use (tomeserve-gen, tests, benchmarks).
+#pragma once
+
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "absl/status/statusor.h"
+#include "pipeline/clip_text_model.h"
+#include "pipeline/clip_tokenizer.h"
+#include "pipeline/device.h"
+#include "pipeline/generation.h"
+#include "pipeline/scheduler_config.h"
+#include "pipeline/unet.h"
+#include "pipeline/vae.h"
+
+namespace tomeserve::pipeline {
+
+class DenoiseBatch;
+
+struct PipelineOptions {
+  std::filesystem::path model_dir;  // a diffusers folder: model_index.json, tokenizer/, text_encoder/, unet/, ...
+  ComputeTarget target;
+};
+
+class StableDiffusion {
+ public:
+  static absl::StatusOr<std::unique_ptr<StableDiffusion>> Create(const PipelineOptions& options);
+
+  const ComputeTarget& target() const { return options_.target; }
+  const std::filesystem::path& model_dir() const { return options_.model_dir; }
+  // diffusers' default size: unet.sample_size * vae upscale factor (512x512 for SD 1.5; 512 when unset).
+  int native_height() const;
+  int native_width() const;
+  int vae_scale() const { return static_cast<int>(vae_->upscale_factor()); }
+  SchedulerKind default_scheduler() const { return default_scheduler_; }
+  const SchedulerConfig& scheduler_config() const { return scheduler_config_; }
+  const ClipTokenizer& tokenizer() const { return *tokenizer_; }
+
+  // Token ids, padded to 77, for each text, then one text-encoder call: [N, 77, hidden] on the model's device.
+  absl::StatusOr<at::Tensor> EncodePrompts(const std::vector<std::string>& texts) const;
+
+  // Validates the batch, draws initial noise per sample, encodes the prompts and returns the step-wise state.
+  // `spec.width/height` of 0 become native_width()/native_height().
+  absl::StatusOr<std::unique_ptr<DenoiseBatch>> StartBatch(BatchSpec spec, std::vector<SampleSpec> samples,
+                                                           PhaseTimings* timings = nullptr) const;
+
+  // Decodes the given final latents [B, 4, h, w] to RGB8 images (one batched VAE call).
+  absl::StatusOr<std::vector<at::Tensor>> Decode(const at::Tensor& latents) const;
+
+  // The whole thing: StartBatch, every step (calling `progress(done_calls, num_calls)` after each), Decode.
+  // `cancelled(i)`, when given, is polled between steps; a cancelled sample stops denoising and gets no image
+  // (its GeneratedImage has an undefined rgb8).
+  struct GenerateCallbacks {
+    std::function<void(int, int)> progress;
+    std::function<bool(int)> cancelled;
+  };
+  absl::StatusOr<std::vector<GeneratedImage>> Generate(const BatchSpec& spec, std::vector<SampleSpec> samples,
+                                                       const GenerateCallbacks& callbacks = {},
+                                                       PhaseTimings* timings = nullptr) const;
+
+  const UNet2DConditionModelImpl& unet() const { return *unet_; }
+  const ClipTextModelImpl& text_encoder() const { return *text_encoder_; }
+  const VaeDecoderImpl& vae() const { return *vae_; }
+
+ private:
+  explicit StableDiffusion(PipelineOptions options) : options_(std::move(options)) {}
+
+  PipelineOptions options_;
+  std::unique_ptr<ClipTokenizer> tokenizer_;
+  std::shared_ptr<ClipTextModelImpl> text_encoder_;
+  std::shared_ptr<UNet2DConditionModelImpl> unet_;
+  std::shared_ptr<VaeDecoderImpl> vae_;
+  SchedulerConfig scheduler_config_;
+  SchedulerKind default_scheduler_ = SchedulerKind::kPndm;
+};
+
+}  // namespace tomeserve::pipeline

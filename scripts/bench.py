@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: tomeserve (C++, tomeserve-bench) vs diffusers (Python), same machine, same inputs,
+same thread count, one run. Writes a markdown table into docs/benchmarks.md between markers for --section.
+
+    bench.py --model DIR --label tiny [--sizes 256,512] [--modes unet,generate] [--batch 1] [--steps 4]
+             [--reps 3] [--warmup 1] [--threads N] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
+             [--section NAME] [--doc docs/benchmarks.md] [--bin build/bin]
+
+unet: one UNet forward at batch 2*B (classifier-free guidance). generate: text encoding + --steps denoising steps
++ VAE decode for B prompts (diffusers with output_type="np"; tomeserve to RGB8 tensors; PNG encoding excluded
+on both sides). Reports medians; ratio = tomeserve / diffusers (below 1: tomeserve is faster).
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sync(device):
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_python(args, mode, size):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    key = (args.model, args.device, args.dtype)
+    if time_python.cache.get("key") != key:
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False,
+                                                       torch_dtype=dtype).to(args.device)
+        pipe.set_progress_bar_config(disable=True)
+        time_python.cache = {"key": key, "pipe": pipe}
+    pipe = time_python.cache["pipe"]
+    times = []
+    with torch.inference_mode():
+        rows = 2 * args.batch
+        g = torch.Generator("cpu").manual_seed(0)
+        sample = torch.randn(rows, 4, size // 8, size // 8, generator=g).to(args.device, dtype)
+        ctx = torch.randn(rows, 77, pipe.text_encoder.config.hidden_size, generator=g).to(args.device, dtype)
+        for i in range(args.warmup + args.reps):
+            sync(args.device)
+            t0 = time.perf_counter()
+            if mode == "unet":
+                pipe.unet(sample, 500, encoder_hidden_states=ctx)
+            else:
+                pipe(["a photo of an astronaut riding a horse on mars"] * args.batch, height=size, width=size,
+                     num_inference_steps=args.steps, guidance_scale=7.5, output_type="np",
+                     generator=[torch.Generator("cpu").manual_seed(b) for b in range(args.batch)])
+            sync(args.device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+time_python.cache = {}
+
+
+def time_cpp(args, mode, size):
+    cmd = [str(Path(args.bin) / "tomeserve-bench"), "--model", args.model, "--mode", mode, "--width", str(size),
+           "--height", str(size), "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
+           "--dtype", args.dtype, "--threads", str(args.threads), "--warmup", str(args.warmup), "--reps",
+           str(args.reps)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"tomeserve-bench failed: {r.stderr.strip()}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return out["median_s"], out["times_s"]
+
+
+def write_section(doc, section, text):
+    doc = Path(doc)
+    body = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    begin, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in body:
+        body = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, body, flags=re.S)
+    else:
+        body = body.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(body)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--label", required=True)
+    p.add_argument("--sizes", default="256,512")
+    p.add_argument("--modes", default="unet,generate")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--section", default=None)
+    p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
+    p.add_argument("--bin", default=str(REPO / "build" / "bin"))
+    args = p.parse_args()
+
+    import torch
+    import diffusers
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for mode in args.modes.split(","):
+        for size in [int(s) for s in args.sizes.split(",")]:
+            cpp, cpp_all = time_cpp(args, mode, size)
+            py, py_all = time_python(args, mode, size)
+            rows.append((mode, size, cpp, py, cpp / py))
+            print(f"{args.label} {mode} {size}: tomeserve {cpp:.4f}s diffusers {py:.4f}s ratio {cpp / py:.2f} "
+                  f"(tomeserve {['%.4f' % t for t in cpp_all]}, diffusers {['%.4f' % t for t in py_all]})",
+                  flush=True)
+
+    if args.device.startswith("cuda"):
+        machine = f"{torch.cuda.get_device_name()}, driver via torch {torch.__version__} (CUDA {torch.version.cuda})"
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
+    lines = [
+        f"**{args.label}** — {machine}; {args.device} {args.dtype}; batch {args.batch} with CFG; "
+        f"generate = {args.steps} steps; median of {args.reps} after {args.warmup} warm-up; "
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}; {time.strftime('%Y-%m-%d')}",
+        "",
+        "| mode | size | tomeserve (s) | diffusers (s) | tomeserve / diffusers |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for mode, size, cpp, py, ratio in rows:
+        lines.append(f"| {mode} | {size}x{size} | {cpp:.4f} | {py:.4f} | {ratio:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.section:
+        write_section(args.doc, args.section, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""diffusers' StableDiffusionPipeline images for the C++ end-to-end tests.
+
+    reference_pipeline.py --model DIR --out FILE.safetensors
+
+For every scheduler tomeserve offers, runs the pipeline (fp32, CPU, one thread) from fixed initial latents and
+stores the RGB8 image diffusers would save (PIL conversion: round(x * 255)). Cases cover the native size and a
+size that is not a multiple of 64 (odd latent sizes), guidance on and off. Tensors (F32 only, as the C++ reader
+loads float weights): "<case>/latents" [1,4,h,w] and "<case>/image" [H,W,3]. Metadata "cases" is a JSON list of
+{name, scheduler, prompt, negative_prompt, width, height, steps, guidance, seed}.
+"""
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+SCHEDULERS = {
+    "pndm": ("PNDMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def cases():
+    out = []
+    for name in SCHEDULERS:
+        out.append(dict(name=f"{name}_native", scheduler=name, prompt="a photo of a cat on a red sofa",
+                        negative_prompt="blurry, low quality", width=64, height=64, steps=5, guidance=7.5, seed=42))
+    out.append(dict(name="pndm_odd", scheduler="pndm", prompt="an astronaut riding a horse", negative_prompt="",
+                    width=72, height=40, steps=4, guidance=7.5, seed=7))
+    out.append(dict(name="euler_a_noguidance", scheduler="euler_a", prompt="a lighthouse at dusk", negative_prompt="",
+                    width=64, height=64, steps=4, guidance=1.0, seed=3))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, requires_safety_checker=False,
+                                                   torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = pipe.scheduler.config
+    tensors, meta = {}, []
+    for c in cases():
+        cls_name, extra = SCHEDULERS[c["scheduler"]]
+        pipe.scheduler = getattr(diffusers, cls_name).from_config(base_config, **extra)
+        h, w = c["height"] // 8, c["width"] // 8
+        latents = torch.randn((1, 4, h, w), generator=torch.Generator("cpu").manual_seed(1000 + c["seed"]))
+        image = pipe(prompt=c["prompt"], negative_prompt=c["negative_prompt"] or None, height=c["height"],
+                     width=c["width"], num_inference_steps=c["steps"], guidance_scale=c["guidance"],
+                     latents=latents.clone(), generator=torch.Generator("cpu").manual_seed(c["seed"]),
+                     output_type="np").images[0]
+        rgb8 = (image * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
+        tensors[f"{c['name']}/latents"] = latents.contiguous()
+        tensors[f"{c['name']}/image"] = torch.from_numpy(rgb8.astype(np.float32)).contiguous()
+        meta.append(c)
+    save_file(tensors, a.out, metadata={"cases": json.dumps(meta), "diffusers_version": diffusers.__version__})
+    print(f"wrote {len(meta)} cases to {a.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
