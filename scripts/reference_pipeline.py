@@ -12,6 +12,7 @@ loads float weights): "<case>/latents" [1,4,h,w] and "<case>/image" [H,W,3]. Met
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,6 +67,7 @@ def main():
         tensors[f"{c['name']}/latents"] = latents.contiguous()
         tensors[f"{c['name']}/image"] = torch.from_numpy(rgb8.astype(np.float32)).contiguous()
         meta.append(c)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, a.out, metadata={"cases": json.dumps(meta), "diffusers_version": diffusers.__version__})
     print(f"wrote {len(meta)} cases to {a.out}")
 

@@ -9,6 +9,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/test_util.h"
 #include "nlohmann/json.hpp"
 #include "pipeline/denoise_batch.h"
 #include "pipeline/load_weights.h"
@@ -19,13 +20,12 @@
 namespace tomeserve::pipeline {
 namespace {
 
+using ::tomeserve::test::EnvPath;
+using ::tomeserve::test::RelErr;
+
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-fs::path EnvPath(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? fs::path(v) : fs::path();
-}
 
 class PipelineTest : public ::testing::Test {
  protected:

@@ -19,6 +19,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/test_util.h"
 #include "pipeline/load_weights.h"
 #include "pipeline/safetensors.h"
 #include "pipeline/weight_store.h"
@@ -26,14 +27,13 @@
 namespace tomeserve::pipeline {
 namespace {
 
+using ::tomeserve::test::EnvPath;
+using ::tomeserve::test::RelErr;
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using ::testing::HasSubstr;
 
-double RelErr(const at::Tensor& got, const at::Tensor& want) {
-  const at::Tensor w = want.to(at::kDouble).cpu();
-  return (got.to(at::kDouble).cpu() - w).norm().item<double>() / w.norm().item<double>();
-}
 
 json Sd15Config() {
   return json::parse(R"({"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",

@@ -23,6 +23,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/test_util.h"
 #include "pipeline/load_weights.h"
 #include "pipeline/model_config.h"
 #include "pipeline/weight_store.h"
@@ -30,22 +31,17 @@
 namespace tomeserve::pipeline {
 namespace {
 
+using ::tomeserve::test::EnvPath;
+using ::tomeserve::test::RelErr;
+
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-fs::path EnvPath(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? fs::path(v) : fs::path();
-}
 
 fs::path UNetDir(const std::string& preset) {
   return EnvPath(preset == "tiny" ? "TOMESERVE_TINY_MODEL" : "TOMESERVE_SD15_MODEL") / "unet";
 }
 
-double RelErr(const at::Tensor& got, const at::Tensor& want) {
-  return (got.cpu().to(at::kDouble) - want.to(at::kDouble)).norm().item<double>() /
-         want.to(at::kDouble).norm().item<double>();
-}
 
 struct Case {
   std::string name;

@@ -19,6 +19,7 @@
 #include "absl/strings/str_replace.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/test_util.h"
 #include "pipeline/load_weights.h"
 #include "pipeline/safetensors_writer.h"
 #include "pipeline/weight_store.h"
@@ -26,18 +27,13 @@
 namespace tomeserve::pipeline {
 namespace {
 
+using ::tomeserve::test::EnvPath;
+using ::tomeserve::test::RelErr;
+
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-fs::path EnvPath(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? fs::path(v) : fs::path();
-}
 
-double RelErr(const at::Tensor& got, const at::Tensor& want) {
-  return (got.to(at::kDouble) - want.to(at::kDouble)).norm().item<double>() /
-         want.to(at::kDouble).norm().item<double>();
-}
 
 std::string Sci(double v) {
   char buf[32];

@@ -1,23 +1,8 @@
 """tomeserve-gen's command-line contract: usage errors are one line on stderr with exit code 2; runtime errors
 (bad model folder) exit 1 naming the path; --help exits 0."""
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def gen() -> Path:
-    path = Path(os.environ.get("TOMESERVE_BIN_DIR", REPO / "build" / "bin")) / "tomeserve-gen"
-    if not path.exists():
-        if "TOMESERVE_BIN_DIR" in os.environ:
-            pytest.fail(f"{path} is missing")
-        pytest.skip(f"{path} is not built")
-    return path
-
 
 def run(gen, *args, stdin=""):
     return subprocess.run([str(gen), *args], input=stdin, capture_output=True, text=True, timeout=60)
@@ -57,10 +42,8 @@ def test_help_exits_0(gen):
     assert "tokenize" in r.stdout
 
 
-def test_tokenize_prints_one_array_per_line(gen):
-    model = os.environ.get("TOMESERVE_TINY_MODEL")
-    if not model:
-        pytest.skip("TOMESERVE_TINY_MODEL not set")
+def test_tokenize_prints_one_array_per_line(gen, tiny_model):
+    model = tiny_model
     r = run(gen, "tokenize", "--model", model, stdin="a photo of a cat\n\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["[49406, 320, 1125, 539, 320, 2368, 49407]", "[49406, 49407]"]

@@ -1,39 +1,17 @@
 """`tomeserve-gen generate` end to end on the tiny model: a valid PNG with an AUTOMATIC1111 "parameters" chunk
 (read back with Pillow), several images, latents saved and fed back, and usage errors with exit code 2."""
-import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def gen() -> Path:
-    path = Path(os.environ.get("TOMESERVE_BIN_DIR", REPO / "build" / "bin")) / "tomeserve-gen"
-    if not path.exists():
-        if "TOMESERVE_BIN_DIR" in os.environ:
-            pytest.fail(f"{path} is missing")
-        pytest.skip(f"{path} is not built")
-    return path
-
-
-@pytest.fixture(scope="module")
-def model() -> str:
-    m = os.environ.get("TOMESERVE_TINY_MODEL")
-    if not m:
-        pytest.skip("TOMESERVE_TINY_MODEL not set")
-    return m
-
-
 def run(gen, *args):
     return subprocess.run([str(gen), "generate", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-def test_writes_png_with_a1111_parameters(gen, model, tmp_path):
+def test_writes_png_with_a1111_parameters(gen, tiny_model, tmp_path):
+    model = tiny_model
     out = tmp_path / "cat.png"
     r = run(gen, "--model", model, "--prompt", "a cat, on a sofa", "--negative-prompt", "blurry", "--steps", 3,
             "--seed", 42, "--guidance", 6.5, "--scheduler", "euler_a", "--width", 72, "--height", 48, "-o", out)
@@ -49,7 +27,8 @@ def test_writes_png_with_a1111_parameters(gen, model, tmp_path):
     assert f"{out} seed=42" in r.stdout
 
 
-def test_several_images_and_latents_round_trip(gen, model, tmp_path):
+def test_several_images_and_latents_round_trip(gen, tiny_model, tmp_path):
+    model = tiny_model
     out = tmp_path / "img.png"
     saved = tmp_path / "latents.safetensors"
     r = run(gen, "--model", model, "--prompt", "a house", "--steps", 2, "--seed", 5, "--num-images", 2,
@@ -99,7 +78,8 @@ def test_usage_errors(gen, args, needle):
     assert len(lines) == 1 and needle in lines[0], r.stderr
 
 
-def test_init_latents_with_wrong_count_is_a_usage_error(gen, model, tmp_path):
+def test_init_latents_with_wrong_count_is_a_usage_error(gen, tiny_model, tmp_path):
+    model = tiny_model
     import torch
     from safetensors.torch import save_file
 

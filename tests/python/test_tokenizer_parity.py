@@ -55,13 +55,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cli() -> Path:
-    path = Path(os.environ.get("TOMESERVE_BIN_DIR", REPO / "build" / "bin")) / "tomeserve-gen"
-    if not path.exists():
-        # Under ctest the binary dir is given explicitly: a missing binary there is a failure, not a skip.
-        if "TOMESERVE_BIN_DIR" in os.environ:
-            pytest.fail(f"{path} is missing")
-        pytest.skip(f"{path} is not built")
-    return path
+    from conftest import binary
+
+    return binary("tomeserve-gen")
 
 
 @pytest.fixture(scope="module")
