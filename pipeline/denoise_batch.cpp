@@ -30,13 +30,14 @@ absl::Status DenoiseBatch::Step() {
     if (active.empty()) return absl::OkStatus();
 
     // Rows as diffusers lays them out: every unconditional half first, then every conditional one.
-    std::vector<at::Tensor> inputs, embeddings;
+    std::vector<at::Tensor> scaled(samples_.size()), inputs, embeddings;
+    for (int i : active) scaled[i] = samples_[i].state->ScaleModelInput(samples_[i].latents);
     UNetCallInfo call{.call_index = calls_done_};
     for (bool uncond_pass : {true, false}) {
       for (int i : active) {
         Sample& s = samples_[i];
         if (uncond_pass && !s.uncond.defined()) continue;
-        inputs.push_back(s.state->ScaleModelInput(s.latents));
+        inputs.push_back(scaled[i]);
         embeddings.push_back(uncond_pass ? s.uncond : s.cond);
         call.row_seeds.push_back(s.spec.seed);
         call.row_is_uncond.push_back(uncond_pass);
@@ -67,12 +68,20 @@ absl::Status DenoiseBatch::Step() {
   });
 }
 
-at::Tensor DenoiseBatch::ActiveLatents() const {
-  std::vector<at::Tensor> rows;
-  for (const Sample& s : samples_) {
-    if (!s.cancelled) rows.push_back(s.latents);
-  }
-  return rows.empty() ? at::Tensor() : at::cat(rows);
+bool DenoiseBatch::Cancel(int sample) {
+  if (sample < 0 || sample >= num_samples()) return false;
+  samples_[sample].cancelled = true;
+  return true;
+}
+
+absl::StatusOr<at::Tensor> DenoiseBatch::ActiveLatents() const {
+  return GuardTorch("collecting latents", [&]() -> absl::StatusOr<at::Tensor> {
+    std::vector<at::Tensor> rows;
+    for (const Sample& s : samples_) {
+      if (!s.cancelled) rows.push_back(s.latents);
+    }
+    return rows.empty() ? at::Tensor() : at::cat(rows);
+  });
 }
 
 }  // namespace tomeserve::pipeline

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "pipeline/generation.h"
 #include "pipeline/scheduler.h"
 
@@ -34,7 +35,8 @@ class DenoiseBatch {
   DenoiseBatch(const StableDiffusion& model, BatchSpec spec, std::shared_ptr<const NoiseSchedule> schedule,
                std::vector<Sample> samples);
 
-  // One UNet call for every active sample, then one scheduler step each.
+  // One UNet call for every active sample, then one scheduler step each. After an error the batch is unusable
+  // (some samples may have advanced and others not): the caller fails or retries the whole batch.
   absl::Status Step();
   bool Done() const;
   int calls_done() const { return calls_done_; }
@@ -44,12 +46,14 @@ class DenoiseBatch {
   int latent_width() const;
 
   int num_samples() const { return static_cast<int>(samples_.size()); }
-  void Cancel(int sample) { samples_[sample].cancelled = true; }
-  bool cancelled(int sample) const { return samples_[sample].cancelled; }
-  const Sample& sample(int i) const { return samples_[i]; }
+  // Stops `sample` at the next step boundary. Returns false (and does nothing) for an index out of range.
+  bool Cancel(int sample);
+  bool cancelled(int sample) const { return samples_.at(sample).cancelled; }
+  const Sample& sample(int i) const { return samples_.at(i); }
 
-  // Final latents of the samples that were not cancelled, in sample order: [B', 4, h, w].
-  at::Tensor ActiveLatents() const;
+  // Final latents of the samples that were not cancelled, in sample order: [B', C, h, w]; an undefined tensor
+  // when every sample was cancelled.
+  absl::StatusOr<at::Tensor> ActiveLatents() const;
 
  private:
   const StableDiffusion& model_;

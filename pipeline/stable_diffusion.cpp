@@ -46,7 +46,36 @@ absl::StatusOr<std::unique_ptr<StableDiffusion>> StableDiffusion::Create(const P
   absl::StatusOr<std::shared_ptr<VaeDecoderImpl>> vae = VaeDecoderImpl::Load(dir / "vae", options.target);
   if (!vae.ok()) return vae.status();
   sd->vae_ = *std::move(vae);
+  if (absl::Status s = sd->CheckComponentsFit(); !s.ok()) return s;
   return sd;
+}
+
+absl::Status StableDiffusion::CheckComponentsFit() const {
+  const std::string where = options_.model_dir.string();
+  const UNet2DConditionConfig& unet = unet_->config();
+  const ClipTextConfig& text = text_encoder_->config();
+  const int64_t latent = vae_->config().latent_channels;
+  if (unet.in_channels != latent || unet.out_channels != latent) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, ": unet/config.json in_channels ", unet.in_channels, " / out_channels ", unet.out_channels,
+        " must both equal vae/config.json latent_channels ", latent, " (inpainting and other variants are not "
+        "text-to-image models)"));
+  }
+  for (int64_t dim : unet.cross_attention_dim) {
+    if (dim != text.hidden_size) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": unet/config.json cross_attention_dim ", dim,
+                                                     " differs from text_encoder/config.json hidden_size ",
+                                                     text.hidden_size));
+    }
+  }
+  if (static_cast<int64_t>(tokenizer_->vocab_size()) > text.vocab_size ||
+      text.max_position_embeddings < ClipTokenizer::kMaxLength) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, ": the tokenizer (", tokenizer_->vocab_size(), " ids, ", ClipTokenizer::kMaxLength,
+        " positions) does not fit text_encoder/config.json (vocab_size ", text.vocab_size,
+        ", max_position_embeddings ", text.max_position_embeddings, ")"));
+  }
+  return absl::OkStatus();
 }
 
 int StableDiffusion::native_height() const {
@@ -78,18 +107,22 @@ absl::StatusOr<std::unique_ptr<DenoiseBatch>> StableDiffusion::StartBatch(BatchS
   const int scale = vae_scale();
   if (spec.width == 0) spec.width = native_width();
   if (spec.height == 0) spec.height = native_height();
-  if (spec.width < scale || spec.height < scale || spec.width % scale != 0 || spec.height % scale != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("width and height must be positive multiples of ", scale, ", got ",
-                                                   spec.width, "x", spec.height));
+  if (spec.width < scale || spec.height < scale || spec.width % scale != 0 || spec.height % scale != 0 ||
+      spec.width > kMaxSide || spec.height > kMaxSide) {
+    return absl::InvalidArgumentError(absl::StrCat("width and height must be multiples of ", scale, " in [", scale,
+                                                   ", ", kMaxSide, "], got ", spec.width, "x", spec.height));
   }
   if (specs.empty()) return absl::InvalidArgumentError("a batch needs at least one sample");
   const int64_t h = spec.height / scale, w = spec.width / scale;
-  const int64_t channels = unet_->config().in_channels;
+  const int64_t channels = vae_->config().latent_channels;
   for (size_t i = 0; i < specs.size(); ++i) {
     if (!std::isfinite(specs[i].guidance_scale)) {
       return absl::InvalidArgumentError(absl::StrCat("sample ", i, ": guidance_scale must be finite"));
     }
     const at::Tensor& init = specs[i].init_latents;
+    if (init.defined() && !at::isFloatingType(init.scalar_type())) {
+      return absl::InvalidArgumentError(absl::StrCat("sample ", i, ": init_latents must be a floating-point tensor"));
+    }
     if (init.defined()) {
       const at::Tensor one = init.dim() == 3 ? init.unsqueeze(0) : init;
       if (one.dim() != 4 || one.size(0) != 1 || one.size(1) != channels || one.size(2) != h || one.size(3) != w) {
@@ -97,6 +130,14 @@ absl::StatusOr<std::unique_ptr<DenoiseBatch>> StableDiffusion::StartBatch(BatchS
                                                        ", ", w, "] for ", spec.width, "x", spec.height));
       }
     }
+  }
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const at::Tensor& init = specs[i].init_latents;
+    absl::StatusOr<bool> finite = GuardTorch("checking init_latents", [&]() -> absl::StatusOr<bool> {
+      return !init.defined() || at::isfinite(init).all().item<bool>();
+    });
+    if (!finite.ok()) return finite.status();
+    if (!*finite) return absl::InvalidArgumentError(absl::StrCat("sample ", i, ": init_latents contain NaN or Inf"));
   }
   absl::StatusOr<std::shared_ptr<const NoiseSchedule>> schedule =
       NoiseSchedule::Create(scheduler_config_, spec.scheduler, spec.num_inference_steps);
@@ -178,18 +219,23 @@ absl::StatusOr<std::vector<GeneratedImage>> StableDiffusion::Generate(const Batc
 
   std::vector<GeneratedImage> out(b.num_samples());
   for (int i = 0; i < b.num_samples(); ++i) out[i].seed = b.sample(i).spec.seed;
-  at::Tensor latents = b.ActiveLatents();
-  if (!latents.defined()) return out;
+  absl::StatusOr<at::Tensor> latents = b.ActiveLatents();
+  if (!latents.ok()) return latents.status();
+  if (!latents->defined()) return out;
   t0 = std::chrono::steady_clock::now();
-  absl::StatusOr<std::vector<at::Tensor>> images = Decode(latents);
+  absl::StatusOr<std::vector<at::Tensor>> images = Decode(*latents);
   if (!images.ok()) return images.status();
   t->decoding = SecondsSince(t0);
-  size_t next = 0;
-  for (int i = 0; i < b.num_samples(); ++i) {
-    if (b.cancelled(i)) continue;
-    out[i].rgb8 = (*images)[next++];
-    out[i].latents = b.sample(i).latents.to(at::kCPU, at::kFloat);
-  }
+  absl::Status copied = GuardTorch("copying latents", [&]() -> absl::Status {
+    size_t next = 0;
+    for (int i = 0; i < b.num_samples(); ++i) {
+      if (b.cancelled(i)) continue;
+      out[i].rgb8 = (*images)[next++];
+      out[i].latents = b.sample(i).latents.to(at::kCPU, at::kFloat);
+    }
+    return absl::OkStatus();
+  });
+  if (!copied.ok()) return copied;
   return out;
 }
 

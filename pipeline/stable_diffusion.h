@@ -1,7 +1,8 @@
 // A loaded Stable Diffusion 1.x model (tokenizer, text encoder, UNet, VAE decoder, scheduler config) on one device
 // and dtype. Immutable after Create(): one instance serves batch after batch with different sizes, schedulers and
-// Token Merging settings. Not internally synchronised: the worker thread that owns it runs one batch at a time
-// (the const methods do not mutate it, but torch work on one device is serialised by its owner).
+// Token Merging settings. Its const methods keep no state between calls, so concurrent calls are safe (the
+// components' forward passes are const); the server still gives each device one worker thread, because batches
+// on one device only compete for it.
 //
 // A request's journey through it: EncodePrompts -> StartBatch -> DenoiseBatch::Step() x num_calls -> Decode.
 // Generate() strings these together for offline use (tomeserve-gen, tests, benchmarks).
@@ -50,6 +51,9 @@ class StableDiffusion {
   // Token ids, padded to 77, for each text, then one text-encoder call: [N, 77, hidden] on the model's device.
   absl::StatusOr<at::Tensor> EncodePrompts(const std::vector<std::string>& texts) const;
 
+  // Largest width or height accepted (the PNG limit).
+  static constexpr int kMaxSide = 16384;
+
   // Validates the batch, draws initial noise per sample, encodes the prompts and returns the step-wise state.
   // `spec.width/height` of 0 become native_width()/native_height().
   absl::StatusOr<std::unique_ptr<DenoiseBatch>> StartBatch(BatchSpec spec, std::vector<SampleSpec> samples,
@@ -75,6 +79,9 @@ class StableDiffusion {
 
  private:
   explicit StableDiffusion(PipelineOptions options) : options_(std::move(options)) {}
+  // The components were loaded from separate configs: check that their shapes agree (latent channels, text
+  // embedding width, token ids and positions), so a mismatched folder fails at load, not on the first request.
+  absl::Status CheckComponentsFit() const;
 
   PipelineOptions options_;
   std::unique_ptr<ClipTokenizer> tokenizer_;

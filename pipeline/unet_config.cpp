@@ -175,9 +175,9 @@ absl::StatusOr<UNet2DConditionConfig> UNet2DConditionConfig::FromJson(const json
     if (v->is_array()) {
       for (const json& e : *v) c.block_out_channels.push_back(e.is_number_integer() ? e.get<int64_t>() : 0);
     }
-    if (c.block_out_channels.empty() || std::any_of(c.block_out_channels.begin(), c.block_out_channels.end(),
-                                                    [](int64_t x) { return x <= 0; })) {
-      return Invalid(where, "block_out_channels", "must be a non-empty list of positive integers");
+    if (c.block_out_channels.empty() || c.block_out_channels.size() > 8 ||
+        std::any_of(c.block_out_channels.begin(), c.block_out_channels.end(), [](int64_t x) { return x <= 0; })) {
+      return Invalid(where, "block_out_channels", "must be a list of 1 to 8 positive integers");
     }
   }
   const size_t n = c.block_out_channels.size();

@@ -51,7 +51,10 @@ absl::StatusOr<VaeConfig> VaeConfig::FromJson(const json& j, const std::string& 
     if (absl::Status s = GetBool(j, key, where, field); !s.ok()) return s;
   }
   if (const json* v = Find(j, "block_out_channels")) {
-    if (!v->is_array() || v->empty()) return Invalid(where, "block_out_channels", "must be a non-empty list");
+    // More than 8 levels would mean a 128x upscale and shifts past int range in upscale_factor().
+    if (!v->is_array() || v->empty() || v->size() > 8) {
+      return Invalid(where, "block_out_channels", "must be a list of 1 to 8 entries");
+    }
     c.block_out_channels.clear();
     for (const json& e : *v) {
       if (!e.is_number_integer() || e.get<int64_t>() <= 0) {

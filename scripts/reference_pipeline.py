@@ -6,8 +6,9 @@
 For every scheduler tomeserve offers, runs the pipeline (fp32, CPU, one thread) from fixed initial latents and
 stores the RGB8 image diffusers would save (PIL conversion: round(x * 255)). Cases cover the native size and a
 size that is not a multiple of 64 (odd latent sizes), guidance on and off. Tensors (F32 only, as the C++ reader
-loads float weights): "<case>/latents" [1,4,h,w] and "<case>/image" [H,W,3]. Metadata "cases" is a JSON list of
-{name, scheduler, prompt, negative_prompt, width, height, steps, guidance, seed}.
+loads float weights): "<case>/latents" [1,4,h,w] and "<case>/image" [H,W,3]; seeded cases (no latents: noise
+from one CPU generator per sample) store "<case>/image/<k>" per sample. Metadata "cases" is a JSON list of
+{name, scheduler, prompt, negative_prompt, seed | prompts, negative_prompts, seeds, width, height, steps, guidance}.
 """
 import argparse
 import json
@@ -37,6 +38,13 @@ def cases():
                     width=72, height=40, steps=4, guidance=7.5, seed=7))
     out.append(dict(name="euler_a_noguidance", scheduler="euler_a", prompt="a lighthouse at dusk", negative_prompt="",
                     width=64, height=64, steps=4, guidance=1.0, seed=3))
+    # Seeded cases: no latents given; diffusers draws each sample's noise from its own CPU generator (a list of
+    # generators), in the model dtype, then keeps drawing from it for ancestral noise.
+    out.append(dict(name="pndm_seeded", scheduler="pndm", prompts=["a bowl of fruit"], negative_prompts=["dark"],
+                    seeds=[1234], width=64, height=64, steps=4, guidance=7.5))
+    out.append(dict(name="euler_a_seeded_batch2", scheduler="euler_a", prompts=["a red car", "a green tree"],
+                    negative_prompts=["blurry", ""], seeds=[42, 2**40 + 7], width=64, height=48, steps=4,
+                    guidance=6.0))
     return out
 
 
@@ -57,6 +65,16 @@ def main():
     for c in cases():
         cls_name, extra = SCHEDULERS[c["scheduler"]]
         pipe.scheduler = getattr(diffusers, cls_name).from_config(base_config, **extra)
+        if "seeds" in c:
+            images = pipe(prompt=c["prompts"], negative_prompt=c["negative_prompts"], height=c["height"],
+                          width=c["width"], num_inference_steps=c["steps"], guidance_scale=c["guidance"],
+                          generator=[torch.Generator("cpu").manual_seed(s) for s in c["seeds"]],
+                          output_type="np").images
+            for k, image in enumerate(images):
+                rgb8 = (image * 255).round().astype(np.uint8)
+                tensors[f"{c['name']}/image/{k}"] = torch.from_numpy(rgb8.astype(np.float32)).contiguous()
+            meta.append(c)
+            continue
         h, w = c["height"] // 8, c["width"] // 8
         latents = torch.randn((1, 4, h, w), generator=torch.Generator("cpu").manual_seed(1000 + c["seed"]))
         image = pipe(prompt=c["prompt"], negative_prompt=c["negative_prompt"] or None, height=c["height"],

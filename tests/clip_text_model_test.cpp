@@ -66,10 +66,10 @@ TEST_P(TextEncoderParity, Bf16OnCpuStaysCloseToFp32) {
   at::NoGradGuard no_grad;
   at::Tensor out = (*model)->forward(ref.input_ids);
   EXPECT_EQ(out.scalar_type(), at::kBFloat16);
-  // bf16 keeps 8 mantissa bits (~4e-3 per rounding); over the encoder the relative error stays a few 1e-2.
+  // bf16 keeps 8 mantissa bits (~4e-3 per rounding); over the encoder the relative error stays about 1e-2.
   const double err = RelErr(out, ref.last_hidden_state);
   std::printf("text encoder %s bf16 (cpu) rel_err %.3g\n", GetParam().c_str(), err);
-  EXPECT_LE(err, 5e-2) << GetParam();
+  EXPECT_LE(err, 2e-2) << GetParam();  // measured 6e-3 (tiny) and 1e-2 (sd15)
 }
 
 TEST_P(TextEncoderParity, MatchesTransformers_CUDA) {

@@ -40,7 +40,8 @@ class PipelineTest : public ::testing::Test {
     sd_ = nullptr;
   }
   void SetUp() override {
-    if (sd_ == nullptr) GTEST_SKIP() << "TOMESERVE_TINY_MODEL not set";
+    if (EnvPath("TOMESERVE_TINY_MODEL").empty()) GTEST_SKIP() << "TOMESERVE_TINY_MODEL not set";
+    ASSERT_NE(sd_, nullptr) << "loading the tiny model failed (see SetUpTestSuite)";
   }
   static int MaxAbsDiff(const at::Tensor& a, const at::Tensor& b) {
     return (a.to(at::kInt) - b.to(at::kInt)).abs().max().item<int>();
@@ -56,24 +57,37 @@ TEST_F(PipelineTest, MatchesDiffusersForEveryScheduler) {
   auto store = WeightStore::OpenFile(ref);
   ASSERT_TRUE(store.ok());
   const nlohmann::json cases = nlohmann::json::parse((*file)->metadata().at("cases"));
-  ASSERT_GE(cases.size(), 6u);
+  ASSERT_GE(cases.size(), 10u);
   for (const auto& c : cases) {
     const std::string name = c["name"];
     SCOPED_TRACE(name);
     auto kind = ParseSchedulerKind(c["scheduler"].get<std::string>());
     ASSERT_TRUE(kind.ok());
     BatchSpec spec{.width = c["width"], .height = c["height"], .num_inference_steps = c["steps"], .scheduler = *kind};
-    SampleSpec sample{.prompt = c["prompt"], .negative_prompt = c["negative_prompt"], .seed = c["seed"],
-                      .guidance_scale = c["guidance"], .init_latents = ReadTensor(*store, name + "/latents").value()};
     std::vector<SampleSpec> samples;
-    samples.push_back(std::move(sample));
+    std::vector<std::string> image_keys;
+    if (c.contains("seeds")) {
+      // No latents: each sample's noise comes from its own seed, as diffusers' list of CPU generators.
+      for (size_t k = 0; k < c["seeds"].size(); ++k) {
+        samples.push_back({.prompt = c["prompts"][k], .negative_prompt = c["negative_prompts"][k],
+                           .seed = c["seeds"][k].get<uint64_t>(), .guidance_scale = c["guidance"]});
+        image_keys.push_back(name + "/image/" + std::to_string(k));
+      }
+    } else {
+      samples.push_back({.prompt = c["prompt"], .negative_prompt = c["negative_prompt"], .seed = c["seed"],
+                         .guidance_scale = c["guidance"],
+                         .init_latents = ReadTensor(*store, name + "/latents").value()});
+      image_keys.push_back(name + "/image");
+    }
     auto images = sd_->Generate(spec, std::move(samples));
     ASSERT_TRUE(images.ok()) << images.status();
-    const at::Tensor want = ReadTensor(*store, name + "/image").value();
-    ASSERT_EQ((*images)[0].rgb8.sizes(), want.sizes());
-    const int diff = MaxAbsDiff((*images)[0].rgb8, want);
-    std::printf("pipeline %s: max abs pixel diff %d\n", name.c_str(), diff);
-    EXPECT_LE(diff, 1);
+    for (size_t k = 0; k < image_keys.size(); ++k) {
+      const at::Tensor want = ReadTensor(*store, image_keys[k]).value();
+      ASSERT_EQ((*images)[k].rgb8.sizes(), want.sizes());
+      const int diff = MaxAbsDiff((*images)[k].rgb8, want);
+      std::printf("pipeline %s: max abs pixel diff %d\n", image_keys[k].c_str(), diff);
+      EXPECT_LE(diff, 1) << image_keys[k];
+    }
   }
 }
 
@@ -115,7 +129,7 @@ TEST_F(PipelineTest, StepwiseProgressAndCancellation) {
   while (!b.Done()) ASSERT_TRUE(b.Step().ok());
   EXPECT_EQ(b.calls_done(), 5);
   EXPECT_TRUE(at::equal(b.sample(0).latents, frozen));  // the cancelled sample stopped
-  EXPECT_EQ(b.ActiveLatents().size(0), 1);
+  EXPECT_EQ(b.ActiveLatents()->size(0), 1);
 
   std::vector<int> seen;
   auto images = sd_->Generate({.num_inference_steps = 2, .scheduler = SchedulerKind::kEuler},
@@ -157,10 +171,11 @@ TEST(PipelineLoad, Bf16OnCpuStaysCloseToFp32) {
   auto a = (*fp32)->Generate(spec, {SampleSpec{.prompt = "a cat", .init_latents = init}});
   auto b = (*bf16)->Generate(spec, {SampleSpec{.prompt = "a cat", .init_latents = init}});
   ASSERT_TRUE(a.ok() && b.ok()) << b.status();
-  // bf16 keeps 8 mantissa bits; over 4 steps of the tiny model the mean pixel error stays within a few levels.
+  // bf16 keeps 8 mantissa bits; over 4 steps of the tiny model the mean pixel error stays near 1 level
+  // (measured 0.93).
   const double mean = ((*a)[0].rgb8.to(at::kFloat) - (*b)[0].rgb8.to(at::kFloat)).abs().mean().item<double>();
   std::printf("bf16 vs fp32 (cpu, tiny, 4 DDIM steps): mean abs pixel diff %.2f\n", mean);
-  EXPECT_LE(mean, 8.0);
+  EXPECT_LE(mean, 2.0);
 }
 
 }  // namespace

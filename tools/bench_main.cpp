@@ -6,7 +6,6 @@
 // generate: text encoding + N steps + VAE decode for B prompts, guidance 7.5.
 // Reports the median and every repetition in seconds. Not a test: nothing here passes or fails on time.
 #include <ATen/Parallel.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <torch/cuda.h>
 
 #include <algorithm>
@@ -28,7 +27,7 @@ int Fail(const absl::Status& s, int code) {
 }
 
 void Sync(const c10::Device& device) {
-  if (device.is_cuda()) c10::cuda::device_synchronize();
+  if (device.is_cuda()) torch::cuda::synchronize(device.index());
 }
 
 }  // namespace
@@ -73,7 +72,8 @@ int BenchMain(const std::vector<std::string>& raw) {
     at::NoGradGuard no_grad;
     const auto options = at::TensorOptions().dtype(*dtype).device(*device);
     const int64_t rows = 2 * *batch;
-    at::Tensor sample = at::randn({rows, 4, *height / 8, *width / 8}, options);
+    const int64_t scale = (*sd)->vae_scale();
+    at::Tensor sample = at::randn({rows, (*sd)->unet().config().in_channels, *height / scale, *width / scale}, options);
     at::Tensor context = at::randn({rows, 77, (*sd)->text_encoder().config().hidden_size}, options);
     at::Tensor t = at::scalar_tensor(500.0, at::kFloat);
     for (int64_t i = 0; i < *warmup + *reps; ++i) {

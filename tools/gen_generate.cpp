@@ -126,6 +126,11 @@ int Generate(const std::vector<std::string>& args) {
   absl::StatusOr<Options> parsed = ParseOptions(args);
   if (!parsed.ok()) return UsageError(parsed.status());
   Options& o = *parsed;
+  // Fail before minutes of denoising, not after.
+  const std::filesystem::path out_dir = std::filesystem::absolute(o.output).parent_path();
+  if (!std::filesystem::is_directory(out_dir)) {
+    return UsageError(absl::InvalidArgumentError(absl::StrCat("-o: folder ", out_dir.string(), " does not exist")));
+  }
 
   absl::StatusOr<std::unique_ptr<pipeline::StableDiffusion>> sd = pipeline::StableDiffusion::Create(o.load);
   if (!sd.ok()) return RuntimeError(sd.status());
@@ -153,6 +158,11 @@ int Generate(const std::vector<std::string>& args) {
   pipeline::PhaseTimings timings;
   absl::StatusOr<std::vector<pipeline::GeneratedImage>> images =
       (*sd)->Generate(o.batch, std::move(samples), {.progress = ShowProgress}, &timings);
+  // The pipeline rejects what the flags cannot check alone (e.g. init latents of the wrong size) as
+  // INVALID_ARGUMENT before any work: that is a usage error too.
+  if (!images.ok() && images.status().code() == absl::StatusCode::kInvalidArgument) {
+    return UsageError(images.status());
+  }
   if (!images.ok()) return RuntimeError(images.status());
 
   const int width = o.batch.width ? o.batch.width : (*sd)->native_width();

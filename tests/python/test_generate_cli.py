@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+def torch_allclose(a, b):
+    return float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
+
+
 def run(gen, *args):
     return subprocess.run([str(gen), "generate", *map(str, args)], capture_output=True, text=True, timeout=300)
 
@@ -41,6 +45,12 @@ def test_several_images_and_latents_round_trip(gen, tiny_model, tmp_path):
 
     latents = load_file(str(saved))["latents"]
     assert tuple(latents.shape) == (2, 4, 8, 8)
+    # The first image of the pair equals the same seed generated alone (per-sample noise and state).
+    alone = tmp_path / "alone.safetensors"
+    r = run(gen, "--model", model, "--prompt", "a house", "--steps", 2, "--seed", 5, "--scheduler", "ddim",
+            "-o", tmp_path / "alone.png", "--save-latents", alone)
+    assert r.returncode == 0, r.stderr
+    assert torch_allclose(load_file(str(alone))["latents"][0], latents[0])
 
     # Feeding initial latents: the same file twice gives the same images (and a valid run).
     init = tmp_path / "init.safetensors"
@@ -89,3 +99,15 @@ def test_init_latents_with_wrong_count_is_a_usage_error(gen, tiny_model, tmp_pat
             "-o", tmp_path / "o.png")
     assert r.returncode == 2
     assert "--init-latents" in r.stderr
+
+
+def test_init_latents_of_wrong_size_and_missing_output_folder_exit_2(gen, tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    init = tmp_path / "small.safetensors"
+    save_file({"latents": torch.zeros(1, 4, 5, 5)}, str(init))
+    r = run(gen, "--model", tiny_model, "--prompt", "x", "--steps", 1, "--init-latents", init, "-o", tmp_path / "o.png")
+    assert r.returncode == 2 and "init_latents must be [4, 8, 8]" in r.stderr, r.stderr
+    r = run(gen, "--model", tiny_model, "--prompt", "x", "--steps", 1, "-o", tmp_path / "nope" / "o.png")
+    assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
