@@ -69,9 +69,7 @@ absl::StatusOr<ClipTextConfig> ClipTextConfig::FromJson(const json& j, const std
 }
 
 absl::StatusOr<ClipTextConfig> ClipTextConfig::Load(const std::filesystem::path& config_json) {
-  absl::StatusOr<json> j = ReadJsonFile(config_json);
-  if (!j.ok()) return j.status();
-  return FromJson(*j, config_json.string());
+  return LoadJsonConfig<ClipTextConfig>(config_json);
 }
 
 }  // namespace tomeserve::pipeline

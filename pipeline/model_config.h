@@ -15,6 +15,15 @@ namespace tomeserve::pipeline {
 // Reads and parses a JSON file; errors name the file.
 absl::StatusOr<nlohmann::json> ReadJsonFile(const std::filesystem::path& path);
 
+// Reads `config_json` and parses it with Config::FromJson(json, file name for messages): the Load() of every
+// config struct.
+template <typename Config>
+absl::StatusOr<Config> LoadJsonConfig(const std::filesystem::path& config_json) {
+  absl::StatusOr<nlohmann::json> j = ReadJsonFile(config_json);
+  if (!j.ok()) return j.status();
+  return Config::FromJson(*j, config_json.string());
+}
+
 enum class Activation { kQuickGelu, kGelu };
 
 // transformers' CLIPTextConfig (text_encoder/config.json). Defaults are CLIPTextConfig's.

@@ -104,6 +104,18 @@ absl::string_view SchedulerKindName(SchedulerKind kind) {
   return "unknown";
 }
 
+absl::string_view A1111SamplerName(SchedulerKind kind) {
+  switch (kind) {
+    case SchedulerKind::kPndm: return "PLMS";
+    case SchedulerKind::kDdim: return "DDIM";
+    case SchedulerKind::kEuler: return "Euler";
+    case SchedulerKind::kEulerAncestral: return "Euler a";
+    case SchedulerKind::kDpmpp2m: return "DPM++ 2M";
+    case SchedulerKind::kDpmpp2mKarras: return "DPM++ 2M Karras";
+  }
+  return "";
+}
+
 absl::StatusOr<SchedulerKind> SchedulerConfig::DefaultKind() const {
   if (class_name == "PNDMScheduler") return SchedulerKind::kPndm;
   if (class_name == "DDIMScheduler") return SchedulerKind::kDdim;
@@ -168,9 +180,7 @@ absl::StatusOr<SchedulerConfig> SchedulerConfig::FromJson(const json& j, const s
 }
 
 absl::StatusOr<SchedulerConfig> SchedulerConfig::Load(const std::filesystem::path& config_json) {
-  absl::StatusOr<json> j = ReadJsonFile(config_json);
-  if (!j.ok()) return j.status();
-  return FromJson(*j, config_json.string());
+  return LoadJsonConfig<SchedulerConfig>(config_json);
 }
 
 absl::StatusOr<SchedulerParams> ResolveSchedulerParams(const SchedulerConfig& c, SchedulerKind kind) {

@@ -32,6 +32,9 @@ enum class SchedulerKind {
 absl::StatusOr<SchedulerKind> ParseSchedulerKind(absl::string_view name);
 // The inverse of ParseSchedulerKind.
 absl::string_view SchedulerKindName(SchedulerKind kind);
+// The sampler's name as AUTOMATIC1111 writes it in a PNG's "parameters" chunk ("PLMS" for diffusers' PNDM,
+// "Euler a", "DPM++ 2M Karras", ...), so tools that read A1111 metadata recognise it.
+absl::string_view A1111SamplerName(SchedulerKind kind);
 
 // scheduler_config.json as written. Absent keys (and null, for non-boolean keys) stay unset; a null boolean
 // reads as false, as Python's truth test does. Keys no supported scheduler reads are ignored.

@@ -261,9 +261,7 @@ absl::StatusOr<UNet2DConditionConfig> UNet2DConditionConfig::FromJson(const json
 }
 
 absl::StatusOr<UNet2DConditionConfig> UNet2DConditionConfig::Load(const std::filesystem::path& config_json) {
-  absl::StatusOr<json> j = ReadJsonFile(config_json);
-  if (!j.ok()) return j.status();
-  return FromJson(*j, config_json.string());
+  return LoadJsonConfig<UNet2DConditionConfig>(config_json);
 }
 
 }  // namespace tomeserve::pipeline

@@ -114,9 +114,7 @@ absl::StatusOr<VaeConfig> VaeConfig::FromJson(const json& j, const std::string& 
 }
 
 absl::StatusOr<VaeConfig> VaeConfig::Load(const std::filesystem::path& config_json) {
-  absl::StatusOr<json> j = ReadJsonFile(config_json);
-  if (!j.ok()) return j.status();
-  return FromJson(*j, config_json.string());
+  return LoadJsonConfig<VaeConfig>(config_json);
 }
 
 }  // namespace tomeserve::pipeline

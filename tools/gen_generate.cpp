@@ -20,18 +20,6 @@ namespace {
 
 using pipeline::SchedulerKind;
 
-std::string SamplerDisplayName(SchedulerKind kind) {
-  switch (kind) {
-    case SchedulerKind::kPndm: return "PLMS";
-    case SchedulerKind::kDdim: return "DDIM";
-    case SchedulerKind::kEuler: return "Euler";
-    case SchedulerKind::kEulerAncestral: return "Euler a";
-    case SchedulerKind::kDpmpp2m: return "DPM++ 2M";
-    case SchedulerKind::kDpmpp2mKarras: return "DPM++ 2M Karras";
-  }
-  return "";
-}
-
 // "out.png" with n > 1 -> "out-0.png", "out-1.png", ...
 std::string OutputPath(const std::string& base, int index, int count) {
   if (count == 1) return base;
@@ -172,7 +160,7 @@ int Generate(const std::vector<std::string>& args) {
     const pipeline::GeneratedImage& img = (*images)[i];
     pipeline::GenerationParameters params{
         .prompt = o.prompt, .negative_prompt = o.negative_prompt, .steps = o.batch.num_inference_steps,
-        .sampler = SamplerDisplayName(o.batch.scheduler), .cfg_scale = o.guidance, .seed = img.seed,
+        .sampler = std::string(pipeline::A1111SamplerName(o.batch.scheduler)), .cfg_scale = o.guidance, .seed = img.seed,
         .width = width, .height = height, .model = o.load.model_dir.filename().string()};
     absl::StatusOr<std::string> png =
         pipeline::EncodePng(img.rgb8.data_ptr<uint8_t>(), width, height,
