@@ -11,18 +11,48 @@ namespace {
 
 using json = nlohmann::json;
 
-// Reads an optional positive integer field; absent keeps the default.
-absl::Status GetPositive(const json& j, const char* key, const std::string& where, int64_t* out) {
+}  // namespace
+
+namespace config_json {
+
+const json* Find(const json& j, const char* key) {
   auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return absl::OkStatus();
-  if (!it->is_number_integer() || it->get<int64_t>() <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ": \"", key, "\" must be a positive integer"));
+  return it == j.end() || it->is_null() ? nullptr : &*it;
+}
+
+absl::Status Invalid(const std::string& where, absl::string_view key, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat(where, ": \"", key, "\" ", what));
+}
+
+absl::Status GetInt(const json& j, const char* key, const std::string& where, int64_t min, int64_t* out) {
+  const json* v = Find(j, key);
+  if (v == nullptr) return absl::OkStatus();
+  if (!v->is_number_integer() || v->get<int64_t>() < min) {
+    return Invalid(where, key, absl::StrCat("must be an integer >= ", min));
   }
-  *out = it->get<int64_t>();
+  *out = v->get<int64_t>();
   return absl::OkStatus();
 }
 
-}  // namespace
+absl::Status GetNumber(const json& j, const char* key, const std::string& where, bool positive, double* out) {
+  const json* v = Find(j, key);
+  if (v == nullptr) return absl::OkStatus();
+  if (!v->is_number() || (positive && v->get<double>() <= 0)) {
+    return Invalid(where, key, positive ? "must be a positive number" : "must be a number");
+  }
+  *out = v->get<double>();
+  return absl::OkStatus();
+}
+
+absl::Status GetBool(const json& j, const char* key, const std::string& where, bool* out) {
+  const json* v = Find(j, key);
+  if (v == nullptr) return absl::OkStatus();
+  if (!v->is_boolean()) return Invalid(where, key, "must be true or false");
+  *out = v->get<bool>();
+  return absl::OkStatus();
+}
+
+}  // namespace config_json
 
 absl::StatusOr<json> ReadJsonFile(const std::filesystem::path& path) {
   std::ifstream in(path);
@@ -42,7 +72,7 @@ absl::StatusOr<ClipTextConfig> ClipTextConfig::FromJson(const json& j, const std
                             std::pair{"num_hidden_layers", &c.num_hidden_layers},
                             std::pair{"num_attention_heads", &c.num_attention_heads},
                             std::pair{"max_position_embeddings", &c.max_position_embeddings}}) {
-    if (absl::Status s = GetPositive(j, key, where, field); !s.ok()) return s;
+    if (absl::Status s = config_json::GetInt(j, key, where, 1, field); !s.ok()) return s;
   }
   if (auto it = j.find("layer_norm_eps"); it != j.end() && !it->is_null()) {
     if (!it->is_number() || it->get<double>() <= 0) {

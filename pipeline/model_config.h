@@ -8,12 +8,25 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "nlohmann/json.hpp"
 
 namespace tomeserve::pipeline {
 
 // Reads and parses a JSON file; errors name the file.
 absl::StatusOr<nlohmann::json> ReadJsonFile(const std::filesystem::path& path);
+
+// Field readers shared by the config parsers. An absent or null key keeps the caller's default (that is what
+// "missing" means to diffusers and transformers); a present key of the wrong type or range is an error naming
+// `where` (the file) and the key.
+namespace config_json {
+const nlohmann::json* Find(const nlohmann::json& j, const char* key);
+absl::Status Invalid(const std::string& where, absl::string_view key, absl::string_view what);
+absl::Status GetInt(const nlohmann::json& j, const char* key, const std::string& where, int64_t min, int64_t* out);
+absl::Status GetNumber(const nlohmann::json& j, const char* key, const std::string& where, bool positive,
+                       double* out);
+absl::Status GetBool(const nlohmann::json& j, const char* key, const std::string& where, bool* out);
+}  // namespace config_json
 
 // Reads `config_json` and parses it with Config::FromJson(json, file name for messages): the Load() of every
 // config struct.

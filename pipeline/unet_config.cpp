@@ -15,48 +15,16 @@ namespace tomeserve::pipeline {
 namespace {
 
 using json = nlohmann::json;
-
-const json* Find(const json& j, const char* key) {
-  auto it = j.find(key);
-  return it == j.end() || it->is_null() ? nullptr : &*it;
-}
-
-absl::Status Invalid(const std::string& where, absl::string_view key, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat(where, ": \"", key, "\" ", what));
-}
+using config_json::Find;
+using config_json::GetBool;
+using config_json::GetInt;
+using config_json::GetNumber;
+using config_json::Invalid;
 
 absl::Status Unsupported(const std::string& where, absl::string_view key, const json& value,
                          absl::string_view why) {
   return absl::InvalidArgumentError(
       absl::StrCat(where, ": \"", key, "\" = ", value.dump(), " is not supported (", why, ")"));
-}
-
-absl::Status GetInt(const json& j, const char* key, const std::string& where, int64_t min, int64_t* out) {
-  const json* v = Find(j, key);
-  if (!v) return absl::OkStatus();
-  if (!v->is_number_integer() || v->get<int64_t>() < min) {
-    return Invalid(where, key, absl::StrCat("must be an integer >= ", min));
-  }
-  *out = v->get<int64_t>();
-  return absl::OkStatus();
-}
-
-absl::Status GetNumber(const json& j, const char* key, const std::string& where, bool positive, double* out) {
-  const json* v = Find(j, key);
-  if (!v) return absl::OkStatus();
-  if (!v->is_number() || (positive && v->get<double>() <= 0)) {
-    return Invalid(where, key, positive ? "must be a positive number" : "must be a number");
-  }
-  *out = v->get<double>();
-  return absl::OkStatus();
-}
-
-absl::Status GetBool(const json& j, const char* key, const std::string& where, bool* out) {
-  const json* v = Find(j, key);
-  if (!v) return absl::OkStatus();
-  if (!v->is_boolean()) return Invalid(where, key, "must be true or false");
-  *out = v->get<bool>();
-  return absl::OkStatus();
 }
 
 // An int (same for every level) or a list with one positive int per level.

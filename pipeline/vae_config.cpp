@@ -5,45 +5,20 @@
 #include "pipeline/model_config.h"
 
 namespace tomeserve::pipeline {
-namespace {
 
 using json = nlohmann::json;
-
-// The value of `key`, or nullptr when absent or null (both mean "the default" to diffusers).
-const json* Find(const json& j, const char* key) {
-  auto it = j.find(key);
-  return it == j.end() || it->is_null() ? nullptr : &*it;
-}
-
-absl::Status Invalid(const std::string& where, const char* key, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat(where, ": \"", key, "\" ", what));
-}
-
-absl::Status GetPositive(const json& j, const char* key, const std::string& where, int64_t* out) {
-  const json* v = Find(j, key);
-  if (v == nullptr) return absl::OkStatus();
-  if (!v->is_number_integer() || v->get<int64_t>() <= 0)
-    return Invalid(where, key, "must be a positive integer");
-  *out = v->get<int64_t>();
-  return absl::OkStatus();
-}
-
-absl::Status GetBool(const json& j, const char* key, const std::string& where, bool* out) {
-  const json* v = Find(j, key);
-  if (v == nullptr) return absl::OkStatus();
-  if (!v->is_boolean()) return Invalid(where, key, "must be true or false");
-  *out = v->get<bool>();
-  return absl::OkStatus();
-}
-
-}  // namespace
+using config_json::Find;
+using config_json::GetBool;
+using config_json::GetInt;
+using config_json::GetNumber;
+using config_json::Invalid;
 
 absl::StatusOr<VaeConfig> VaeConfig::FromJson(const json& j, const std::string& where) {
   VaeConfig c;
   for (auto [key, field] :
        {std::pair{"layers_per_block", &c.layers_per_block}, std::pair{"latent_channels", &c.latent_channels},
         std::pair{"norm_num_groups", &c.norm_num_groups}, std::pair{"out_channels", &c.out_channels}}) {
-    if (absl::Status s = GetPositive(j, key, where, field); !s.ok()) return s;
+    if (absl::Status s = GetInt(j, key, where, 1, field); !s.ok()) return s;
   }
   for (auto [key, field] : {std::pair{"mid_block_add_attention", &c.mid_block_add_attention},
                             std::pair{"use_post_quant_conv", &c.use_post_quant_conv},
