@@ -7,6 +7,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "pipeline/image_codec.h"
 #include "pipeline/load_weights.h"
 #include "pipeline/safetensors_writer.h"
@@ -14,6 +15,7 @@
 #include "pipeline/weight_store.h"
 #include "tools/cli_args.h"
 #include "tools/gen_commands.h"
+#include "tome/tome_hooks.h"
 
 namespace tomeserve::tools {
 namespace {
@@ -35,7 +37,35 @@ struct Options {
   uint64_t seed = 0;
   int num_images = 1;
   std::optional<std::string> scheduler;
+  tome::TokenMerging tome{.ratio = 0};  // off unless --tome-ratio > 0
+  std::shared_ptr<const tome::TokenMergingHooks> tome_hooks;
 };
+
+// --tome-* flags onto tomesd's defaults; errors name the flags, not the request fields.
+absl::Status ParseTomeFlags(const CliArgs& a, tome::TokenMerging& t) {
+  auto ratio = a.GetDouble("tome-ratio", 0, 0, 1);
+  auto max_downsample = a.GetInt("tome-max-downsample", t.max_downsample, 1, 8);
+  auto sx = a.GetInt("tome-sx", t.sx, 1, tome::kMaxStride);
+  auto sy = a.GetInt("tome-sy", t.sy, 1, tome::kMaxStride);
+  for (const absl::Status& s : {ratio.status(), max_downsample.status(), sx.status(), sy.status()}) {
+    if (!s.ok()) return s;
+  }
+  t.ratio = *ratio;
+  t.max_downsample = static_cast<int>(*max_downsample);
+  t.sx = static_cast<int>(*sx);
+  t.sy = static_cast<int>(*sy);
+  t.use_rand = !a.Has("tome-no-rand");
+  t.merge_crossattn = a.Has("tome-merge-crossattn");
+  t.merge_mlp = a.Has("tome-merge-mlp");
+  if (auto seed = a.Get("tome-seed"); seed && !absl::SimpleAtoi(*seed, &t.seed)) {
+    return absl::InvalidArgumentError(absl::StrCat("--tome-seed must be an integer in [0, 2^64), got \"", *seed, "\""));
+  }
+  if (absl::Status s = tome::Validate(t); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrReplaceAll(
+        s.message(), {{"tome.max_downsample", "--tome-max-downsample"}, {"tome.", "--tome-"}}));
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<Options> ParseOptions(const std::vector<std::string>& raw) {
   std::vector<std::string> args = raw;
@@ -45,8 +75,9 @@ absl::StatusOr<Options> ParseOptions(const std::vector<std::string>& raw) {
   absl::StatusOr<CliArgs> a = CliArgs::Parse(
       args,
       {"model", "prompt", "negative-prompt", "width", "height", "steps", "guidance", "seed", "scheduler",
-       "num-images", "device", "dtype", "init-latents", "save-latents", "output"},
-      {});
+       "num-images", "device", "dtype", "init-latents", "save-latents", "output", "tome-ratio",
+       "tome-max-downsample", "tome-sx", "tome-sy", "tome-seed"},
+      {"tome-no-rand", "tome-merge-crossattn", "tome-merge-mlp"});
   if (!a.ok()) return a.status();
   Options o;
   absl::StatusOr<std::string> model = a->Required("model");
@@ -93,6 +124,13 @@ absl::StatusOr<Options> ParseOptions(const std::vector<std::string>& raw) {
   absl::StatusOr<c10::ScalarType> dtype = pipeline::ParseComputeDType(a->Get("dtype").value_or("fp32"));
   if (!dtype.ok()) return absl::InvalidArgumentError(absl::StrCat("--dtype: ", dtype.status().message()));
   o.load.target = {*device, *dtype};
+  if (absl::Status s = ParseTomeFlags(*a, o.tome); !s.ok()) return s;
+  if (tome::IsActive(o.tome)) {
+    auto hooks = tome::TokenMergingHooks::Create(o.tome);
+    if (!hooks.ok()) return hooks.status();
+    o.tome_hooks = *hooks;
+    o.batch.hooks = *hooks;
+  }
   o.init_latents = a->Get("init-latents").value_or("");
   o.save_latents = a->Get("save-latents").value_or("");
   return o;
@@ -162,6 +200,8 @@ int Generate(const std::vector<std::string>& args) {
         .prompt = o.prompt, .negative_prompt = o.negative_prompt, .steps = o.batch.num_inference_steps,
         .sampler = std::string(pipeline::A1111SamplerName(o.batch.scheduler)), .cfg_scale = o.guidance, .seed = img.seed,
         .width = width, .height = height, .model = o.load.model_dir.filename().string()};
+    // AUTOMATIC1111 records Token Merging the same way.
+    if (o.tome_hooks) params.extra.push_back({"Token merging ratio", pipeline::FormatA1111Number(o.tome.ratio)});
     absl::StatusOr<std::string> png =
         pipeline::EncodePng(img.rgb8.data_ptr<uint8_t>(), width, height,
                             {{"parameters", pipeline::FormatA1111Parameters(params)}});
@@ -179,6 +219,17 @@ int Generate(const std::vector<std::string>& args) {
   }
   std::fprintf(stderr, "text encoding %.2fs, denoising %.2fs, decoding %.2fs\n", timings.text_encoding,
                timings.denoising, timings.decoding);
+  if (o.tome_hooks) {
+    int64_t before = 0, after = 0;
+    const std::vector<tome::BlockMergeCount> counts = o.tome_hooks->MergeCounts();
+    for (const tome::BlockMergeCount& c : counts) {
+      before += c.tokens_before;
+      after += c.tokens_after;
+    }
+    std::fprintf(stderr, "token merging (%s): %zu blocks, %lld -> %lld tokens per image row\n",
+                 tome::ToString(o.tome).c_str(), counts.size(), static_cast<long long>(before),
+                 static_cast<long long>(after));
+  }
   return 0;
 }
 

@@ -22,13 +22,19 @@ constexpr char kUsage[] =
     "                              [--steps N] [--guidance G] [--seed S]\n"
     "                              [--scheduler pndm|ddim|euler|euler_a|dpmpp_2m|dpmpp_2m_karras]\n"
     "                              [--num-images N] [--device cpu|cuda:N] [--dtype fp32|fp16|bf16]\n"
-    "                              [--init-latents FILE.safetensors] [--save-latents FILE.safetensors] -o OUT.png\n"
+    "                              [--init-latents FILE.safetensors] [--save-latents FILE.safetensors]\n"
+    "                              [--tome-ratio R] [--tome-max-downsample 1|2|4|8] [--tome-sx N] [--tome-sy N]\n"
+    "                              [--tome-no-rand] [--tome-merge-crossattn] [--tome-merge-mlp] [--tome-seed S]\n"
+    "                              -o OUT.png\n"
     "  tokenize   read prompts from stdin, one per line; print each one's CLIP token ids as a JSON array\n"
     "             (bos ... eos, truncated to --max-length, default 77; --pad pads with the pad id)\n"
     "  generate   text-to-image; defaults follow diffusers: the model's native size, 50 steps, guidance 7.5,\n"
     "             the model's scheduler, a random seed (printed). Several images: OUT-0.png, OUT-1.png, ...\n"
     "             with seeds S, S+1, ... --init-latents reads tensor \"latents\" [N,4,H/8,W/8];\n"
-    "             --save-latents writes the final latents (before decoding) under the same name.\n";
+    "             --save-latents writes the final latents (before decoding) under the same name.\n"
+    "             Token Merging (tomesd) is off by default; --tome-ratio R in [0, 1 - 1/(sx*sy)] turns it on with\n"
+    "             tomesd's defaults (max downsample 1, stride 2x2, random dst per cell from --tome-seed, merging\n"
+    "             before self-attention only).\n";
 
 }  // namespace
 
