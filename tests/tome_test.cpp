@@ -3,6 +3,7 @@
 // Tolerances: UNet relative L2 <= 1e-5 in fp32 (same ops; tomesd's unstable argsort orders tokens differently
 // inside attention, which only changes summation order); images <= 1 level of 255 (the pipeline's bound).
 #include <ATen/ATen.h>
+#include <torch/cuda.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -214,6 +215,19 @@ TEST_F(TomeUNetTest, GridTomesdMisjudgesIsLeftUnmerged) {
     }
   }
   EXPECT_EQ(unmerged, 5);  // down_blocks.2 (2 blocks) and up_blocks.1 (3 blocks)
+}
+
+TEST_F(TomeUNetTest, CudaMatchesCpuWithTheSameSeeds_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  auto cuda = pipeline::UNet2DConditionModelImpl::Load(ModelDir("tiny") / "unet", {c10::Device("cuda:0")});
+  ASSERT_TRUE(cuda.ok()) << cuda.status();
+  // Random partitions are drawn on the CPU from the seeds, so both devices merge the same tokens; what is left
+  // is kernel summation order (bound as in the UNet's CUDA test).
+  const pipeline::UNetCallInfo call{.call_index = 0, .row_seeds = {4, 4}, .row_is_uncond = {true, false}};
+  const TokenMerging tome{.ratio = 0.5, .max_downsample = 2, .seed = 5};
+  auto hook = Hooks(tome)->ForCall(call);
+  const at::Tensor got = (*cuda)->forward(sample_.cuda(), at::full({2}, 500.0).cuda(), ehs_.cuda(), hook.get());
+  EXPECT_LE(RelErr(got, Run(Hooks(tome), call)), 1e-3);
 }
 
 // ---- The partition and the merge itself ----
