@@ -2,13 +2,18 @@
 """Side-by-side benchmark: tomeserve (C++, tomeserve-bench) vs diffusers (Python), same machine, same inputs,
 same thread count, one run. Writes a markdown table into docs/benchmarks.md between markers for --section.
 
-    bench.py --model DIR --label tiny [--sizes 256,512] [--modes unet,generate] [--batch 1] [--steps 4]
-             [--reps 3] [--warmup 1] [--threads N] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
-             [--section NAME] [--doc docs/benchmarks.md] [--bin build/bin]
+    bench.py --model DIR --label tiny [--sizes 256,512] [--modes unet,generate,merge] [--batch 1] [--steps 4]
+             [--tome-ratios 0,0.3,0.5,0.6] [--reps 3] [--warmup 1] [--threads N] [--device cpu|cuda]
+             [--dtype fp32|fp16|bf16] [--section NAME] [--doc docs/benchmarks.md] [--bin build/bin]
 
 unet: one UNet forward at batch 2*B (classifier-free guidance). generate: text encoding + --steps denoising steps
 + VAE decode for B prompts (diffusers with output_type="np"; tomeserve to RGB8 tensors; PNG encoding excluded
-on both sides). Reports medians; ratio = tomeserve / diffusers (below 1: tomeserve is faster).
+on both sides). merge: Token Merging's own work on the first transformer block's input [2B, H/8*W/8, C]:
+partition + similarity + matching, then merge and unmerge (tomesd's bipartite_soft_matching_random2d and its
+merge/unmerge closures vs tomeserve's MergePlan). With --tome-ratios, every mode runs at each ratio, the Python
+side patched by tomesd.apply_patch(ratio=R) (tomesd's defaults otherwise, as tomeserve's). Configurations
+alternate C++ and Python so that machine noise hits both. Reports medians; ratio = tomeserve / diffusers (below 1:
+tomeserve is faster).
 """
 import argparse
 import json
@@ -31,8 +36,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_python(args, mode, size):
+def time_python(args, mode, size, tome_ratio=0.0):
     import torch
+    import tomesd
     from diffusers import StableDiffusionPipeline
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -44,15 +50,27 @@ def time_python(args, mode, size):
         time_python.cache = {"key": key, "pipe": pipe}
     pipe = time_python.cache["pipe"]
     times = []
+    tomesd.remove_patch(pipe)
+    if tome_ratio > 0:
+        tomesd.apply_patch(pipe, ratio=tome_ratio)
     with torch.inference_mode():
         rows = 2 * args.batch
         g = torch.Generator("cpu").manual_seed(0)
         sample = torch.randn(rows, 4, size // 8, size // 8, generator=g).to(args.device, dtype)
         ctx = torch.randn(rows, 77, pipe.text_encoder.config.hidden_size, generator=g).to(args.device, dtype)
+        tokens, channels = (size // 8) ** 2, pipe.unet.config.block_out_channels[0]
+        block_input = torch.randn(rows, tokens, channels, generator=g).to(args.device, dtype)
+        merge_gen = torch.Generator(args.device).manual_seed(0)
         for i in range(args.warmup + args.reps):
             sync(args.device)
             t0 = time.perf_counter()
-            if mode == "unet":
+            if mode == "merge":
+                if tome_ratio > 0:
+                    m, u = tomesd.merge.bipartite_soft_matching_random2d(
+                        block_input, size // 8, size // 8, 2, 2, int(tokens * tome_ratio), no_rand=False,
+                        generator=merge_gen)
+                    u(m(block_input))
+            elif mode == "unet":
                 pipe.unet(sample, 500, encoder_hidden_states=ctx)
             else:
                 pipe(["a photo of an astronaut riding a horse on mars"] * args.batch, height=size, width=size,
@@ -67,11 +85,11 @@ def time_python(args, mode, size):
 time_python.cache = {}
 
 
-def time_cpp(args, mode, size):
+def time_cpp(args, mode, size, tome_ratio=0.0):
     cmd = [str(Path(args.bin) / "tomeserve-bench"), "--model", args.model, "--mode", mode, "--width", str(size),
            "--height", str(size), "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
            "--dtype", args.dtype, "--threads", str(args.threads), "--warmup", str(args.warmup), "--reps",
-           str(args.reps)]
+           str(args.reps), "--tome-ratio", str(tome_ratio)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"tomeserve-bench failed: {r.stderr.strip()}")
@@ -99,6 +117,7 @@ def main():
     p.add_argument("--modes", default="unet,generate")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--tome-ratios", default=None, help="comma-separated ToMe ratios (default: no ToMe)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -113,30 +132,47 @@ def main():
     import diffusers
 
     torch.set_num_threads(args.threads)
+    ratios = [float(r) for r in args.tome_ratios.split(",")] if args.tome_ratios else [0.0]
     rows = []
     for mode in args.modes.split(","):
         for size in [int(s) for s in args.sizes.split(",")]:
-            cpp, cpp_all = time_cpp(args, mode, size)
-            py, py_all = time_python(args, mode, size)
-            rows.append((mode, size, cpp, py, cpp / py))
-            print(f"{args.label} {mode} {size}: tomeserve {cpp:.4f}s diffusers {py:.4f}s ratio {cpp / py:.2f} "
-                  f"(tomeserve {['%.4f' % t for t in cpp_all]}, diffusers {['%.4f' % t for t in py_all]})",
-                  flush=True)
+            for ratio in ratios:
+                if mode == "merge" and ratio <= 0:
+                    continue  # nothing to time
+                cpp, cpp_all = time_cpp(args, mode, size, ratio)
+                py, py_all = time_python(args, mode, size, ratio)
+                rows.append((mode, size, ratio, cpp, py, cpp / py))
+                print(f"{args.label} {mode} {size} ratio {ratio}: tomeserve {cpp:.4f}s diffusers {py:.4f}s "
+                      f"ratio {cpp / py:.2f} (tomeserve {['%.4f' % t for t in cpp_all]}, "
+                      f"diffusers {['%.4f' % t for t in py_all]})", flush=True)
 
     if args.device.startswith("cuda"):
         machine = f"{torch.cuda.get_device_name()}, driver via torch {torch.__version__} (CUDA {torch.version.cuda})"
     else:
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
+    import tomesd  # noqa: F401  (its version is pinned in requirements.txt)
+
     lines = [
         f"**{args.label}** — {machine}; {args.device} {args.dtype}; batch {args.batch} with CFG; "
         f"generate = {args.steps} steps; median of {args.reps} after {args.warmup} warm-up; "
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}; {time.strftime('%Y-%m-%d')}",
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}"
+        f"{', tomesd 0.1.3' if args.tome_ratios else ''}; {time.strftime('%Y-%m-%d')}",
         "",
-        "| mode | size | tomeserve (s) | diffusers (s) | tomeserve / diffusers |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    for mode, size, cpp, py, ratio in rows:
-        lines.append(f"| {mode} | {size}x{size} | {cpp:.4f} | {py:.4f} | {ratio:.2f} |")
+    if args.tome_ratios:
+        base = {(m, sz): (c, p) for m, sz, r, c, p, _ in rows if r == 0}
+        lines += ["| mode | size | ToMe ratio | tomeserve (s) | diffusers+tomesd (s) | tomeserve / diffusers "
+                  "| tomeserve speed-up vs ratio 0 | diffusers speed-up vs ratio 0 |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for mode, size, ratio, cpp, py, rel in rows:
+            c0, p0 = base.get((mode, size), (None, None))
+            up = (f"{c0 / cpp:.2f}x | {p0 / py:.2f}x" if c0 else "– | –")
+            lines.append(f"| {mode} | {size}x{size} | {ratio:g} | {cpp:.4f} | {py:.4f} | {rel:.2f} | {up} |")
+    else:
+        lines += ["| mode | size | tomeserve (s) | diffusers (s) | tomeserve / diffusers |",
+                  "| --- | --- | --- | --- | --- |"]
+        for mode, size, ratio, cpp, py, rel in rows:
+            lines.append(f"| {mode} | {size}x{size} | {cpp:.4f} | {py:.4f} | {rel:.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.section:
