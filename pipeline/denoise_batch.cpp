@@ -41,6 +41,7 @@ absl::Status DenoiseBatch::Step() {
         embeddings.push_back(uncond_pass ? s.uncond : s.cond);
         call.row_seeds.push_back(s.spec.seed);
         call.row_is_uncond.push_back(uncond_pass);
+        call.row_sample.push_back(i);
       }
     }
     // All active samples are at the same call of the same schedule, so one timestep serves every row.

@@ -20,10 +20,12 @@ struct UNetCallInfo {
   int call_index;                     // 0-based UNet call within the batch's schedule
   std::vector<uint64_t> row_seeds;    // seed of the sample each UNet input row belongs to
   std::vector<bool> row_is_uncond;    // row is the unconditional (negative-prompt) half of its sample
+  std::vector<int> row_sample;        // index of the sample (within the batch) each row belongs to
 };
 
-// Makes the per-call TransformerBlockHook (Token Merging attaches here). Shared and immutable; ForCall may be
-// called from the worker thread only, once per UNet call; the returned hook lives for that call.
+// Makes the per-call TransformerBlockHook (Token Merging attaches here). Shared; its const interface is
+// thread-safe. The pipeline calls ForCall on the worker thread once per UNet call; the returned hook lives for
+// that call.
 class HookFactory {
  public:
   virtual ~HookFactory() = default;

@@ -38,6 +38,7 @@ def unet_cases(preset):
             ("r03_b1_9x7_md2_s33_all", 1, 9, 7, tome(0.3, md=2, sx=3, sy=3, cross=True, mlp=True)),
             ("r075_b3_12x10_md2", 3, 12, 10, tome(0.75, md=2)),
             ("r01_b2_8x8_md4_s12_mlp", 2, 8, 8, tome(0.1, md=4, sx=1, sy=2, attn=False, mlp=True)),
+            ("r05_b1_16x16_md8_cross", 1, 16, 16, tome(0.5, md=8, cross=True)),
         ]
     cases = [(f"r{str(r).replace('.', '')}_b2_8x8", 2, 8, 8, tome(r)) for r in (0.1, 0.3, 0.5, 0.75)]
     # Odd sizes at max_downsample 4/8 only where tomesd's ceil(latent / downsample) grid is the block's real

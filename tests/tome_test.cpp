@@ -92,18 +92,22 @@ TEST_P(TomeUNetParity, MatchesTomesdNoRand) {
   for (const auto& c : ref.unet_cases) {
     const std::string name = c["name"];
     SCOPED_TRACE(name);
-    auto read = [&](const char* field) { return pipeline::ReadTensor(*ref.store, "unet/" + name + "/" + field).value(); };
+    auto read = [&](const char* field) {
+      return pipeline::ReadTensor(*ref.store, "unet/" + name + "/" + field).value();
+    };
     const TokenMerging tome = FromJson(c["tome"]);
     auto hooks = Hooks(tome);
     ASSERT_TRUE(hooks);
     auto hook = hooks->ForCall({});
-    const at::Tensor out = model->forward(read("sample"), read("timesteps"), read("encoder_hidden_states"), hook.get());
+    const at::Tensor out =
+        model->forward(read("sample"), read("timesteps"), read("encoder_hidden_states"), hook.get());
     const at::Tensor want = read("out");
     const double err = RelErr(out, want);
     max_err = std::max(max_err, err);
     EXPECT_LE(err, 1e-5);
     // The plain UNet is far from the merged one: the comparison above is not vacuous.
-    const double plain = RelErr(model->forward(read("sample"), read("timesteps"), read("encoder_hidden_states")), want);
+    const double plain =
+        RelErr(model->forward(read("sample"), read("timesteps"), read("encoder_hidden_states")), want);
     std::printf("[%s] %s rel err %.3g (unmerged UNet: %.3g)\n", GetParam().c_str(), name.c_str(), err, plain);
     EXPECT_GT(plain, 100 * err + 1e-6);
 
@@ -141,7 +145,9 @@ TEST(TomePipeline, MatchesDiffusersWithTomesd) {
     pipeline::BatchSpec spec{.width = c["width"], .height = c["height"], .num_inference_steps = c["steps"],
                              .scheduler = kinds.at(scheduler), .hooks = Hooks(FromJson(c["tome"]))};
     std::vector<pipeline::SampleSpec> samples;
-    samples.push_back({.prompt = c["prompt"].get<std::string>(), .negative_prompt = c["negative_prompt"].get<std::string>(), .seed = c["seed"].get<uint64_t>(),
+    samples.push_back({.prompt = c["prompt"].get<std::string>(),
+                       .negative_prompt = c["negative_prompt"].get<std::string>(),
+                       .seed = c["seed"].get<uint64_t>(),
                        .guidance_scale = c["guidance"].get<double>(),
                        .init_latents = pipeline::ReadTensor(*ref.store, "pipe/" + name + "/latents").value()});
     auto images = (*sd)->Generate(spec, std::move(samples));
@@ -151,6 +157,34 @@ TEST(TomePipeline, MatchesDiffusersWithTomesd) {
     std::printf("tome pipeline %s: max abs pixel diff %d\n", name.c_str(), diff);
     EXPECT_LE(diff, 1);
   }
+}
+
+TEST(TomePipeline, RandomPartitionsAreBatchInvariant) {
+  if (ModelDir("tiny").empty()) GTEST_SKIP() << "TOMESERVE_TINY_MODEL not set";
+  auto sd = pipeline::StableDiffusion::Create({ModelDir("tiny"), {}});
+  ASSERT_TRUE(sd.ok()) << sd.status();
+  // Batch-mates with and without guidance make the UNet batch odd (5 rows): the guided sample keeps its own
+  // random partition (tomesd would turn randomness off for the whole batch).
+  const TokenMerging tome{.ratio = 0.5, .max_downsample = 2, .use_rand = true, .seed = 8};
+  const pipeline::BatchSpec spec{.width = 96, .height = 64, .num_inference_steps = 3,
+                                 .scheduler = pipeline::SchedulerKind::kDdim, .hooks = Hooks(tome)};
+  const pipeline::SampleSpec target{.prompt = "a lighthouse", .negative_prompt = "fog", .seed = 3,
+                                    .guidance_scale = 7.5};
+  auto alone = (*sd)->Generate(spec, {target});
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  auto batch = (*sd)->Generate(spec, {{.prompt = "a boat", .seed = 4, .guidance_scale = 1.0}, target,
+                                      {.prompt = "a tree", .seed = 5, .guidance_scale = 5.0}});
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  const int diff = ((*batch)[1].rgb8.to(at::kInt) - (*alone)[0].rgb8.to(at::kInt)).abs().max().item<int>();
+  std::printf("ToMe batch invariance: max abs pixel diff %d\n", diff);
+  EXPECT_LE(diff, 1);
+  // ...and the partitions matter: another settings seed changes the image.
+  const pipeline::BatchSpec reseeded{.width = 96, .height = 64, .num_inference_steps = 3,
+                                     .scheduler = pipeline::SchedulerKind::kDdim,
+                                     .hooks = Hooks({.ratio = 0.5, .max_downsample = 2, .seed = 9})};
+  auto other = (*sd)->Generate(reseeded, {target});
+  ASSERT_TRUE(other.ok());
+  EXPECT_FALSE(at::equal((*other)[0].rgb8, (*alone)[0].rgb8));
 }
 
 // ---- Without the reference stack ----
@@ -184,7 +218,8 @@ TEST_F(TomeUNetTest, RatioZeroOrNothingMergedIsBitIdentical) {
 }
 
 TEST_F(TomeUNetTest, SameSeedSameOutputDifferentSeedDifferentOutput) {
-  const pipeline::UNetCallInfo call{.call_index = 3, .row_seeds = {11, 11}, .row_is_uncond = {true, false}};
+  const pipeline::UNetCallInfo call{
+      .call_index = 3, .row_seeds = {11, 11}, .row_is_uncond = {true, false}, .row_sample = {0, 0}};
   const TokenMerging tome{.ratio = 0.5, .max_downsample = 2, .use_rand = true, .seed = 1};
   const at::Tensor a = Run(Hooks(tome), call);
   EXPECT_TRUE(at::equal(Run(Hooks(tome), call), a));
@@ -196,7 +231,10 @@ TEST_F(TomeUNetTest, SameSeedSameOutputDifferentSeedDifferentOutput) {
   EXPECT_FALSE(at::equal(Run(Hooks(tome), next), a));
   // use_rand off: the top-left partition, whatever the seeds.
   const TokenMerging fixed{.ratio = 0.5, .max_downsample = 2, .use_rand = false, .seed = 1};
-  EXPECT_TRUE(at::equal(Run(Hooks(fixed), call), Run(Hooks(fixed), next)));
+  const at::Tensor top_left = Run(Hooks(fixed), call);
+  EXPECT_TRUE(at::equal(Run(Hooks(fixed), next), top_left));
+  EXPECT_FALSE(at::equal(top_left, Run(nullptr)));
+  EXPECT_FALSE(at::equal(top_left, a));
 }
 
 TEST_F(TomeUNetTest, GridTomesdMisjudgesIsLeftUnmerged) {
@@ -223,7 +261,8 @@ TEST_F(TomeUNetTest, CudaMatchesCpuWithTheSameSeeds_CUDA) {
   ASSERT_TRUE(cuda.ok()) << cuda.status();
   // Random partitions are drawn on the CPU from the seeds, so both devices merge the same tokens; what is left
   // is kernel summation order (bound as in the UNet's CUDA test).
-  const pipeline::UNetCallInfo call{.call_index = 0, .row_seeds = {4, 4}, .row_is_uncond = {true, false}};
+  const pipeline::UNetCallInfo call{
+      .call_index = 0, .row_seeds = {4, 4}, .row_is_uncond = {true, false}, .row_sample = {0, 0}};
   const TokenMerging tome{.ratio = 0.5, .max_downsample = 2, .seed = 5};
   auto hook = Hooks(tome)->ForCall(call);
   const at::Tensor got = (*cuda)->forward(sample_.cuda(), at::full({2}, 500.0).cuda(), ehs_.cuda(), hook.get());
@@ -285,32 +324,111 @@ TEST(MergePlan, MergeAveragesIntoDstAndUnmergeCopiesBack) {
   EXPECT_TRUE(at::equal(one->Unmerge(one->Merge(cell)), one->Merge(cell).expand({2, 4, 5})));
 }
 
+// Every whole cell of a w x h grid holds exactly one of `dst`; the right/bottom remainder holds none.
+void ExpectOneDstPerCell(const at::Tensor& dst, int64_t h, int64_t w, int sx, int sy) {
+  std::vector<int> per_cell((h / sy) * (w / sx), 0);
+  for (int64_t k = 0; k < dst.numel(); ++k) {
+    const int64_t pos = dst[k].item<int64_t>(), y = pos / w, x = pos % w;
+    ASSERT_LT(y, (h / sy) * sy);
+    ASSERT_LT(x, (w / sx) * sx);
+    ++per_cell[(y / sy) * (w / sx) + x / sx];
+  }
+  for (int c : per_cell) EXPECT_EQ(c, 1);
+}
+
+std::vector<int64_t> TopLeft(int64_t h, int64_t w) {
+  std::vector<int64_t> positions;
+  for (int64_t y = 0; y + 1 < h; y += 2)
+    for (int64_t x = 0; x + 1 < w; x += 2) positions.push_back(y * w + x);
+  return positions;
+}
+
 TEST(TokenMergingHooks, PartitionsPerSampleSeedCfgHalvesShare) {
   auto hooks = Hooks({.ratio = 0.5, .use_rand = true, .seed = 9});
   const at::Tensor x = at::randn({4, 64, 8});
-  auto call = hooks->ForCall({.call_index = 0, .row_seeds = {5, 6, 5, 6}, .row_is_uncond = {true, true, false, false}});
+  const at::Tensor top_left = at::tensor(TopLeft(8, 8), at::kLong);
+  // Two samples with guidance: rows [uncond 0, uncond 1, cond 0, cond 1].
+  auto call = hooks->ForCall({.call_index = 0, .row_seeds = {5, 6, 5, 6},
+                              .row_is_uncond = {true, true, false, false}, .row_sample = {0, 1, 0, 1}});
   auto plan = PlanFor(*call, x, 8, 8);
   ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->tokens_after(), 32);
   const at::Tensor dst = plan->dst_positions();
   ASSERT_EQ(dst.size(0), 4);
-  EXPECT_TRUE(at::equal(dst[0], dst[2]));   // uncond and cond half of sample seed 5
+  EXPECT_TRUE(at::equal(dst[0], dst[2]));   // uncond and cond half of sample 0
   EXPECT_TRUE(at::equal(dst[1], dst[3]));
   EXPECT_FALSE(at::equal(dst[0], dst[1]));  // different samples, different partitions
+  for (int64_t row = 0; row < 4; ++row) {
+    ExpectOneDstPerCell(dst[row], 8, 8, 2, 2);
+    EXPECT_FALSE(at::equal(dst[row], top_left)) << "random, not every cell's top-left";
+  }
   // A sample's partition does not depend on its batch-mates.
-  auto alone = hooks->ForCall({.call_index = 0, .row_seeds = {6, 6}, .row_is_uncond = {true, false}});
+  auto alone = hooks->ForCall({.call_index = 0, .row_seeds = {6, 6}, .row_is_uncond = {true, false},
+                               .row_sample = {0, 0}});
   EXPECT_TRUE(at::equal(PlanFor(*alone, x.slice(0, 0, 2), 8, 8)->dst_positions()[0], dst[1]));
-  // Not every cell picks the top-left token.
-  EXPECT_FALSE(at::equal(dst[0], at::arange(0, 64, 2, at::kLong).view({4, 8}).slice(0, 0, 4, 2).reshape(-1)));
-  // Odd batch: randomness off, the top-left of every cell (tomesd's rule).
-  auto odd = hooks->ForCall({.call_index = 0, .row_seeds = {5, 6, 7}, .row_is_uncond = {false, false, false}});
-  const at::Tensor top_left = PlanFor(*odd, x.slice(0, 0, 3), 8, 8)->dst_positions();
-  ASSERT_EQ(top_left.size(0), 1);
-  std::vector<int64_t> expected;
-  for (int64_t y = 0; y < 8; y += 2)
-    for (int64_t xx = 0; xx < 8; xx += 2) expected.push_back(y * 8 + xx);
-  EXPECT_TRUE(at::equal(top_left[0], at::tensor(expected, at::kLong)));
+  // Another seed of the settings, another partition.
+  auto reseeded = Hooks({.ratio = 0.5, .use_rand = true, .seed = 10})
+                      ->ForCall({.call_index = 0, .row_seeds = {6, 6}, .row_is_uncond = {true, false},
+                                 .row_sample = {0, 0}});
+  EXPECT_FALSE(at::equal(PlanFor(*reseeded, x.slice(0, 0, 2), 8, 8)->dst_positions()[0], dst[1]));
+
+  // A sample without guidance (one row) uses the top-left of every cell (tomesd's odd-batch rule, per sample);
+  // a guided batch-mate keeps its random partition: rows [uncond 0, cond 0, cond 1].
+  auto mixed = hooks->ForCall({.call_index = 0, .row_seeds = {6, 6, 7}, .row_is_uncond = {true, false, false},
+                               .row_sample = {0, 0, 1}});
+  const at::Tensor mixed_dst = PlanFor(*mixed, x.slice(0, 0, 3), 8, 8)->dst_positions();
+  ASSERT_EQ(mixed_dst.size(0), 3);
+  EXPECT_TRUE(at::equal(mixed_dst[0], dst[1]));
+  EXPECT_TRUE(at::equal(mixed_dst[1], dst[1]));
+  EXPECT_TRUE(at::equal(mixed_dst[2], top_left));
+  // No guided sample at all: top-left everywhere.
+  auto odd = hooks->ForCall({.call_index = 0, .row_seeds = {5, 6, 7}, .row_is_uncond = {false, false, false},
+                             .row_sample = {0, 1, 2}});
+  const at::Tensor fixed = PlanFor(*odd, x.slice(0, 0, 3), 8, 8)->dst_positions();
+  ASSERT_EQ(fixed.size(0), 1);
+  EXPECT_TRUE(at::equal(fixed[0], top_left));
+  // Without row information the batch-wide rule applies: an odd batch is top-left, an even one shares a draw.
+  auto bare_odd = hooks->ForCall({});
+  EXPECT_TRUE(at::equal(PlanFor(*bare_odd, x.slice(0, 0, 3), 8, 8)->dst_positions()[0], top_left));
+  auto bare_even = hooks->ForCall({});
+  const at::Tensor shared = PlanFor(*bare_even, x, 8, 8)->dst_positions();
+  ASSERT_EQ(shared.size(0), 1);
+  ExpectOneDstPerCell(shared[0], 8, 8, 2, 2);
+
   ASSERT_EQ(hooks->MergeCounts().size(), 1u);
   EXPECT_EQ(hooks->MergeCounts()[0], (BlockMergeCount{"down_blocks.0.attentions.0.transformer_blocks.0", 64, 32}));
+}
+
+TEST(TokenMergingHooks, RandomPartitionsOnOddGridsAndOtherStrides) {
+  // 9x13 tokens with 3x3 cells: 3x4 whole cells, the last column is always src.
+  auto hooks = Hooks({.ratio = 0.5, .sx = 3, .sy = 3, .use_rand = true, .seed = 1});
+  const at::Tensor x = at::randn({2, 9 * 13, 8});
+  auto call = hooks->ForCall({.call_index = 2, .row_seeds = {1, 1}, .row_is_uncond = {true, false},
+                              .row_sample = {0, 0}});
+  auto plan = PlanFor(*call, x, 9, 13);
+  ASSERT_TRUE(plan);
+  EXPECT_EQ(plan->tokens_after(), 117 - 58);  // r = int(117 * 0.5)
+  ExpectOneDstPerCell(plan->dst_positions()[0], 9, 13, 3, 3);
+}
+
+TEST(MergePlan, RejectsMalformedInputs) {
+  const at::Tensor x = at::randn({2, 16, 4});
+  EXPECT_THROW(MergePlan::Build(x, {.w = 4, .h = 4, .sx = 2, .sy = 2}, 4, at::full({1, 2, 2}, 4, at::kLong)),
+               c10::Error);
+  EXPECT_THROW(MergePlan::Build(x, {.w = 4, .h = 4, .sx = 2, .sy = 2}, 4, at::zeros({3, 2, 2}, at::kLong)),
+               c10::Error);
+  EXPECT_THROW(MergePlan::Build(x, {.w = 4, .h = 4, .sx = 0, .sy = 2}, 4, at::Tensor()), c10::Error);
+  auto plan = MergePlan::Build(x, {.w = 4, .h = 4, .sx = 2, .sy = 2}, 4, at::Tensor());
+  ASSERT_TRUE(plan);
+  EXPECT_THROW(plan->Merge(at::randn({2, 20, 4})), c10::Error);
+  EXPECT_THROW(plan->Unmerge(at::randn({2, 16, 4})), c10::Error);
+}
+
+TEST(TokenMerging, CanonicalDropsWhatCannotMatter) {
+  EXPECT_EQ(Canonical({.ratio = 0, .sx = 3, .seed = 4}), TokenMerging{.ratio = 0});
+  EXPECT_EQ(Canonical({.ratio = 0.5, .merge_attn = false}), TokenMerging{.ratio = 0});
+  EXPECT_EQ(Canonical({.ratio = 0.5, .use_rand = false, .seed = 4}).seed, 0u);
+  EXPECT_EQ(Canonical({.ratio = 0.5, .seed = 4}).seed, 4u);
 }
 
 TEST(TokenMergingValidate, RejectsWhatTomesdMishandles) {

@@ -2,11 +2,14 @@
 
 #include <algorithm>
 #include <optional>
+#include <tuple>
 
 namespace tomeserve::tome {
 
 std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, const GridSpec& grid, int64_t r,
                                                   const at::Tensor& dst_choice) {
+  TORCH_CHECK(metric.dim() == 3, "ToMe metric must be [B, N, C], got ", metric.sizes());
+  TORCH_CHECK(grid.sx >= 1 && grid.sy >= 1, "ToMe strides must be >= 1, got sx=", grid.sx, " sy=", grid.sy);
   const int64_t batch = metric.size(0), n = metric.size(1), channels = metric.size(2);
   const int64_t hsy = grid.h / grid.sy, wsx = grid.w / grid.sx;
   const int64_t num_dst = hsy * wsx, num_src = n - num_dst;
@@ -16,6 +19,15 @@ std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, cons
 
   const auto long_opts = at::TensorOptions().dtype(at::kLong).device(metric.device());
   const int64_t cell = static_cast<int64_t>(grid.sx) * grid.sy;
+  if (dst_choice.defined()) {
+    // Checked here, on the CPU: an out-of-range index would be a device-side assert in scatter_ on CUDA.
+    TORCH_CHECK(dst_choice.dim() == 3 && (dst_choice.size(0) == 1 || dst_choice.size(0) == batch) &&
+                    dst_choice.size(1) == hsy && dst_choice.size(2) == wsx,
+                "ToMe dst choice must be [1 or ", batch, ", ", hsy, ", ", wsx, "], got ", dst_choice.sizes());
+    TORCH_CHECK(dst_choice.numel() == 0 || (dst_choice.min().item<int64_t>() >= 0 &&
+                                            dst_choice.max().item<int64_t>() < cell),
+                "ToMe dst choice values must be in [0, ", cell, ")");
+  }
 
   // Mark the dst of every whole cell with -1 in a grid of zeros; the right/bottom remainder stays src (0).
   at::Tensor choice = dst_choice.defined()
@@ -28,7 +40,8 @@ std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, cons
   marks.slice(1, 0, hsy * grid.sy).slice(2, 0, wsx * grid.sx).copy_(cells);
   // A stable sort keeps dst and src each in raster order (tomesd's unstable argsort permutes them, which changes
   // nothing but the order of tokens inside attention).
-  const at::Tensor order = std::get<1>(marks.reshape({rows, n}).sort(std::optional<bool>(true), /*dim=*/1, /*descending=*/false));
+  const at::Tensor order =
+      std::get<1>(marks.reshape({rows, n}).sort(std::optional<bool>(true), /*dim=*/1, /*descending=*/false));
 
   auto plan = std::shared_ptr<MergePlan>(new MergePlan());
   plan->batch_ = batch;
@@ -65,6 +78,8 @@ std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, cons
 }
 
 at::Tensor MergePlan::Merge(const at::Tensor& x) const {
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == batch_ && x.size(1) == n_, "ToMe Merge expects [", batch_, ", ", n_,
+              ", C], got ", x.sizes());
   const int64_t c = x.size(2);
   at::Tensor out = x.gather(1, kept_pos_.expand({batch_, n_ - r_, c}));
   const at::Tensor src = x.gather(1, merged_pos_.expand({batch_, r_, c}));
@@ -74,6 +89,8 @@ at::Tensor MergePlan::Merge(const at::Tensor& x) const {
 }
 
 at::Tensor MergePlan::Unmerge(const at::Tensor& x) const {
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == batch_ && x.size(1) == n_ - r_, "ToMe Unmerge expects [", batch_, ", ",
+              n_ - r_, ", C], got ", x.sizes());
   const int64_t c = x.size(2);
   const at::Tensor src = x.gather(1, merged_into_.expand({batch_, r_, c}));
   return at::cat({x, src}, 1).gather(1, restore_.expand({batch_, n_, c}));

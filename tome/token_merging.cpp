@@ -35,6 +35,13 @@ bool IsActive(const TokenMerging& tome) {
   return tome.ratio > 0 && (tome.merge_attn || tome.merge_crossattn || tome.merge_mlp);
 }
 
+TokenMerging Canonical(const TokenMerging& tome) {
+  if (!IsActive(tome)) return TokenMerging{.ratio = 0};
+  TokenMerging out = tome;
+  if (!out.use_rand) out.seed = 0;
+  return out;
+}
+
 std::string ToString(const TokenMerging& tome) {
   return absl::StrFormat(
       "ratio=%g max_downsample=%d sx=%d sy=%d use_rand=%d attn/crossattn/mlp=%d/%d/%d seed=%d", tome.ratio,

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 
@@ -16,7 +17,9 @@ struct TokenMerging {
   int max_downsample = 1;  // patch blocks whose token grid is downsampled at most this much: 1, 2, 4 or 8
   int sx = 2;              // stride of the dst grid: one dst token per sy x sx cell
   int sy = 2;
-  bool use_rand = true;  // random dst within each cell (forced off for odd UNet batch sizes, as in tomesd)
+  // Random dst within each cell. tomesd turns it off for odd UNet batches; tomeserve decides per sample: on for
+  // a sample with classifier-free guidance (its two CFG halves share the partition), off without.
+  bool use_rand = true;
   bool merge_attn = true;
   bool merge_crossattn = false;
   bool merge_mlp = false;
@@ -45,6 +48,10 @@ absl::Status Validate(const TokenMerging& tome);
 // True when the settings change the UNet's output: ratio > 0 and at least one sub-layer merged. Inactive
 // settings are run as the plain UNet (bit-identical to no ToMe).
 bool IsActive(const TokenMerging& tome);
+
+// The settings with fields that cannot change the output cleared, for batch keys: inactive settings become
+// ratio 0 with every other field at its default; the seed is 0 when use_rand is off.
+TokenMerging Canonical(const TokenMerging& tome);
 
 // One line for logs and batch keys: "ratio=0.5 max_downsample=1 sx=2 sy=2 use_rand=1 attn/crossattn/mlp=1/0/0
 // seed=0".

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <utility>
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -30,12 +31,12 @@ uint64_t MixSeed(std::initializer_list<uint64_t> parts) {
 // compute_merge). Lives on the worker thread for one forward call; blocks arrive in UNet order.
 class TokenMergingCallHook final : public pipeline::TransformerBlockHook {
  public:
-  TokenMergingCallHook(const TokenMergingHooks& owner, const pipeline::UNetCallInfo& call)
-      : owner_(owner), call_(call) {}
+  TokenMergingCallHook(std::shared_ptr<const TokenMergingHooks> owner, const pipeline::UNetCallInfo& call)
+      : owner_(std::move(owner)), call_(call) {}
 
   pipeline::BlockTokenOps ForBlock(const pipeline::BlockContext& ctx, const at::Tensor& x) override {
     const uint64_t block_index = next_block_++;
-    const TokenMerging& tome = owner_.tome_;
+    const TokenMerging& tome = owner_->tome_;
     const int64_t n = x.size(1), orig_h = ctx.latent_height, orig_w = ctx.latent_width;
     if (n <= 0 || n > orig_h * orig_w) return {};
     // tomesd: downsample = ceil(sqrt(original_tokens // N)); blocks downsampled more than max_downsample are
@@ -48,11 +49,9 @@ class TokenMergingCallHook final : public pipeline::TransformerBlockHook {
         .sx = tome.sx,
         .sy = tome.sy};
     const auto r = static_cast<int64_t>(static_cast<double>(n) * tome.ratio);
-    // Odd UNet batches cannot hold both CFG halves of every sample: tomesd turns randomness off there.
-    const bool use_rand = tome.use_rand && x.size(0) % 2 == 0;
-    const at::Tensor choice = use_rand ? DrawDstChoice(grid, x.size(0), block_index) : at::Tensor();
+    const at::Tensor choice = tome.use_rand ? DrawDstChoice(grid, x.size(0), block_index) : at::Tensor();
     std::shared_ptr<const MergePlan> plan = MergePlan::Build(x, grid, r, choice);
-    owner_.Record(BlockMergeCount{std::string(ctx.path), n, plan ? plan->tokens_after() : n});
+    owner_->Record(BlockMergeCount{std::string(ctx.path), n, plan ? plan->tokens_after() : n});
     if (plan == nullptr) return {};
     pipeline::BlockTokenOps ops;
     if (tome.merge_attn) ops.attn = plan;
@@ -62,30 +61,42 @@ class TokenMergingCallHook final : public pipeline::TransformerBlockHook {
   }
 
  private:
-  // One random dst per cell for every UNet row, drawn on the CPU from (settings seed, the row's sample seed,
-  // call index, block index): the CFG halves of a sample share a partition, and a sample's partitions do not
-  // depend on its batch-mates. Without per-row seeds (a caller outside the pipeline) all rows share one draw.
+  // The dst of every cell for every UNet row, or undefined for tomesd's top-left choice everywhere.
+  //
+  // tomesd draws one partition per block call for the whole batch and turns randomness off when the UNet batch
+  // is odd (a batch that cannot hold both CFG halves of every sample). tomeserve applies that rule per sample: a
+  // sample with both halves (2 rows) gets a random partition shared by its halves, drawn on the CPU from
+  // (settings seed, the sample's seed, call index, block index); a sample without guidance (1 row) gets the
+  // top-left one. A sample's partition therefore never depends on its batch-mates. Without per-row sample
+  // indices (a caller outside the pipeline) the batch-wide rule applies, with one draw for all rows.
   at::Tensor DrawDstChoice(const GridSpec& grid, int64_t rows, uint64_t block_index) const {
     const int64_t hsy = grid.h / grid.sy, wsx = grid.w / grid.sx;
     const int64_t cell = static_cast<int64_t>(grid.sx) * grid.sy;
     const auto draw = [&](uint64_t row_seed) {
       at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(
-          MixSeed({owner_.tome_.seed, row_seed, static_cast<uint64_t>(call_.call_index), block_index}));
+          MixSeed({owner_->tome_.seed, row_seed, static_cast<uint64_t>(call_.call_index), block_index}));
       return at::randint(cell, {hsy, wsx}, gen, at::TensorOptions().dtype(at::kLong));
     };
-    if (static_cast<int64_t>(call_.row_seeds.size()) != rows) return draw(0).unsqueeze(0);
-    std::vector<at::Tensor> per_row;
-    per_row.reserve(rows);
-    for (int64_t i = 0; i < rows; ++i) {
-      // Rows of the same sample (its uncond and cond halves) reuse the first row's draw.
-      const auto first = std::find(call_.row_seeds.begin(), call_.row_seeds.end(), call_.row_seeds[i]);
-      const auto j = first - call_.row_seeds.begin();
-      per_row.push_back(j < i ? per_row[j] : draw(call_.row_seeds[i]));
+    const std::vector<int>& sample = call_.row_sample;
+    if (static_cast<int64_t>(sample.size()) != rows || static_cast<int64_t>(call_.row_seeds.size()) != rows) {
+      return rows % 2 == 0 ? draw(0).unsqueeze(0) : at::Tensor();
     }
-    return at::stack(per_row);
+    std::vector<at::Tensor> per_row(rows);
+    bool any_random = false;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t first = std::find(sample.begin(), sample.end(), sample[i]) - sample.begin();
+      if (first < i) {
+        per_row[i] = per_row[first];
+        continue;
+      }
+      const bool both_halves = std::count(sample.begin(), sample.end(), sample[i]) == 2;
+      per_row[i] = both_halves ? draw(call_.row_seeds[i]) : at::zeros({hsy, wsx}, at::kLong);
+      any_random = any_random || both_halves;
+    }
+    return any_random ? at::stack(per_row) : at::Tensor();
   }
 
-  const TokenMergingHooks& owner_;
+  const std::shared_ptr<const TokenMergingHooks> owner_;
   const pipeline::UNetCallInfo call_;
   uint64_t next_block_ = 0;
 };
@@ -96,7 +107,7 @@ absl::StatusOr<std::shared_ptr<TokenMergingHooks>> TokenMergingHooks::Create(con
 }
 
 std::unique_ptr<pipeline::TransformerBlockHook> TokenMergingHooks::ForCall(const pipeline::UNetCallInfo& call) const {
-  return std::make_unique<TokenMergingCallHook>(*this, call);
+  return std::make_unique<TokenMergingCallHook>(shared_from_this(), call);
 }
 
 std::vector<BlockMergeCount> TokenMergingHooks::MergeCounts() const {

@@ -24,11 +24,13 @@ struct BlockMergeCount {
   bool operator==(const BlockMergeCount&) const = default;
 };
 
-class TokenMergingHooks final : public pipeline::HookFactory {
+class TokenMergingHooks final : public pipeline::HookFactory,
+                                public std::enable_shared_from_this<TokenMergingHooks> {
  public:
   // Validates `tome` (see Validate).
   static absl::StatusOr<std::shared_ptr<TokenMergingHooks>> Create(const TokenMerging& tome);
 
+  // The returned hook keeps this factory alive (it records merge counts here).
   std::unique_ptr<pipeline::TransformerBlockHook> ForCall(const pipeline::UNetCallInfo& call) const override;
 
   const TokenMerging& settings() const { return tome_; }
