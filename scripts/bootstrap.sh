@@ -12,7 +12,7 @@ apt_packages=(
   libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libpng-dev libpcre2-dev libutf8proc-dev libyaml-cpp-dev
-  python3-venv unzip
+  python3-venv unzip openssl
 )
 
 step() { printf '[bootstrap] %s\n' "$*" >&2; }

@@ -1,0 +1,271 @@
+// tomeserve: the gRPC server binary. Startup order (as llama.cpp's server does, so health answers early):
+// parse the configuration -> start gRPC (health NOT_SERVING, reflection on) -> load and warm up every model
+// on every device -> health SERVING. SIGTERM/SIGINT: health NOT_SERVING, wait --shutdown-grace, stop accepting,
+// let in-flight calls finish within --drain-timeout (then cancel them), stop the batcher and workers, exit 0.
+// Exit codes: 0 after a drain, 1 on a startup failure (model folder, port, TLS files), 2 on a usage error.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <pthread.h>
+#include <spdlog/pattern_formatter.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "grpc/health/v1/health.pb.h"
+#include "server/batcher.h"
+#include "server/metrics.h"
+#include "server/options.h"
+#include "server/service.h"
+#include "server/worker.h"
+
+namespace tomeserve::server {
+namespace {
+
+constexpr int kStartupFailure = 1;
+constexpr int kUsageError = 2;
+
+// %* in a pattern: the message as the inside of a JSON string.
+class JsonMessageFlag final : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg& msg, const std::tm&, spdlog::memory_buf_t& dest) override {
+    for (char c : msg.payload) {
+      switch (c) {
+        case '"':
+          dest.append(std::string_view("\\\""));
+          break;
+        case '\\':
+          dest.append(std::string_view("\\\\"));
+          break;
+        case '\n':
+          dest.append(std::string_view("\\n"));
+          break;
+        case '\t':
+          dest.append(std::string_view("\\t"));
+          break;
+        default:
+          if (static_cast<unsigned char>(c) < 0x20) {
+            char buf[8];
+            std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+            dest.append(std::string_view(buf));
+          } else {
+            dest.push_back(c);
+          }
+      }
+    }
+  }
+  std::unique_ptr<custom_flag_formatter> clone() const override {
+    return std::make_unique<JsonMessageFlag>();
+  }
+};
+
+void SetUpLogging(const std::string& format) {
+  auto logger =
+      std::make_shared<spdlog::logger>("tomeserve", std::make_shared<spdlog::sinks::stderr_sink_mt>());
+  if (format == "json") {
+    auto formatter = std::make_unique<spdlog::pattern_formatter>(spdlog::pattern_time_type::utc);
+    formatter->add_flag<JsonMessageFlag>('*').set_pattern(
+        R"({"time":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l","thread":%t,"msg":"%*"})");
+    logger->set_formatter(std::move(formatter));
+  } else {
+    logger->set_pattern("%Y-%m-%dT%H:%M:%S.%eZ %L %t %v", spdlog::pattern_time_type::utc);
+  }
+  logger->flush_on(spdlog::level::info);
+  spdlog::set_default_logger(std::move(logger));
+}
+
+absl::StatusOr<std::string> ReadFile(const std::string& path, const std::string& flag) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(flag, " ", path, ": cannot read"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const ServerOptions& o) {
+  if (o.tls_cert.empty()) return grpc::InsecureServerCredentials();
+  absl::StatusOr<std::string> cert = ReadFile(o.tls_cert, "--tls-cert");
+  if (!cert.ok()) return cert.status();
+  absl::StatusOr<std::string> key = ReadFile(o.tls_key, "--tls-key");
+  if (!key.ok()) return key.status();
+  grpc::SslServerCredentialsOptions ssl(o.tls_client_ca.empty()
+                                            ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                            : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  if (!o.tls_client_ca.empty()) {
+    absl::StatusOr<std::string> ca = ReadFile(o.tls_client_ca, "--tls-client-ca");
+    if (!ca.ok()) return ca.status();
+    ssl.pem_root_certs = *ca;
+  }
+  ssl.pem_key_cert_pairs.push_back({*key, *cert});
+  return grpc::SslServerCredentials(ssl);
+}
+
+absl::Status WritePortFile(const std::string& path, int port) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << port << "\n";
+    if (!out.good()) return absl::PermissionDeniedError(absl::StrCat("--port-file ", path, ": cannot write"));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return absl::PermissionDeniedError(absl::StrCat("--port-file ", path, ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+int Fail(const absl::Status& status) {
+  spdlog::error("startup failed: {}", std::string(status.message()));
+  return kStartupFailure;
+}
+
+int Run(int argc, char** argv) {
+  // Signals are taken by one thread (sigwait); every other thread inherits the blocked mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  absl::StatusOr<CommandLine> cli =
+      ParseCommandLine(std::vector<std::string>(argv + 1, argv + argc), RealEnvironment());
+  if (!cli.ok()) {
+    std::fprintf(stderr, "tomeserve: %s\n", std::string(cli.status().message()).c_str());
+    return kUsageError;
+  }
+  if (cli->help) {
+    std::fputs(HelpText().c_str(), stdout);
+    return 0;
+  }
+  const ServerOptions& o = cli->options;
+  SetUpLogging(o.log_format);
+
+  absl::StatusOr<std::vector<std::string>> devices = ResolveDevices(o.devices);
+  if (!devices.ok()) {
+    std::fprintf(stderr, "tomeserve: %s\n", std::string(devices.status().message()).c_str());
+    return kUsageError;
+  }
+  absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(o.metrics_listen);
+  if (!metrics.ok()) return Fail(metrics.status());
+  if (!o.metrics_listen.empty())
+    spdlog::info("metrics on http://{}/metrics (port {})", o.metrics_listen, (*metrics)->port());
+
+  BatchQueue batches;
+  Batcher batcher(
+      {.max_batch_images = o.max_batch_size,
+       .max_queue_delay = absl::Milliseconds(o.max_queue_delay_ms),
+       .max_queue_size = o.max_queue_size,
+       .num_slots = static_cast<int>(devices->size())},
+      [&batches](Batch b) { batches.Push(std::move(b)); },
+      [m = metrics->get()](int depth) { m->SetQueueDepth(depth); });
+  RequestLimits limits{.max_prompt_bytes = o.max_prompt_bytes,
+                       .max_prompt_tokens = o.max_prompt_tokens,
+                       .max_side = o.max_side,
+                       .max_pixels = o.max_pixels,
+                       .max_steps = o.max_steps,
+                       .max_images = o.max_images,
+                       .default_tome_ratio = o.default_tome_ratio};
+  ImageGeneratorService service(limits, &batcher, metrics->get());
+
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = Credentials(o);
+  if (!credentials.ok()) return Fail(credentials.status());
+  grpc::EnableDefaultHealthCheckService(true);
+  // Keeps grpc/health/v1/health.pb.o linked: its descriptors let reflection describe the health service.
+  (void)grpc::health::v1::HealthCheckResponse::descriptor();
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(o.listen, *credentials, &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0)
+    return Fail(absl::UnavailableError(absl::StrCat("cannot listen on ", o.listen)));
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  // The overall status ("") and the service's own name, both NOT_SERVING until the models are warm.
+  health->SetServingStatus(v1::ImageGenerator::service_full_name(), false);
+  health->SetServingStatus(false);
+  spdlog::info("listening on {} (port {}), loading {} model(s) on {}", o.listen, port, o.models.size(),
+               absl::StrJoin(*devices, ","));
+  if (!o.port_file.empty()) {
+    if (absl::Status s = WritePortFile(o.port_file, port); !s.ok()) return Fail(s);
+  }
+
+  // Signals: the first starts the drain; later ones are logged.
+  absl::Notification stop;
+  std::thread([&signals, &stop] {
+    while (true) {
+      int sig = 0;
+      if (sigwait(&signals, &sig) != 0) continue;
+      if (stop.HasBeenNotified()) {
+        spdlog::warn("signal {} while draining; still draining", sig);
+        continue;
+      }
+      spdlog::info("signal {}: draining", sig);
+      stop.Notify();
+    }
+  }).detach();
+
+  std::vector<std::unique_ptr<Worker>> workers;
+  for (const std::string& device : *devices) {
+    absl::StatusOr<std::unique_ptr<Worker>> worker =
+        Worker::Create({.device = device,
+                        .dtype = o.dtype,
+                        .models = o.models,
+                        .inject_oom_above_batch = o.inject_oom_above_batch,
+                        .warmup_steps = o.warmup_steps,
+                        .stop_warmup = [&stop] { return stop.HasBeenNotified(); }},
+                       metrics->get());
+    if (!worker.ok()) {
+      server->Shutdown();
+      return Fail(worker.status());
+    }
+    workers.push_back(*std::move(worker));
+    if (stop.HasBeenNotified()) break;
+  }
+  if (!stop.HasBeenNotified()) {
+    ModelCatalog catalog{.default_model = o.models.front().name, .models = workers.front()->Describe()};
+    for (size_t i = 1; i < workers.size(); ++i) {
+      std::vector<ModelDescription> more = workers[i]->Describe();
+      for (size_t m = 0; m < more.size(); ++m) catalog.models[m].devices.push_back(more[m].devices.front());
+    }
+    service.SetCatalog(std::move(catalog));
+    for (auto& w : workers) w->Start(&batches, [&batcher] { batcher.Release(); });
+    health->SetServingStatus(true);
+    spdlog::info("serving on port {} with {} worker(s)", port, workers.size());
+    stop.WaitForNotification();
+  }
+
+  // Drain. Health turns NOT_SERVING first; during --shutdown-grace the server still accepts and runs calls so
+  // that a load balancer polling health moves traffic away before the listener closes.
+  health->SetServingStatus(false);
+  if (o.shutdown_grace > absl::ZeroDuration()) {
+    spdlog::info("NOT_SERVING; closing the listener in {}", absl::FormatDuration(o.shutdown_grace));
+    absl::SleepFor(o.shutdown_grace);
+  }
+  spdlog::info("draining: finishing in-flight calls within {}", absl::FormatDuration(o.drain_timeout));
+  batcher.Drain();
+  server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(o.drain_timeout));
+  batcher.Stop();
+  batches.Close();
+  for (auto& w : workers) w->Join();
+  spdlog::info("stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace tomeserve::server
+
+int main(int argc, char** argv) { return tomeserve::server::Run(argc, argv); }

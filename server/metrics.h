@@ -1,0 +1,46 @@
+// Prometheus metrics for the whole server: one Metrics object, created once in main and passed to the service
+// and the workers. Without a listen address it is a no-op (every method returns at once). Thread-safe.
+//
+// Exposed on http://<metrics-listen>/metrics (server/metrics_http.h):
+//   tomeserve_requests_total{code}                         finished Generate/GenerateStream calls
+//   tomeserve_request_latency_seconds{tome_ratio,code}     end-to-end, from enqueue to finish
+//   tomeserve_phase_seconds{phase=queue|text_encoding|denoising|decoding}
+//   tomeserve_batch_size                                   images per UNet batch actually run
+//   tomeserve_queue_depth                                  queued (not running) requests
+//   tomeserve_oom_total{tome_ratio,resolution}             out-of-memory errors (before splitting)
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace tomeserve::server {
+
+class Metrics {
+ public:
+  // A no-op instance.
+  Metrics();
+  ~Metrics();
+  // Serves /metrics on `listen` ("host:port"); errors (e.g. the port is taken) are UNAVAILABLE.
+  static absl::StatusOr<std::unique_ptr<Metrics>> Create(const std::string& listen);
+
+  void ObserveRequest(double tome_ratio, absl::StatusCode code, double seconds);
+  void ObservePhases(double queue, double text_encoding, double denoising, double decoding);
+  void ObserveBatch(int images);
+  void SetQueueDepth(int depth);
+  void CountOom(double tome_ratio, int width, int height);
+
+  // The bound port (0 when off); for tests that listen on port 0.
+  int port() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// "0.5", "0.3", "0": how ratios are written in labels.
+std::string RatioLabel(double ratio);
+
+}  // namespace tomeserve::server

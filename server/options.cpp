@@ -1,0 +1,316 @@
+#include "server/options.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/reflection.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
+
+// Every server flag. --model is repeatable and handled by ParseCommandLine itself; the declaration documents
+// it.
+ABSL_FLAG(
+    std::string, model, "",
+    "Model folder (diffusers layout). Repeat as --model NAME=DIR to serve several; the first is the default "
+    "model, a bare DIR is named after its folder. Environment/file: comma-separated or a list.");
+ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address HOST:PORT (port 0 picks a free port).");
+ABSL_FLAG(std::string, metrics_listen, "", "Prometheus /metrics address HOST:PORT; empty turns metrics off.");
+ABSL_FLAG(std::string, devices, "auto",
+          "auto (every CUDA device, else cpu), cpu, or cuda:0,cuda:1,...; one "
+          "worker thread per device.");
+ABSL_FLAG(std::string, dtype, "auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.");
+ABSL_FLAG(int32_t, max_batch_size, 8, "Most images in one UNet batch.");
+ABSL_FLAG(int32_t, max_queue_delay_ms, 20, "How long the oldest queued request may wait for batch-mates.");
+ABSL_FLAG(int32_t, max_queue_size, 64,
+          "Most queued (not yet running) requests; beyond it RESOURCE_EXHAUSTED.");
+ABSL_FLAG(double, default_tome_ratio, 0.5,
+          "Token Merging ratio for requests that leave tome.ratio unset "
+          "(0 = off).");
+ABSL_FLAG(double, drain_timeout, 30,
+          "Seconds to finish in-flight calls after SIGTERM/SIGINT before exiting.");
+ABSL_FLAG(double, shutdown_grace, 0,
+          "Seconds between health turning NOT_SERVING on SIGTERM/SIGINT and the listener closing, so that load "
+          "balancers stop routing here first; calls still arrive and run meanwhile.");
+ABSL_FLAG(int32_t, max_prompt_bytes, 4096, "Longest prompt / negative prompt in bytes.");
+ABSL_FLAG(int32_t, max_prompt_tokens, 77,
+          "Longest prompt in CLIP tokens including start/end (at most 77; "
+          "longer prompts are rejected, not truncated).");
+ABSL_FLAG(int32_t, max_side, 1024, "Largest width or height in pixels.");
+ABSL_FLAG(int64_t, max_pixels, 1024 * 1024, "Largest width*height.");
+ABSL_FLAG(int32_t, max_steps, 150, "Most num_inference_steps.");
+ABSL_FLAG(int32_t, max_images, 4, "Most num_images per request.");
+ABSL_FLAG(std::string, log_format, "text", "text or json (one JSON object per line).");
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain; with --tls-key serves TLS.");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls-cert.");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle; when set, clients must present a certificate it "
+          "signed (mTLS).");
+ABSL_FLAG(int32_t, inject_oom_above_batch, 0,
+          "TESTING AID: fail every UNet batch of more than N images with "
+          "an injected out-of-memory error (0 = off).");
+ABSL_FLAG(std::string, port_file, "", "After startup, write the bound gRPC port to this file.");
+ABSL_FLAG(int32_t, warmup_steps, 2, "Denoising steps of the warm-up run per model and device at startup.");
+ABSL_FLAG(std::string, config, "", "YAML or JSON file of flag values (keys are flag names).");
+
+namespace tomeserve::server {
+namespace {
+
+std::string Canonical(absl::string_view name) { return absl::StrReplaceAll(name, {{"-", "_"}}); }
+std::string Dashed(absl::string_view name) { return absl::StrReplaceAll(name, {{"_", "-"}}); }
+std::string EnvName(absl::string_view name) {
+  return absl::StrCat("TOMESERVE_", absl::AsciiStrToUpper(name));
+}
+
+// Our flags (declared in this file), by canonical name.
+std::map<std::string, absl::CommandLineFlag*> OwnFlags() {
+  std::map<std::string, absl::CommandLineFlag*> flags;
+  for (const auto& [name, flag] : absl::GetAllFlags()) {
+    if (absl::EndsWith(flag->Filename(), "server/options.cpp")) flags[std::string(name)] = flag;
+  }
+  return flags;
+}
+
+absl::Status SetFlag(absl::CommandLineFlag* flag, const std::string& value, const std::string& where) {
+  std::string error;
+  if (!flag->ParseFrom(value, &error)) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": invalid value \"", value, "\": ", error));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ModelSpec> ParseModel(const std::string& text, const std::string& where) {
+  if (text.empty()) return absl::InvalidArgumentError(absl::StrCat(where, ": empty model folder"));
+  ModelSpec m;
+  const size_t eq = text.find('=');
+  if (eq != std::string::npos && eq > 0 && text.find('/') > eq) {
+    m.name = text.substr(0, eq);
+    m.dir = text.substr(eq + 1);
+  } else {
+    m.dir = text;
+    std::filesystem::path p(text);
+    m.name = (p.has_filename() ? p.filename() : p.parent_path().filename()).string();
+  }
+  if (m.name.empty() || m.dir.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": expected DIR or NAME=DIR, got \"", text, "\""));
+  }
+  return m;
+}
+
+absl::Status AddModels(const std::vector<std::string>& texts, const std::string& where,
+                       std::vector<ModelSpec>* out) {
+  for (const std::string& t : texts) {
+    absl::StatusOr<ModelSpec> m = ParseModel(t, where);
+    if (!m.ok()) return m.status();
+    for (const ModelSpec& other : *out) {
+      if (other.name == m->name) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": two models are named \"", m->name, "\"; name them with NAME=DIR"));
+      }
+    }
+    out->push_back(*m);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ApplyConfigFile(const std::string& path,
+                             const std::map<std::string, absl::CommandLineFlag*>& flags,
+                             std::vector<std::string>* models) {
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("--config ", path, ": ", e.what()));
+  }
+  if (root.IsNull()) return absl::OkStatus();
+  if (!root.IsMap())
+    return absl::InvalidArgumentError(absl::StrCat("--config ", path, ": expected a mapping"));
+  for (const auto& kv : root) {
+    const std::string key = Canonical(kv.first.as<std::string>());
+    const std::string where = absl::StrCat("--config ", path, ": key ", kv.first.as<std::string>());
+    const YAML::Node& value = kv.second;
+    if (key == "model" || key == "models") {
+      if (value.IsScalar()) {
+        models->push_back(value.as<std::string>());
+      } else if (value.IsSequence()) {
+        for (const auto& v : value) models->push_back(v.as<std::string>());
+      } else if (value.IsMap()) {
+        for (const auto& v : value)
+          models->push_back(v.first.as<std::string>() + "=" + v.second.as<std::string>());
+      }
+      continue;
+    }
+    auto it = flags.find(key);
+    if (it == flags.end() || key == "config") {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": unknown setting"));
+    }
+    if (!value.IsScalar())
+      return absl::InvalidArgumentError(absl::StrCat(where, ": expected a single value"));
+    if (absl::Status s = SetFlag(it->second, value.as<std::string>(), where); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Check(bool ok, absl::string_view flag, absl::string_view allowed) {
+  if (ok) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("--", Dashed(flag), ": allowed: ", allowed));
+}
+
+}  // namespace
+
+GetEnvFn RealEnvironment() {
+  return [](const std::string& name) -> std::optional<std::string> {
+    const char* v = std::getenv(name.c_str());
+    if (v == nullptr) return std::nullopt;
+    return std::string(v);
+  };
+}
+
+absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& args, const GetEnvFn& getenv) {
+  const auto flags = OwnFlags();
+  for (const auto& [name, flag] : flags) SetFlag(flag, flag->DefaultValue(), name).IgnoreError();
+
+  // 1. Split the command line into (name, value) pairs; nothing is applied yet.
+  CommandLine result;
+  std::vector<std::pair<std::string, std::string>> cli;
+  std::vector<std::string> cli_models;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& arg = args[i];
+    if (arg == "--help" || arg == "-h" || arg == "--helpfull") {
+      result.help = true;
+      return result;
+    }
+    if (!absl::StartsWith(arg, "--") || arg.size() == 2) {
+      return absl::InvalidArgumentError(absl::StrCat("unexpected argument \"", arg, "\" (see --help)"));
+    }
+    std::string name = arg.substr(2), value;
+    const size_t eq = name.find('=');
+    if (eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+    } else if (i + 1 < args.size()) {
+      value = args[++i];
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
+    }
+    name = Canonical(name);
+    if (flags.find(name) == flags.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", Dashed(name), " (see --help)"));
+    }
+    if (name == "model") {
+      cli_models.push_back(value);
+    } else {
+      cli.emplace_back(name, value);
+    }
+  }
+
+  // 2. The file, 3. the environment, 4. the command line: later ones overwrite.
+  std::string config_path;
+  if (auto env = getenv(EnvName("config"))) config_path = *env;
+  for (const auto& [name, value] : cli) {
+    if (name == "config") config_path = value;
+  }
+  std::vector<std::string> file_models, env_models;
+  if (!config_path.empty()) {
+    if (absl::Status s = ApplyConfigFile(config_path, flags, &file_models); !s.ok()) return s;
+  }
+  for (const auto& [name, flag] : flags) {
+    auto env = getenv(EnvName(name));
+    if (!env) continue;
+    if (name == "model") {
+      env_models = absl::StrSplit(*env, ',', absl::SkipEmpty());
+    } else if (absl::Status s = SetFlag(flag, *env, EnvName(name)); !s.ok()) {
+      return s;
+    }
+  }
+  for (const auto& [name, value] : cli) {
+    if (absl::Status s = SetFlag(flags.at(name), value, absl::StrCat("--", Dashed(name))); !s.ok()) return s;
+  }
+  const std::vector<std::string>& models =
+      !cli_models.empty() ? cli_models : (!env_models.empty() ? env_models : file_models);
+  const std::string models_where =
+      !cli_models.empty() ? "--model" : (!env_models.empty() ? EnvName("model") : "model");
+  ServerOptions& o = result.options;
+  if (absl::Status s = AddModels(models, models_where, &o.models); !s.ok()) return s;
+  if (o.models.empty()) return absl::InvalidArgumentError("--model DIR is required (see --help)");
+
+  o.listen = absl::GetFlag(FLAGS_listen);
+  o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  o.devices = absl::GetFlag(FLAGS_devices);
+  o.dtype = absl::GetFlag(FLAGS_dtype);
+  o.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
+  o.max_queue_delay_ms = absl::GetFlag(FLAGS_max_queue_delay_ms);
+  o.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
+  o.default_tome_ratio = absl::GetFlag(FLAGS_default_tome_ratio);
+  const double drain = absl::GetFlag(FLAGS_drain_timeout);
+  const double grace = absl::GetFlag(FLAGS_shutdown_grace);
+  o.max_prompt_bytes = absl::GetFlag(FLAGS_max_prompt_bytes);
+  o.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
+  o.max_side = absl::GetFlag(FLAGS_max_side);
+  o.max_pixels = absl::GetFlag(FLAGS_max_pixels);
+  o.max_steps = absl::GetFlag(FLAGS_max_steps);
+  o.max_images = absl::GetFlag(FLAGS_max_images);
+  o.log_format = absl::GetFlag(FLAGS_log_format);
+  o.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  o.tls_key = absl::GetFlag(FLAGS_tls_key);
+  o.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  o.inject_oom_above_batch = absl::GetFlag(FLAGS_inject_oom_above_batch);
+  o.port_file = absl::GetFlag(FLAGS_port_file);
+  o.warmup_steps = absl::GetFlag(FLAGS_warmup_steps);
+
+  for (const absl::Status& s : {
+           Check(!o.listen.empty(), "listen", "HOST:PORT"),
+           Check(o.max_batch_size >= 1, "max_batch_size", ">= 1"),
+           Check(o.max_queue_delay_ms >= 0, "max_queue_delay_ms", ">= 0"),
+           Check(o.max_queue_size >= 1, "max_queue_size", ">= 1"),
+           Check(o.default_tome_ratio >= 0 && o.default_tome_ratio < 1, "default_tome_ratio", "[0, 1)"),
+           Check(drain >= 0, "drain_timeout", ">= 0 seconds"),
+           Check(grace >= 0 && grace <= 3600, "shutdown_grace", "[0, 3600] seconds"),
+           Check(o.max_prompt_bytes >= 1, "max_prompt_bytes", ">= 1"),
+           Check(o.max_prompt_tokens >= 3 && o.max_prompt_tokens <= 77, "max_prompt_tokens", "[3, 77]"),
+           Check(o.max_side >= 64 && o.max_side <= 16384, "max_side", "[64, 16384]"),
+           Check(o.max_pixels >= 64 * 64, "max_pixels", ">= 4096"),
+           Check(o.max_steps >= 1 && o.max_steps <= 1000, "max_steps", "[1, 1000]"),
+           Check(o.max_images >= 1, "max_images", ">= 1"),
+           Check(o.log_format == "text" || o.log_format == "json", "log_format", "text or json"),
+           Check(o.dtype == "auto" || o.dtype == "fp32" || o.dtype == "fp16" || o.dtype == "bf16" ||
+                     o.dtype == "float32" || o.dtype == "float16" || o.dtype == "bfloat16",
+                 "dtype", "auto, fp32, fp16 or bf16"),
+           Check(o.tls_cert.empty() == o.tls_key.empty(), "tls_cert", "set together with --tls-key"),
+           Check(o.tls_client_ca.empty() || !o.tls_cert.empty(), "tls_client_ca", "only with --tls-cert"),
+           Check(o.inject_oom_above_batch >= 0, "inject_oom_above_batch", ">= 0"),
+           Check(o.warmup_steps >= 1, "warmup_steps", ">= 1"),
+       }) {
+    if (!s.ok()) return s;
+  }
+  o.drain_timeout = absl::Seconds(drain);
+  o.shutdown_grace = absl::Seconds(grace);
+  return result;
+}
+
+std::string HelpText() {
+  std::string out =
+      "Usage: tomeserve --model DIR [--model NAME=DIR ...] [flags]\n\n"
+      "Serves tomeserve.v1.ImageGenerator (Stable Diffusion 1.x with per-request Token Merging) over gRPC, "
+      "with\n"
+      "grpc.health.v1.Health and server reflection. Every flag can also be set as the environment variable\n"
+      "TOMESERVE_<FLAG> (e.g. TOMESERVE_MAX_BATCH_SIZE=4) or as a key of the --config YAML/JSON file;\n"
+      "precedence: command line > environment > file > defaults. SIGTERM/SIGINT drain and exit "
+      "0.\n\nFlags:\n";
+  for (const auto& [name, flag] : OwnFlags()) {
+    std::string def = flag->DefaultValue();
+    absl::StrAppend(&out, "  --", Dashed(name), def.empty() ? "" : absl::StrCat(" (default ", def, ")"),
+                    "\n      ", flag->Help(), "\n");
+  }
+  return out;
+}
+
+}  // namespace tomeserve::server

@@ -1,0 +1,65 @@
+// Server configuration: abseil flags (declared in options.cpp), the environment (TOMESERVE_<FLAG>, e.g.
+// TOMESERVE_MAX_BATCH_SIZE) and an optional YAML or JSON file (--config FILE or TOMESERVE_CONFIG; keys are
+// flag names with '-' or '_'). Precedence: command line > environment > file > defaults. Parsed once in main,
+// before any thread starts. Torch-free.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace tomeserve::server {
+
+struct ModelSpec {
+  std::string name;  // "NAME=DIR" gives NAME; a bare DIR is named after its folder
+  std::string dir;
+};
+
+struct ServerOptions {
+  std::vector<ModelSpec> models;  // the first is the default model
+  std::string listen = "0.0.0.0:50051";
+  std::string metrics_listen;  // empty: no metrics endpoint
+  std::string devices = "auto";
+  std::string dtype = "auto";
+  int max_batch_size = 8;
+  int max_queue_delay_ms = 20;
+  int max_queue_size = 64;
+  double default_tome_ratio = 0.5;
+  absl::Duration drain_timeout = absl::Seconds(30);
+  absl::Duration shutdown_grace = absl::ZeroDuration();
+  int max_prompt_bytes = 4096;
+  int max_prompt_tokens = 77;
+  int max_side = 1024;
+  int64_t max_pixels = 1024 * 1024;
+  int max_steps = 150;
+  int max_images = 4;
+  std::string log_format = "text";
+  std::string tls_cert, tls_key, tls_client_ca;
+  int inject_oom_above_batch = 0;  // 0: off
+  std::string port_file;
+  int warmup_steps = 2;
+};
+
+struct CommandLine {
+  bool help = false;  // --help: print HelpText() and exit 0
+  ServerOptions options;
+};
+
+// Looks up an environment variable; tests pass a fake.
+using GetEnvFn = std::function<std::optional<std::string>(const std::string&)>;
+GetEnvFn RealEnvironment();
+
+// Parses argv[1..] (flags as --name=value or --name value; '-' and '_' are interchangeable), the environment
+// and the config file. Errors are INVALID_ARGUMENT with a one-line message naming the flag, variable or key.
+// Resets the flags to their defaults first, so it may be called more than once (tests).
+absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& args, const GetEnvFn& getenv);
+
+std::string HelpText();
+
+}  // namespace tomeserve::server

@@ -1,0 +1,261 @@
+#include "server/request_convert.h"
+
+#include <charconv>
+#include <cmath>
+#include <cstdlib>
+#include <random>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+
+namespace tomeserve::server {
+namespace {
+
+using pipeline::SchedulerKind;
+
+constexpr int kMinSide = 64;
+constexpr int kDefaultSteps = 50;
+constexpr double kDefaultGuidance = 7.5;
+
+absl::Status Invalid(const std::string& message) { return absl::InvalidArgumentError(message); }
+
+absl::StatusOr<SchedulerKind> ConvertScheduler(int value, SchedulerKind model_default) {
+  switch (value) {
+    case v1::SCHEDULER_UNSPECIFIED:
+      return model_default;
+    case v1::SCHEDULER_PNDM:
+      return SchedulerKind::kPndm;
+    case v1::SCHEDULER_DDIM:
+      return SchedulerKind::kDdim;
+    case v1::SCHEDULER_EULER:
+      return SchedulerKind::kEuler;
+    case v1::SCHEDULER_EULER_ANCESTRAL:
+      return SchedulerKind::kEulerAncestral;
+    case v1::SCHEDULER_DPMPP_2M:
+      return SchedulerKind::kDpmpp2m;
+    case v1::SCHEDULER_DPMPP_2M_KARRAS:
+      return SchedulerKind::kDpmpp2mKarras;
+  }
+  return Invalid(absl::StrCat("scheduler: unknown value ", value, "; allowed: 0 (the model's own) to ",
+                              static_cast<int>(v1::SCHEDULER_DPMPP_2M_KARRAS),
+                              " (SCHEDULER_DPMPP_2M_KARRAS)"));
+}
+
+absl::Status CheckPrompt(const char* field, const std::string& text, bool required,
+                         const ModelDescription& model, const RequestLimits& limits) {
+  if (required && text.empty()) return Invalid(absl::StrCat(field, " must not be empty"));
+  if (static_cast<int64_t>(text.size()) > limits.max_prompt_bytes) {
+    return Invalid(absl::StrCat(field, " is ", text.size(), " bytes; allowed: at most ",
+                                limits.max_prompt_bytes, " bytes"));
+  }
+  if (model.tokenizer != nullptr && !text.empty()) {
+    // One token past the limit is enough to know it is too long.
+    const size_t tokens = model.tokenizer->Encode(text, limits.max_prompt_tokens + 1).size();
+    if (static_cast<int>(tokens) > limits.max_prompt_tokens) {
+      return Invalid(absl::StrCat(field, " is longer than ", limits.max_prompt_tokens,
+                                  " CLIP tokens (including start and end tokens); allowed: at most ",
+                                  limits.max_prompt_tokens, " tokens, shorten it"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> CheckSide(const char* field, uint32_t value, int native, const RequestLimits& limits) {
+  if (value == 0) return native;
+  if (value % 8 != 0 || value < kMinSide || value > static_cast<uint32_t>(limits.max_side)) {
+    return Invalid(absl::StrCat(field, " is ", value, "; allowed: a multiple of 8 in [", kMinSide, ", ",
+                                limits.max_side, "], or 0 for the model's native size (", native, ")"));
+  }
+  return static_cast<int>(value);
+}
+
+absl::StatusOr<tome::TokenMerging> ConvertTome(const v1::TokenMerging& in, const RequestLimits& limits) {
+  tome::TokenMerging t;
+  t.ratio = in.has_ratio() ? FloatToShortestDouble(in.ratio()) : limits.default_tome_ratio;
+  if (in.max_downsample() != 0) {
+    if (in.max_downsample() > 8) {
+      return Invalid(absl::StrCat("tome.max_downsample is ", in.max_downsample(), "; allowed: 1, 2, 4 or 8"));
+    }
+    t.max_downsample = static_cast<int>(in.max_downsample());
+  }
+  if (in.sx() > static_cast<uint32_t>(tome::kMaxStride) ||
+      in.sy() > static_cast<uint32_t>(tome::kMaxStride)) {
+    return Invalid(absl::StrCat(in.sx() > static_cast<uint32_t>(tome::kMaxStride) ? "tome.sx" : "tome.sy",
+                                " is ", std::max(in.sx(), in.sy()), "; allowed: [1, ", tome::kMaxStride,
+                                "]"));
+  }
+  if (in.sx() != 0) t.sx = static_cast<int>(in.sx());
+  if (in.sy() != 0) t.sy = static_cast<int>(in.sy());
+  if (in.has_use_rand()) t.use_rand = in.use_rand();
+  if (in.has_merge_attn()) t.merge_attn = in.merge_attn();
+  if (in.has_merge_crossattn()) t.merge_crossattn = in.merge_crossattn();
+  if (in.has_merge_mlp()) t.merge_mlp = in.merge_mlp();
+  if (in.has_seed()) t.seed = in.seed();
+  if (absl::Status s = tome::Validate(t); !s.ok()) return s;
+  return t;
+}
+
+}  // namespace
+
+RandomSource RandomSource::Default() {
+  return {[] {
+    thread_local std::mt19937_64 rng{std::random_device{}()};
+    return rng();
+  }};
+}
+
+double FloatToShortestDouble(float value) {
+  if (!std::isfinite(value)) return static_cast<double>(value);
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), value);
+  if (ec != std::errc()) return static_cast<double>(value);
+  *end = '\0';
+  return std::strtod(buf, nullptr);
+}
+
+absl::StatusOr<GenerationRequest> ConvertRequest(const v1::GenerateRequest& request,
+                                                 const ModelCatalog& catalog, const RequestLimits& limits,
+                                                 const RandomSource& random) {
+  GenerationRequest out;
+  const std::string model_name = request.model().empty() ? catalog.default_model : request.model();
+  const ModelDescription* model = catalog.Find(model_name);
+  if (model == nullptr) {
+    std::vector<std::string> names;
+    for (const ModelDescription& m : catalog.models) names.push_back(m.name);
+    return absl::NotFoundError(absl::StrCat("model: no model named \"", model_name,
+                                            "\" is loaded; loaded: ", absl::StrJoin(names, ", ")));
+  }
+  if (static_cast<int>(request.request_id().size()) > limits.max_request_id_bytes) {
+    return Invalid(absl::StrCat("request_id is ", request.request_id().size(), " bytes; allowed: at most ",
+                                limits.max_request_id_bytes));
+  }
+  out.request_id =
+      request.request_id().empty() ? absl::StrFormat("%016x", random.next()) : request.request_id();
+
+  if (absl::Status s = CheckPrompt("prompt", request.prompt(), true, *model, limits); !s.ok()) return s;
+  if (absl::Status s = CheckPrompt("negative_prompt", request.negative_prompt(), false, *model, limits);
+      !s.ok()) {
+    return s;
+  }
+  out.prompt = request.prompt();
+  out.negative_prompt = request.negative_prompt();
+
+  absl::StatusOr<int> width = CheckSide("width", request.width(), model->native_width, limits);
+  if (!width.ok()) return width.status();
+  absl::StatusOr<int> height = CheckSide("height", request.height(), model->native_height, limits);
+  if (!height.ok()) return height.status();
+  if (static_cast<int64_t>(*width) * *height > limits.max_pixels) {
+    return Invalid(absl::StrCat("width x height is ", *width, "x", *height, " = ",
+                                static_cast<int64_t>(*width) * *height, " pixels; allowed: at most ",
+                                limits.max_pixels, " pixels"));
+  }
+
+  const uint32_t steps = request.num_inference_steps() == 0 ? kDefaultSteps : request.num_inference_steps();
+  if (steps > static_cast<uint32_t>(limits.max_steps)) {
+    return Invalid(absl::StrCat("num_inference_steps is ", steps, "; allowed: [1, ", limits.max_steps,
+                                "], or 0 for ", kDefaultSteps));
+  }
+  if (request.has_guidance_scale()) {
+    const float g = request.guidance_scale();
+    if (!std::isfinite(g) || g < 0 || g > limits.max_guidance) {
+      return Invalid(absl::StrCat("guidance_scale is ", g, "; allowed: [0, ", limits.max_guidance, "]"));
+    }
+    out.guidance_scale = FloatToShortestDouble(g);
+  } else {
+    out.guidance_scale = kDefaultGuidance;
+  }
+  const uint32_t images = request.num_images() == 0 ? 1 : request.num_images();
+  if (images > static_cast<uint32_t>(limits.max_images)) {
+    return Invalid(
+        absl::StrCat("num_images is ", images, "; allowed: [1, ", limits.max_images, "], or 0 for 1"));
+  }
+  out.num_images = static_cast<int>(images);
+  out.seed = request.has_seed() ? request.seed() : (random.next() & 0xffffffffu);
+
+  absl::StatusOr<SchedulerKind> scheduler = ConvertScheduler(request.scheduler(), model->default_scheduler);
+  if (!scheduler.ok()) return scheduler.status();
+  switch (request.output_format()) {
+    case v1::OUTPUT_FORMAT_UNSPECIFIED:
+    case v1::OUTPUT_FORMAT_PNG:
+      out.output_format = OutputFormat::kPng;
+      break;
+    case v1::OUTPUT_FORMAT_RAW_RGB8:
+      out.output_format = OutputFormat::kRawRgb8;
+      break;
+    default:
+      return Invalid(absl::StrCat("output_format: unknown value ", static_cast<int>(request.output_format()),
+                                  "; allowed: 0 (PNG), 1 (PNG), 2 (RAW_RGB8)"));
+  }
+  absl::StatusOr<tome::TokenMerging> tome = ConvertTome(request.tome(), limits);
+  if (!tome.ok()) return tome.status();
+  out.tome = *tome;
+
+  out.key = BatchKey{.model = model->name,
+                     .width = *width,
+                     .height = *height,
+                     .steps = static_cast<int>(steps),
+                     .scheduler = *scheduler,
+                     .tome = tome::Canonical(*tome)};
+  return out;
+}
+
+v1::Scheduler ToProto(SchedulerKind kind) {
+  switch (kind) {
+    case SchedulerKind::kPndm:
+      return v1::SCHEDULER_PNDM;
+    case SchedulerKind::kDdim:
+      return v1::SCHEDULER_DDIM;
+    case SchedulerKind::kEuler:
+      return v1::SCHEDULER_EULER;
+    case SchedulerKind::kEulerAncestral:
+      return v1::SCHEDULER_EULER_ANCESTRAL;
+    case SchedulerKind::kDpmpp2m:
+      return v1::SCHEDULER_DPMPP_2M;
+    case SchedulerKind::kDpmpp2mKarras:
+      return v1::SCHEDULER_DPMPP_2M_KARRAS;
+  }
+  return v1::SCHEDULER_UNSPECIFIED;
+}
+
+void ToProto(const tome::TokenMerging& t, v1::TokenMerging* out) {
+  out->set_ratio(static_cast<float>(t.ratio));
+  out->set_max_downsample(static_cast<uint32_t>(t.max_downsample));
+  out->set_sx(static_cast<uint32_t>(t.sx));
+  out->set_sy(static_cast<uint32_t>(t.sy));
+  out->set_use_rand(t.use_rand);
+  out->set_merge_attn(t.merge_attn);
+  out->set_merge_crossattn(t.merge_crossattn);
+  out->set_merge_mlp(t.merge_mlp);
+  out->set_seed(t.seed);
+}
+
+void ToProto(const GenerationRequest& request, const GenerationResult& result, v1::GenerateResponse* out) {
+  for (const EncodedImage& img : result.images) {
+    v1::Image* i = out->add_images();
+    i->set_data(img.data);
+    i->set_mime_type(img.mime_type);
+    i->set_width(static_cast<uint32_t>(img.width));
+    i->set_height(static_cast<uint32_t>(img.height));
+    i->set_seed(img.seed);
+  }
+  v1::Timings* t = out->mutable_timings();
+  t->set_queue_seconds(result.queue_seconds);
+  t->set_text_encoding_seconds(result.text_encoding_seconds);
+  t->set_denoising_seconds(result.denoising_seconds);
+  t->set_decoding_seconds(result.decoding_seconds);
+  t->set_total_seconds(result.total_seconds);
+  out->set_batch_size(static_cast<uint32_t>(result.batch_size));
+  ToProto(request.tome, out->mutable_tome());
+  for (const MergeCount& m : result.merged_tokens) {
+    v1::MergedTokens* mt = out->add_merged_tokens();
+    mt->set_block(m.block);
+    mt->set_tokens_before(static_cast<uint32_t>(m.tokens_before));
+    mt->set_tokens_after(static_cast<uint32_t>(m.tokens_after));
+  }
+  out->set_request_id(request.request_id);
+  out->set_model(request.key.model);
+}
+
+}  // namespace tomeserve::server

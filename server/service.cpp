@@ -1,0 +1,265 @@
+#include "server/service.h"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <deque>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "server/status_convert.h"
+
+namespace tomeserve::server {
+
+struct ImageGeneratorService::Context {
+  RequestLimits limits;
+  Batcher* batcher;
+  Metrics* metrics;
+  RandomSource random = RandomSource::Default();
+  std::atomic<const ModelCatalog*> catalog{nullptr};
+  std::unique_ptr<ModelCatalog> catalog_storage;
+
+  // Validates and builds the job; on error returns the status to answer with.
+  absl::StatusOr<std::shared_ptr<Job>> MakeJob(grpc::CallbackServerContext* ctx,
+                                               const v1::GenerateRequest& request, JobObserver* observer) {
+    const ModelCatalog* models = catalog.load();
+    if (models == nullptr) return absl::UnavailableError("the server is loading its models; retry shortly");
+    absl::StatusOr<GenerationRequest> converted = ConvertRequest(request, *models, limits, random);
+    if (!converted.ok()) return converted.status();
+    absl::Time deadline = absl::InfiniteFuture();
+    const auto grpc_deadline = ctx->deadline();
+    if (grpc_deadline != std::chrono::system_clock::time_point::max())
+      deadline = absl::FromChrono(grpc_deadline);
+    return std::make_shared<Job>(*std::move(converted), deadline, observer);
+  }
+
+  // One log line and the metrics of a finished generate call.
+  void Record(const std::string& rpc, const v1::GenerateRequest& request, const Job* job,
+              const absl::StatusOr<GenerationResult>& result, absl::Time started) {
+    const absl::StatusCode code = result.status().code();
+    const double total = absl::ToDoubleSeconds(absl::Now() - started);
+    const double ratio = job != nullptr ? job->request().tome.ratio : 0;
+    metrics->ObserveRequest(ratio, code, total);
+    const std::string id = job != nullptr ? job->request().request_id : request.request_id();
+    const std::string key = job != nullptr ? ToString(job->key()) : "-";
+    if (result.ok()) {
+      spdlog::info(
+          "{} id={} {} images={} batch_size={} queue={:.3f}s text={:.3f}s denoise={:.3f}s "
+          "decode={:.3f}s total={:.3f}s status=OK",
+          rpc, id, key, result->images.size(), result->batch_size, result->queue_seconds,
+          result->text_encoding_seconds, result->denoising_seconds, result->decoding_seconds, total);
+    } else {
+      spdlog::info("{} id={} {} total={:.3f}s status={} message=\"{}\"", rpc, id, key, total,
+                   absl::StatusCodeToString(code), std::string(result.status().message()));
+    }
+  }
+};
+
+namespace {
+
+// Generate: answered by whichever thread finishes the job.
+class GenerateReactor final : public grpc::ServerUnaryReactor, public JobObserver {
+ public:
+  GenerateReactor(std::shared_ptr<ImageGeneratorService::Context> ctx, grpc::CallbackServerContext* call,
+                  const v1::GenerateRequest* request, v1::GenerateResponse* response)
+      : ctx_(std::move(ctx)), request_(request), response_(response) {
+    absl::StatusOr<std::shared_ptr<Job>> job = ctx_->MakeJob(call, *request, this);
+    if (!job.ok()) {
+      OnDone(job.status());
+      return;
+    }
+    job_ = *job;
+    if (absl::Status s = ctx_->batcher->Enqueue(job_); !s.ok()) job_->Finish(s);
+  }
+
+  void OnDone(const absl::StatusOr<GenerationResult>& result) override {
+    ctx_->Record("Generate", *request_, job_.get(), result, started_);
+    if (result.ok()) ToProto(job_->request(), *result, response_);
+    Finish(ToGrpcStatus(result.status()));
+  }
+
+  void OnCancel() override {
+    if (job_) {
+      job_->Cancel();
+      ctx_->batcher->Wake();
+    }
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  std::shared_ptr<ImageGeneratorService::Context> ctx_;
+  const v1::GenerateRequest* request_;
+  v1::GenerateResponse* response_;
+  std::shared_ptr<Job> job_;
+  const absl::Time started_ = absl::Now();
+};
+
+// GenerateStream: queue positions and progress as they happen (a newer progress event replaces one not yet
+// sent), then the result, then Finish. One write in flight at a time; events queue behind it.
+class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::GenerateEvent>, public JobObserver {
+ public:
+  GenerateStreamReactor(std::shared_ptr<ImageGeneratorService::Context> ctx,
+                        grpc::CallbackServerContext* call, const v1::GenerateRequest* request)
+      : ctx_(std::move(ctx)), request_(request) {
+    absl::StatusOr<std::shared_ptr<Job>> job = ctx_->MakeJob(call, *request, this);
+    if (!job.ok()) {
+      OnDone(job.status());
+      return;
+    }
+    job_ = *job;
+    if (absl::Status s = ctx_->batcher->Enqueue(job_); !s.ok()) job_->Finish(s);
+  }
+
+  void OnQueued(int position) override {
+    v1::GenerateEvent e;
+    e.mutable_queued()->set_position(static_cast<uint32_t>(position));
+    Send(std::move(e), /*replaceable=*/true);
+  }
+  void OnProgress(int step, int num_steps) override {
+    v1::GenerateEvent e;
+    e.mutable_progress()->set_step(static_cast<uint32_t>(step));
+    e.mutable_progress()->set_num_steps(static_cast<uint32_t>(num_steps));
+    Send(std::move(e), /*replaceable=*/true);
+  }
+  void OnDone(const absl::StatusOr<GenerationResult>& result) override {
+    ctx_->Record("GenerateStream", *request_, job_.get(), result, started_);
+    Next next;
+    grpc::Status status = ToGrpcStatus(result.status());
+    {
+      absl::MutexLock lock(&mu_);
+      if (result.ok()) {
+        v1::GenerateEvent e;
+        ToProto(job_->request(), *result, e.mutable_result());
+        pending_.push_back({std::move(e), false});
+      }
+      finishing_ = true;
+      final_status_ = status;
+      next = DecideLocked();
+    }
+    Carry(next, status);
+  }
+
+  void OnWriteDone(bool ok) override {
+    Next next;
+    grpc::Status status;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) pending_.clear();  // the stream is broken: nothing more can be sent
+      next = DecideLocked();
+      status = final_status_;
+    }
+    Carry(next, status);
+  }
+  void OnCancel() override {
+    if (job_) {
+      job_->Cancel();
+      ctx_->batcher->Wake();
+    }
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  struct Pending {
+    v1::GenerateEvent event;
+    bool replaceable;
+  };
+
+  void Send(v1::GenerateEvent event, bool replaceable) {
+    Next next;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finishing_) return;
+      if (!pending_.empty() && pending_.back().replaceable) pending_.pop_back();
+      pending_.push_back({std::move(event), replaceable});
+      next = DecideLocked();
+    }
+    Carry(next, grpc::Status::OK);
+  }
+
+  // What to do after leaving the lock: start the next write, Finish once everything is written, or nothing
+  // (a write is in flight; its OnWriteDone continues). The decision is made under the lock and carried out
+  // without it (a reaction may run inline); a thread that decided "nothing" must not touch the object again,
+  // because after Finish gRPC may delete it (OnDone) at any moment.
+  enum class Next { kNothing, kWrite, kFinish };
+  Next DecideLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return Next::kNothing;
+    if (!pending_.empty()) {
+      current_ = std::move(pending_.front().event);
+      pending_.pop_front();
+      writing_ = true;
+      return Next::kWrite;
+    }
+    if (finishing_) {
+      finished_ = true;
+      return Next::kFinish;
+    }
+    return Next::kNothing;
+  }
+  void Carry(Next next, grpc::Status status) {
+    if (next == Next::kWrite) StartWrite(&current_);
+    if (next == Next::kFinish) Finish(status);
+  }
+
+  std::shared_ptr<ImageGeneratorService::Context> ctx_;
+  const v1::GenerateRequest* request_;
+  std::shared_ptr<Job> job_;
+  const absl::Time started_ = absl::Now();
+  absl::Mutex mu_;
+  std::deque<Pending> pending_ ABSL_GUARDED_BY(mu_);
+  v1::GenerateEvent current_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+ImageGeneratorService::ImageGeneratorService(RequestLimits limits, Batcher* batcher, Metrics* metrics)
+    : context_(std::make_shared<Context>()) {
+  context_->limits = limits;
+  context_->batcher = batcher;
+  context_->metrics = metrics;
+}
+
+void ImageGeneratorService::SetCatalog(ModelCatalog catalog) {
+  context_->catalog_storage = std::make_unique<ModelCatalog>(std::move(catalog));
+  context_->catalog.store(context_->catalog_storage.get());
+}
+
+grpc::ServerUnaryReactor* ImageGeneratorService::Generate(grpc::CallbackServerContext* context,
+                                                          const v1::GenerateRequest* request,
+                                                          v1::GenerateResponse* response) {
+  return new GenerateReactor(context_, context, request, response);
+}
+
+grpc::ServerWriteReactor<v1::GenerateEvent>* ImageGeneratorService::GenerateStream(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  return new GenerateStreamReactor(context_, context, request);
+}
+
+grpc::ServerUnaryReactor* ImageGeneratorService::ListModels(grpc::CallbackServerContext* context,
+                                                            const v1::ListModelsRequest*,
+                                                            v1::ListModelsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const ModelCatalog* models = context_->catalog.load();
+  if (models == nullptr) {
+    reactor->Finish(ToGrpcStatus(absl::UnavailableError("the server is loading its models; retry shortly")));
+    return reactor;
+  }
+  for (const ModelDescription& m : models->models) {
+    v1::ModelInfo* info = response->add_models();
+    info->set_name(m.name);
+    info->set_native_width(static_cast<uint32_t>(m.native_width));
+    info->set_native_height(static_cast<uint32_t>(m.native_height));
+    info->set_default_scheduler(ToProto(m.default_scheduler));
+    for (const std::string& d : m.devices) info->add_devices(d);
+    info->set_dtype(m.dtype);
+  }
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace tomeserve::server

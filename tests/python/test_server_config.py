@@ -1,0 +1,78 @@
+"""Configuration paths of the real binary: a YAML config file plus environment variables, JSON logs, and TLS /
+mutual TLS with certificates made by the openssl CLI (skipped when it is missing)."""
+import json
+import shutil
+import subprocess
+
+import grpc
+import pytest
+
+from conftest import binary
+from tomeserve_server import proto, running_server, start_server
+
+pb, pb_grpc = proto()
+
+
+def test_config_file_env_and_json_logs(tiny_model, tmp_path):
+    binary("tomeserve")
+    config = tmp_path / "tomeserve.yaml"
+    config.write_text(f"models:\n  cfg: {tiny_model}\nmax-batch-size: 2\ndefault_tome_ratio: 0.25\n"
+                      "log-format: text\n")
+    env = {"TOMESERVE_CONFIG": str(config), "TOMESERVE_LOG_FORMAT": "json"}  # env beats the file
+    with running_server(["--max-queue-delay-ms", "0"], env=env) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        assert [m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models] == ["cfg"]
+        r = stub.Generate(pb.GenerateRequest(prompt="x", num_inference_steps=2, request_id="json-1"), timeout=60)
+        assert r.tome.ratio == pytest.approx(0.25)
+        lines = [json.loads(l) for l in s.log().splitlines() if l.startswith("{")]
+        assert lines and all({"time", "level", "msg"} <= set(l) for l in lines)
+        assert [l for l in lines if "id=json-1" in l["msg"] and "status=OK" in l["msg"]]
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_certs(d):
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=tomeserve test CA", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
+                f"/CN={'localhost' if name == 'server' else 'client'}", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_mutual_tls(tiny_model, tmp_path):
+    binary("tomeserve")
+    make_certs(tmp_path)
+    ca = (tmp_path / "ca.pem").read_bytes()
+    creds = grpc.ssl_channel_credentials(root_certificates=ca,
+                                         private_key=(tmp_path / "client.key").read_bytes(),
+                                         certificate_chain=(tmp_path / "client.pem").read_bytes())
+    args = ["--model", tiny_model, "--tls-cert", str(tmp_path / "server.pem"), "--tls-key",
+            str(tmp_path / "server.key"), "--tls-client-ca", str(tmp_path / "ca.pem")]
+    with running_server(args, channel_credentials=creds) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0].name == "tiny"
+        # Without a client certificate the handshake fails.
+        anonymous = grpc.secure_channel(s.address, grpc.ssl_channel_credentials(root_certificates=ca),
+                                        options=[("grpc.ssl_target_name_override", "localhost")])
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.ImageGeneratorStub(anonymous).ListModels(pb.ListModelsRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        anonymous.close()
+        # Plaintext is refused too.
+        plain = grpc.insecure_channel(s.address)
+        with pytest.raises(grpc.RpcError):
+            pb_grpc.ImageGeneratorStub(plain).ListModels(pb.ListModelsRequest(), timeout=10)
+        plain.close()
+
+
+def test_missing_tls_file_fails_fast(tiny_model, tmp_path):
+    binary("tomeserve")
+    with pytest.raises(RuntimeError, match="--tls-cert"):
+        start_server(["--model", tiny_model, "--tls-cert", str(tmp_path / "none.pem"), "--tls-key",
+                      str(tmp_path / "none.key")])

@@ -1,0 +1,124 @@
+// server::ParseCommandLine: defaults, repeated --model, precedence command line > environment > config file,
+// and one-line usage errors that name the flag, variable or key.
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "gtest/gtest.h"
+#include "server/options.h"
+
+namespace tomeserve::server {
+namespace {
+
+GetEnvFn Env(std::map<std::string, std::string> vars) {
+  return [vars](const std::string& name) -> std::optional<std::string> {
+    auto it = vars.find(name);
+    if (it == vars.end()) return std::nullopt;
+    return it->second;
+  };
+}
+
+std::string WriteConfig(const std::string& text) {
+  const auto path =
+      std::filesystem::temp_directory_path() /
+      ("tomeserve_options_test_" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "_" +
+       ::testing::UnitTest::GetInstance()->current_test_info()->name() + ".yaml");
+  std::ofstream(path) << text;
+  return path.string();
+}
+
+TEST(OptionsTest, Defaults) {
+  absl::StatusOr<CommandLine> c = ParseCommandLine({"--model", "/m/sd15"}, Env({}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  const ServerOptions& o = c->options;
+  ASSERT_EQ(o.models.size(), 1u);
+  EXPECT_EQ(o.models[0].name, "sd15");
+  EXPECT_EQ(o.models[0].dir, "/m/sd15");
+  EXPECT_EQ(o.listen, "0.0.0.0:50051");
+  EXPECT_EQ(o.max_batch_size, 8);
+  EXPECT_EQ(o.default_tome_ratio, 0.5);
+  EXPECT_EQ(o.drain_timeout, absl::Seconds(30));
+  EXPECT_EQ(o.max_prompt_tokens, 77);
+}
+
+TEST(OptionsTest, RepeatedModelsAndDashedNames) {
+  absl::StatusOr<CommandLine> c =
+      ParseCommandLine({"--model", "/m/a/", "--model=b=/m/other", "--max-batch-size", "3",
+                        "--max_queue_delay_ms=7", "--drain-timeout", "1.5"},
+                       Env({}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  ASSERT_EQ(c->options.models.size(), 2u);
+  EXPECT_EQ(c->options.models[0].name, "a");
+  EXPECT_EQ(c->options.models[1].name, "b");
+  EXPECT_EQ(c->options.models[1].dir, "/m/other");
+  EXPECT_EQ(c->options.max_batch_size, 3);
+  EXPECT_EQ(c->options.max_queue_delay_ms, 7);
+  EXPECT_EQ(c->options.drain_timeout, absl::Milliseconds(1500));
+}
+
+TEST(OptionsTest, PrecedenceFlagsOverEnvOverFile) {
+  const std::string config =
+      WriteConfig("model: /m/file\nmax-batch-size: 2\nmax_queue_size: 5\nmax-steps: 9\nlog-format: json\n");
+  absl::StatusOr<CommandLine> c =
+      ParseCommandLine({"--config", config, "--max-batch-size", "4"},
+                       Env({{"TOMESERVE_MAX_BATCH_SIZE", "3"}, {"TOMESERVE_MAX_QUEUE_SIZE", "6"}}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->options.models.at(0).dir, "/m/file");
+  EXPECT_EQ(c->options.max_batch_size, 4);  // flag
+  EXPECT_EQ(c->options.max_queue_size, 6);  // environment
+  EXPECT_EQ(c->options.max_steps, 9);       // file
+  EXPECT_EQ(c->options.log_format, "json");
+}
+
+TEST(OptionsTest, JsonConfigWithModelMap) {
+  const std::string config = WriteConfig(R"({"models": {"x": "/m/x"}, "default_tome_ratio": 0.25})");
+  absl::StatusOr<CommandLine> c = ParseCommandLine({}, Env({{"TOMESERVE_CONFIG", config}}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->options.models.at(0).name, "x");
+  EXPECT_EQ(c->options.default_tome_ratio, 0.25);
+}
+
+TEST(OptionsTest, Help) {
+  absl::StatusOr<CommandLine> c = ParseCommandLine({"--help"}, Env({}));
+  ASSERT_TRUE(c.ok());
+  EXPECT_TRUE(c->help);
+  const std::string help = HelpText();
+  for (const char* flag :
+       {"--model", "--listen", "--metrics-listen", "--devices", "--max-batch-size", "--max-queue-delay-ms",
+        "--max-queue-size", "--default-tome-ratio", "--drain-timeout", "--config", "--tls-cert", "--tls-key",
+        "--tls-client-ca", "--inject-oom-above-batch", "--port-file", "--log-format",
+        "--max-prompt-tokens"}) {
+    EXPECT_NE(help.find(flag), std::string::npos) << flag;
+  }
+}
+
+TEST(OptionsTest, UsageErrorsNameTheProblem) {
+  const std::pair<std::vector<std::string>, std::string> cases[] = {
+      {{}, "--model"},
+      {{"--model", "/m", "--bogus", "1"}, "--bogus"},
+      {{"--model", "/m", "--max-batch-size", "x"}, "--max-batch-size"},
+      {{"--model", "/m", "--max-batch-size", "0"}, "--max-batch-size"},
+      {{"--model", "/m", "--default-tome-ratio", "1.5"}, "--default-tome-ratio"},
+      {{"--model", "/m", "--log-format", "xml"}, "--log-format"},
+      {{"--model", "/m", "--dtype", "fp64"}, "--dtype"},
+      {{"--model", "/m", "--tls-cert", "c.pem"}, "--tls-cert"},
+      {{"--model", "/m", "--max-prompt-tokens", "78"}, "--max-prompt-tokens"},
+      {{"--model", "/m", "stray"}, "stray"},
+      {{"--model", "/m/a", "--model", "/n/a"}, "\"a\""},
+      {{"--model", "/m", "--listen"}, "--listen"},
+  };
+  for (const auto& [args, needle] : cases) {
+    absl::StatusOr<CommandLine> c = ParseCommandLine(args, Env({}));
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << needle;
+    EXPECT_NE(c.status().message().find(needle), absl::string_view::npos) << c.status();
+    EXPECT_EQ(c.status().message().find('\n'), absl::string_view::npos) << c.status();
+  }
+  absl::StatusOr<CommandLine> env = ParseCommandLine({"--model", "/m"}, Env({{"TOMESERVE_MAX_STEPS", "x"}}));
+  EXPECT_NE(env.status().message().find("TOMESERVE_MAX_STEPS"), absl::string_view::npos) << env.status();
+  const std::string config = WriteConfig("model: /m\nnot_a_flag: 1\n");
+  absl::StatusOr<CommandLine> file = ParseCommandLine({"--config", config}, Env({}));
+  EXPECT_NE(file.status().message().find("not_a_flag"), absl::string_view::npos) << file.status();
+}
+
+}  // namespace
+}  // namespace tomeserve::server
