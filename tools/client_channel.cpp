@@ -1,0 +1,89 @@
+#include "tools/client_channel.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "grpcpp/support/channel_arguments.h"
+
+namespace tomeserve::tools {
+namespace {
+
+constexpr int kMaxResponseBytes = 256 << 20;
+
+absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
+  if (path.empty()) return std::string();
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("--", flag, ": cannot read ", path));
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (text.str().empty())
+    return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", path, " is empty"));
+  return text.str();
+}
+
+}  // namespace
+
+absl::StatusOr<ConnectionOptions> ParseConnectionOptions(const CliArgs& args) {
+  ConnectionOptions o;
+  if (auto target = args.Get("target")) {
+    o.target = *target;
+  } else if (const char* env = std::getenv("TOMESERVE_TARGET"); env != nullptr) {
+    o.target = env;
+  }
+  if (o.target.empty()) return absl::InvalidArgumentError("--target HOST:PORT is required");
+  o.tls_ca = args.Get("tls-ca").value_or("");
+  o.tls_cert = args.Get("tls-cert").value_or("");
+  o.tls_key = args.Get("tls-key").value_or("");
+  o.tls_server_name = args.Get("tls-server-name").value_or("");
+  if (o.tls_cert.empty() != o.tls_key.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together (client certificate for mTLS)");
+  }
+  if (!o.tls_server_name.empty() && !o.UsesTls()) {
+    return absl::InvalidArgumentError("--tls-server-name needs --tls-ca (or --tls-cert/--tls-key)");
+  }
+  if (args.Has("timeout")) {
+    absl::StatusOr<double> t = args.GetDouble("timeout", 0, 0.001, 7 * 24 * 3600.0);
+    if (!t.ok()) return t.status();
+    o.timeout_s = *t;
+  }
+  return o;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ConnectionOptions& options) {
+  grpc::ChannelArguments channel_args;
+  channel_args.SetMaxReceiveMessageSize(kMaxResponseBytes);
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  if (options.UsesTls()) {
+    grpc::SslCredentialsOptions ssl;
+    absl::StatusOr<std::string> ca = ReadPem("tls-ca", options.tls_ca);
+    absl::StatusOr<std::string> cert = ReadPem("tls-cert", options.tls_cert);
+    absl::StatusOr<std::string> key = ReadPem("tls-key", options.tls_key);
+    for (const absl::Status& s : {ca.status(), cert.status(), key.status()}) {
+      if (!s.ok()) return s;
+    }
+    ssl.pem_root_certs = *ca;  // empty: the system's roots
+    ssl.pem_cert_chain = *cert;
+    ssl.pem_private_key = *key;
+    credentials = grpc::SslCredentials(ssl);
+    if (!options.tls_server_name.empty()) channel_args.SetSslTargetNameOverride(options.tls_server_name);
+  } else {
+    credentials = grpc::InsecureChannelCredentials();
+  }
+  return grpc::CreateCustomChannel(options.target, credentials, channel_args);
+}
+
+void SetDeadline(grpc::ClientContext& context, const ConnectionOptions& options,
+                 std::chrono::seconds fallback) {
+  const auto timeout = options.timeout_s ? std::chrono::duration_cast<std::chrono::milliseconds>(
+                                               std::chrono::duration<double>(*options.timeout_s))
+                                         : std::chrono::duration_cast<std::chrono::milliseconds>(fallback);
+  context.set_deadline(std::chrono::system_clock::now() + timeout);
+}
+
+}  // namespace tomeserve::tools
