@@ -55,25 +55,37 @@ std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, cons
   // with the highest best score merge (ties: lower src position first).
   const at::Tensor dst_pos = plan->dst_pos_.expand({batch, num_dst});
   const at::Tensor src_pos = plan->src_pos_.expand({batch, num_src});
-  const at::Tensor normed = metric / metric.norm(2, -1, /*keepdim=*/true);
-  const at::Tensor a = normed.gather(1, src_pos.unsqueeze(-1).expand({batch, num_src, channels}));
-  const at::Tensor b = normed.gather(1, dst_pos.unsqueeze(-1).expand({batch, num_dst, channels}));
+  // Rows are copied with index_select on [B*N, C] views: whole rows at a time, where gather with an index
+  // expanded over C reads an index per element (several times slower on CPU).
+  const at::Tensor row_base = at::arange(batch, long_opts).unsqueeze(1);  // [B, 1]
+  const auto rows_of = [&](const at::Tensor& flat, const at::Tensor& pos, int64_t tokens) {
+    return flat.index_select(0, (pos + row_base * tokens).reshape(-1));
+  };
+  const at::Tensor normed = (metric / metric.norm(2, -1, /*keepdim=*/true)).reshape({batch * n, channels});
+  const at::Tensor a = rows_of(normed, src_pos, n).view({batch, num_src, channels});
+  const at::Tensor b = rows_of(normed, dst_pos, n).view({batch, num_dst, channels});
   const auto [node_max, node_idx] = at::matmul(a, b.transpose(-1, -2)).max(-1);
   const at::Tensor edge = std::get<1>(node_max.sort(std::optional<bool>(true), /*dim=*/-1, /*descending=*/true));
   const at::Tensor unm_idx = edge.slice(1, r), src_idx = edge.slice(1, 0, r);
-  const at::Tensor dst_idx = node_idx.gather(1, src_idx);
+  const at::Tensor dst_idx = node_idx.gather(1, src_idx);  // [B, r]: which dst each merged src joins
 
-  // Positions in the input grid, so that Merge/Unmerge gather from x directly.
-  const at::Tensor kept = at::cat({src_pos.gather(1, unm_idx), dst_pos}, 1);  // [B, N - r]
-  const at::Tensor merged = src_pos.gather(1, src_idx);                        // [B, r]
-  plan->kept_pos_ = kept.unsqueeze(-1);
-  plan->merged_pos_ = merged.unsqueeze(-1);
-  plan->merged_into_ = (dst_idx + (num_src - r)).unsqueeze(-1);
-  // Unmerge lays out [merged tokens | their dst's value again] = positions [kept | merged]; invert that.
-  const at::Tensor layout = at::cat({kept, merged}, 1);
-  plan->restore_ = at::empty_like(layout)
-                       .scatter_(1, layout, at::arange(n, long_opts).expand({batch, n}))
-                       .unsqueeze(-1);
+  // Merge output layout per row: [unmerged src | dst], N - r tokens; flat row indices into x and into it.
+  const int64_t kept = n - r, unm = num_src - r;
+  const at::Tensor kept_pos = at::cat({src_pos.gather(1, unm_idx), dst_pos}, 1);  // [B, N - r]
+  const at::Tensor merged_pos = src_pos.gather(1, src_idx);                       // [B, r]
+  const at::Tensor merged_into = dst_idx + unm;                                   // [B, r], in the output
+  plan->kept_rows_ = (kept_pos + row_base * n).reshape(-1);
+  plan->merged_rows_ = (merged_pos + row_base * n).reshape(-1);
+  plan->merged_into_rows_ = (merged_into + row_base * kept).reshape(-1);
+  // Each dst averages itself and the src merged into it (tomesd's scatter_reduce "mean", include_self).
+  plan->dst_count_ = at::ones({batch, num_dst}, metric.options().dtype(at::kFloat))
+                         .scatter_add_(1, dst_idx, at::ones({batch, r}, metric.options().dtype(at::kFloat)))
+                         .unsqueeze(-1);
+  // Unmerge: a kept token comes back from its own output row, a merged one from its dst's.
+  const at::Tensor positions = at::cat({kept_pos, merged_pos}, 1);  // [B, N]
+  const at::Tensor sources = at::cat({at::arange(kept, long_opts).expand({batch, kept}), merged_into}, 1);
+  plan->unmerge_rows_ =
+      (at::empty_like(positions).scatter_(1, positions, sources) + row_base * kept).reshape(-1);
   return plan;
 }
 
@@ -81,19 +93,21 @@ at::Tensor MergePlan::Merge(const at::Tensor& x) const {
   TORCH_CHECK(x.dim() == 3 && x.size(0) == batch_ && x.size(1) == n_, "ToMe Merge expects [", batch_, ", ", n_,
               ", C], got ", x.sizes());
   const int64_t c = x.size(2);
-  at::Tensor out = x.gather(1, kept_pos_.expand({batch_, n_ - r_, c}));
-  const at::Tensor src = x.gather(1, merged_pos_.expand({batch_, r_, c}));
-  // tomesd: dst.scatter_reduce(-2, dst_idx, src, reduce="mean") with include_self; the unmerged part is untouched.
-  out.scatter_reduce_(1, merged_into_.expand({batch_, r_, c}), src, "mean", /*include_self=*/true);
-  return out;
+  const at::Tensor rows = x.reshape({batch_ * n_, c});
+  at::Tensor out = rows.index_select(0, kept_rows_);  // [B * (N - r), C]
+  // tomesd: dst.scatter_reduce(-2, dst_idx, src, reduce="mean", include_self=True), which sums (self first, then
+  // src in order) and divides by the count: the same adds in the same order here, whole rows at a time.
+  out.index_add_(0, merged_into_rows_, rows.index_select(0, merged_rows_));
+  at::Tensor merged = out.view({batch_, n_ - r_, c});
+  merged.narrow(1, n_ - r_ - num_dst_, num_dst_).div_(dst_count_.to(x.scalar_type()));
+  return merged;
 }
 
 at::Tensor MergePlan::Unmerge(const at::Tensor& x) const {
   TORCH_CHECK(x.dim() == 3 && x.size(0) == batch_ && x.size(1) == n_ - r_, "ToMe Unmerge expects [", batch_, ", ",
               n_ - r_, ", C], got ", x.sizes());
   const int64_t c = x.size(2);
-  const at::Tensor src = x.gather(1, merged_into_.expand({batch_, r_, c}));
-  return at::cat({x, src}, 1).gather(1, restore_.expand({batch_, n_, c}));
+  return x.reshape({batch_ * (n_ - r_), c}).index_select(0, unmerge_rows_).view({batch_, n_, c});
 }
 
 }  // namespace tomeserve::tome

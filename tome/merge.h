@@ -49,13 +49,13 @@ class MergePlan final : public pipeline::TokenOps {
 
   int64_t batch_ = 0, n_ = 0, r_ = 0, num_dst_ = 0;
   at::Tensor dst_pos_, src_pos_;  // [P, num_dst], [P, N - num_dst]
-  // Merge: gather(x, kept_pos) = [unmerged src | dst], then the merged src tokens (merged_pos) are
-  // mean-reduced into their dst at merged_into (offset into the kept tensor).
-  at::Tensor kept_pos_;     // [B, N - r, 1]
-  at::Tensor merged_pos_;   // [B, r, 1]
-  at::Tensor merged_into_;  // [B, r, 1]
-  // Unmerge: gather(cat([merged x, x at merged_into]), restore_) puts every token back at its position.
-  at::Tensor restore_;  // [B, N, 1]
+  // Flat row indices into [B * tokens, C] views. Merge: out = x[kept_rows] (= [unmerged src | dst] per row),
+  // out[merged_into_rows] += x[merged_rows], then the dst part is divided by dst_count. Unmerge: x[unmerge_rows].
+  at::Tensor kept_rows_;         // [B * (N - r)]
+  at::Tensor merged_rows_;       // [B * r]
+  at::Tensor merged_into_rows_;  // [B * r]
+  at::Tensor dst_count_;         // [B, num_dst, 1] float: 1 + number of src merged into each dst
+  at::Tensor unmerge_rows_;      // [B * N]
 };
 
 }  // namespace tomeserve::tome
