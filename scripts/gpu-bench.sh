@@ -44,5 +44,11 @@ for dtype in fp16; do
     --sizes "${GPU_BENCH_SIZES:-512,768}" --modes unet,generate --steps "${GPU_BENCH_STEPS:-20}" \
     --reps "${GPU_BENCH_REPS:-5}" --warmup 2 --bin .devbuild/bin --section "gpu-sd15-$dtype" \
     --doc "$out/benchmarks.md" 2>&1 | grep -v Warn | tee -a "$out/bench.log"
+  # Token Merging: UNet forward and the merge machinery at tomesd's ratios (the speed-up grows with resolution).
+  LD_LIBRARY_PATH="$torch_lib:$root/.devbuild/lib:/usr/local/cuda/lib64" python3 scripts/bench.py --model $td/sd15 \
+    --label "sd15 ToMe, $(head -1 "$out/gpu.txt" | cut -d, -f1)" --device cuda --dtype $dtype \
+    --sizes "${GPU_TOME_SIZES:-512,1024}" --modes merge,unet --tome-ratios 0,0.3,0.5,0.6 \
+    --reps "${GPU_BENCH_REPS:-5}" --warmup 2 --bin .devbuild/bin --section "gpu-sd15-tome-$dtype" \
+    --doc "$out/benchmarks.md" 2>&1 | grep -v Warn | tee -a "$out/bench.log"
 done
 exit $status
