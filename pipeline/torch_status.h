@@ -17,15 +17,24 @@ namespace tomeserve::pipeline {
 // The first line of a c10 message: libtorch appends multi-line backtraces that do not belong in a status.
 absl::string_view FirstLine(absl::string_view message);
 
+// Out of memory is RESOURCE_EXHAUSTED carrying the payload kOutOfMemoryPayload, so callers can tell it from
+// other RESOURCE_EXHAUSTED errors (a full queue, a limit). OutOfMemoryError builds one (GuardTorch, and the
+// server's injected OOM for tests); IsOutOfMemory recognises it. A status rebuilt from the message alone (new
+// code or StrCat) loses the mark.
+inline constexpr absl::string_view kOutOfMemoryPayload = "tomeserve/oom";
+absl::Status OutOfMemoryError(absl::string_view message);
+bool IsOutOfMemory(const absl::Status& status);
+
 // Runs `fn` (returning absl::Status or absl::StatusOr<T>) and maps exceptions:
-//   c10::OutOfMemoryError -> RESOURCE_EXHAUSTED (the server splits the batch and counts it),
+//   c10::OutOfMemoryError -> OutOfMemoryError() (RESOURCE_EXHAUSTED marked as OOM; the server splits the
+//     batch and counts it),
 //   other c10::Error / std::exception -> INTERNAL, prefixed with `what`.
 template <typename Fn>
 auto GuardTorch(absl::string_view what, Fn&& fn) -> decltype(fn()) {
   try {
     return fn();
   } catch (const c10::OutOfMemoryError& e) {
-    return absl::ResourceExhaustedError(absl::StrCat(what, ": out of memory: ", FirstLine(e.what_without_backtrace())));
+    return OutOfMemoryError(absl::StrCat(what, ": out of memory: ", FirstLine(e.what_without_backtrace())));
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat(what, ": ", FirstLine(e.what_without_backtrace())));
   } catch (const std::exception& e) {

@@ -68,6 +68,9 @@ void Batcher::Stop() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
+    // The thread may be between two looks at the queue (observers run unlocked): wake_ makes it loop once
+    // more instead of waiting, and that pass sees stopping_.
+    wake_ = true;
     cv_.Signal();
   }
   if (thread_.joinable()) thread_.join();
@@ -164,7 +167,8 @@ void Batcher::Run() {
     mu_.Lock();
 
     if (stop) return;
-    if (!stopped.empty() || !batches.empty() || wake_) {
+    // stopping_ too: Stop() may have run while the lock was released above.
+    if (!stopped.empty() || !batches.empty() || wake_ || stopping_) {
       wake_ = false;
       continue;
     }

@@ -12,11 +12,14 @@
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <sstream>
 #include <thread>
@@ -126,6 +129,18 @@ absl::Status WritePortFile(const std::string& path, int port) {
   return absl::OkStatus();
 }
 
+// A duration as a gRPC channel argument in milliseconds (an int), capped at INT_MAX.
+int ChannelArgMs(absl::Duration d) {
+  return static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(d), std::numeric_limits<int>::max()));
+}
+
+// What the signal thread uses. Heap-owned and never freed: the thread is detached and may still be in sigwait
+// while Run() returns and main exits, so nothing it touches may live on Run()'s stack.
+struct SignalState {
+  sigset_t signals;
+  absl::Notification stop;  // notified by the first SIGTERM/SIGINT
+};
+
 int Fail(const absl::Status& status) {
   spdlog::error("startup failed: {}", std::string(status.message()));
   return kStartupFailure;
@@ -133,11 +148,11 @@ int Fail(const absl::Status& status) {
 
 int Run(int argc, char** argv) {
   // Signals are taken by one thread (sigwait); every other thread inherits the blocked mask.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  SignalState* const signal_state = new SignalState();  // leaked on purpose (see SignalState)
+  sigemptyset(&signal_state->signals);
+  sigaddset(&signal_state->signals, SIGTERM);
+  sigaddset(&signal_state->signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signal_state->signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
 
   absl::StatusOr<CommandLine> cli =
@@ -189,6 +204,12 @@ int Run(int argc, char** argv) {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(o.listen, *credentials, &port);
+  if (o.max_connection_age > absl::ZeroDuration()) {
+    // Clients behind a Kubernetes Service keep one connection to one pod; GOAWAY after this age makes them
+    // reconnect (and spread over new replicas). Calls in flight on the old connection get the drain timeout.
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, ChannelArgMs(o.max_connection_age));
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, ChannelArgMs(o.drain_timeout));
+  }
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0)
@@ -204,17 +225,17 @@ int Run(int argc, char** argv) {
   }
 
   // Signals: the first starts the drain; later ones are logged.
-  absl::Notification stop;
-  std::thread([&signals, &stop] {
+  absl::Notification& stop = signal_state->stop;
+  std::thread([signal_state] {
     while (true) {
       int sig = 0;
-      if (sigwait(&signals, &sig) != 0) continue;
-      if (stop.HasBeenNotified()) {
+      if (sigwait(&signal_state->signals, &sig) != 0) continue;
+      if (signal_state->stop.HasBeenNotified()) {
         spdlog::warn("signal {} while draining; still draining", sig);
         continue;
       }
       spdlog::info("signal {}: draining", sig);
-      stop.Notify();
+      signal_state->stop.Notify();
     }
   }).detach();
 
@@ -226,7 +247,7 @@ int Run(int argc, char** argv) {
                         .models = o.models,
                         .inject_oom_above_batch = o.inject_oom_above_batch,
                         .warmup_steps = o.warmup_steps,
-                        .stop_warmup = [&stop] { return stop.HasBeenNotified(); }},
+                        .stop_warmup = [signal_state] { return signal_state->stop.HasBeenNotified(); }},
                        metrics->get());
     if (!worker.ok()) {
       server->Shutdown();

@@ -25,7 +25,15 @@ std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(co
 
 }  // namespace
 
-std::string RatioLabel(double ratio) { return absl::StrFormat("%g", ratio); }
+std::string RatioLabel(double ratio) { return absl::StrFormat("%.2f", ratio); }
+
+std::string ResolutionLabel(int width, int height) {
+  const int64_t pixels = static_cast<int64_t>(width) * height;
+  for (const int64_t side : {256, 512, 768, 1024}) {
+    if (pixels <= side * side) return absl::StrCat("<=", side, "x", side);
+  }
+  return ">1024x1024";
+}
 
 struct Metrics::Impl {
   std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
@@ -102,7 +110,7 @@ void Metrics::SetQueueDepth(int depth) {
 
 void Metrics::CountOom(double tome_ratio, int width, int height) {
   if (!impl_) return;
-  impl_->oom.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", absl::StrCat(width, "x", height)}})
+  impl_->oom.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
       .Increment();
 }
 

@@ -8,6 +8,8 @@
 //   tomeserve_batch_size                                   images per UNet batch actually run
 //   tomeserve_queue_depth                                  queued (not running) requests
 //   tomeserve_oom_total{tome_ratio,resolution}             out-of-memory errors (before splitting)
+// Label values are bounded (clients choose ratios and sizes freely): tome_ratio is the batch key's canonical
+// ratio with two decimals (RatioLabel), resolution a pixel-count bucket (ResolutionLabel).
 #pragma once
 
 #include <memory>
@@ -40,7 +42,10 @@ class Metrics {
   std::unique_ptr<Impl> impl_;
 };
 
-// "0.5", "0.3", "0": how ratios are written in labels.
+// "0.50", "0.30", "0.00": how ratios are written in labels (the canonical ratio rounded to 2 decimals).
 std::string RatioLabel(double ratio);
+// "<=256x256", "<=512x512", "<=768x768", "<=1024x1024" or ">1024x1024": the smallest bucket whose pixel count
+// (side squared) holds width*height.
+std::string ResolutionLabel(int width, int height);
 
 }  // namespace tomeserve::server

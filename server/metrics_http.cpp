@@ -3,29 +3,45 @@
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 
 namespace tomeserve::server {
 namespace {
 
 constexpr int kPollMs = 200;
 constexpr int kReadTimeoutMs = 2000;
+// Each blocking send/recv gives up after this; the whole connection after kConnectionLimit. The server has
+// one thread, so a scraper that stops reading (or trickles its request) must not hold /metrics or the exit.
+constexpr int kIoTimeoutMs = 2000;
+constexpr absl::Duration kConnectionLimit = absl::Seconds(10);
 constexpr size_t kMaxRequest = 8192;
 
-void WriteAll(int fd, const std::string& data) {
+void WriteAll(int fd, const std::string& data, absl::Time deadline) {
   size_t done = 0;
-  while (done < data.size()) {
+  while (done < data.size() && absl::Now() < deadline) {
+    // SO_SNDTIMEO bounds each call: -1 with EAGAIN once the peer has not read for kIoTimeoutMs.
     const ssize_t n = ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL);
     if (n <= 0) return;
     done += static_cast<size_t>(n);
   }
+}
+
+void SetIoTimeouts(int fd) {
+  const timeval tv{.tv_sec = kIoTimeoutMs / 1000, .tv_usec = (kIoTimeoutMs % 1000) * 1000};
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 }
 
 }  // namespace
@@ -92,24 +108,29 @@ void MetricsHttpServer::Run() {
     if (::poll(&p, 1, kPollMs) <= 0) continue;
     const int connection = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
     if (connection < 0) continue;
+    SetIoTimeouts(connection);
     Serve(connection);
     ::close(connection);
   }
 }
 
 void MetricsHttpServer::Serve(int connection) {
+  const absl::Time deadline = absl::Now() + kConnectionLimit;
   std::string request;
   char buf[1024];
   while (request.find("\r\n\r\n") == std::string::npos && request.find("\n\n") == std::string::npos) {
+    const int64_t left_ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+    if (left_ms <= 0) return;
     pollfd p{.fd = connection, .events = POLLIN, .revents = 0};
-    if (::poll(&p, 1, kReadTimeoutMs) <= 0) return;
+    if (::poll(&p, 1, static_cast<int>(std::min<int64_t>(kReadTimeoutMs, left_ms))) <= 0) return;
     const ssize_t n = ::recv(connection, buf, sizeof(buf), 0);
     if (n <= 0) return;
     request.append(buf, static_cast<size_t>(n));
     if (request.size() > kMaxRequest) {
       WriteAll(
           connection,
-          "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+          "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+          deadline);
       return;
     }
   }
@@ -121,14 +142,16 @@ void MetricsHttpServer::Serve(int connection) {
     const std::string text = "not found: try /metrics\n";
     WriteAll(connection,
              absl::StrCat("HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: ",
-                          text.size(), "\r\nConnection: close\r\n\r\n", text));
+                          text.size(), "\r\nConnection: close\r\n\r\n", text),
+             deadline);
     return;
   }
   const std::string body = body_();
   WriteAll(connection,
            absl::StrCat("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
                         "Content-Length: ",
-                        body.size(), "\r\nConnection: close\r\n\r\n", head ? "" : body));
+                        body.size(), "\r\nConnection: close\r\n\r\n", head ? "" : body),
+           deadline);
 }
 
 }  // namespace tomeserve::server

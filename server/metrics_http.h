@@ -1,7 +1,8 @@
 // A minimal HTTP/1.x endpoint for Prometheus scrapes: GET /metrics answers with `body()`, anything else 404.
 // prometheus-cpp's own Exposer (civetweb) cannot start its threads in this process: libtorch's static TLS is
 // larger than civetweb's fixed thread stack, so pthread_create fails with EINVAL. One thread, one connection
-// at a time (scrapes are rare and small), 2 s read timeout, requests over 8 KiB are refused.
+// at a time (scrapes are rare and small): 2 s send/receive timeouts and 10 s per connection, so a stuck
+// scraper cannot hold the endpoint or the exit; requests over 8 KiB are refused.
 #pragma once
 
 #include <atomic>

@@ -15,6 +15,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "tome/token_merging.h"
 
 // Every server flag. --model is repeatable and handled by ParseCommandLine itself; the declaration documents
 // it.
@@ -34,12 +35,16 @@ ABSL_FLAG(int32_t, max_queue_size, 64,
           "Most queued (not yet running) requests; beyond it RESOURCE_EXHAUSTED.");
 ABSL_FLAG(double, default_tome_ratio, 0.5,
           "Token Merging ratio for requests that leave tome.ratio unset "
-          "(0 = off).");
+          "(0 = off; at most 0.75, tomesd's cap for its default strides sx = sy = 2).");
 ABSL_FLAG(double, drain_timeout, 30,
           "Seconds to finish in-flight calls after SIGTERM/SIGINT before exiting.");
 ABSL_FLAG(double, shutdown_grace, 0,
           "Seconds between health turning NOT_SERVING on SIGTERM/SIGINT and the listener closing, so that load "
           "balancers stop routing here first; calls still arrive and run meanwhile.");
+ABSL_FLAG(double, max_connection_age, 0,
+          "Seconds after which a client connection is asked to go away (GOAWAY; in-flight calls get "
+          "--drain-timeout to finish), so clients behind a Kubernetes Service reconnect and spread over new "
+          "replicas; 0 = never.");
 ABSL_FLAG(int32_t, max_prompt_bytes, 4096, "Longest prompt / negative prompt in bytes.");
 ABSL_FLAG(int32_t, max_prompt_tokens, 77,
           "Longest prompt in CLIP tokens including start/end (at most 77; "
@@ -54,9 +59,9 @@ ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls-cert.");
 ABSL_FLAG(std::string, tls_client_ca, "",
           "PEM CA bundle; when set, clients must present a certificate it "
           "signed (mTLS).");
-ABSL_FLAG(int32_t, inject_oom_above_batch, 0,
-          "TESTING AID: fail every UNet batch of more than N images with "
-          "an injected out-of-memory error (0 = off).");
+ABSL_FLAG(int32_t, inject_oom_above_batch, -1,
+          "TESTING AID: fail every UNet batch of more than N images with an injected out-of-memory error (0 "
+          "fails every batch, single images included; the warm-up is never affected; -1 = off).");
 ABSL_FLAG(std::string, port_file, "", "After startup, write the bound gRPC port to this file.");
 ABSL_FLAG(int32_t, warmup_steps, 2, "Denoising steps of the warm-up run per model and device at startup.");
 ABSL_FLAG(std::string, config, "", "YAML or JSON file of flag values (keys are flag names).");
@@ -252,6 +257,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   o.default_tome_ratio = absl::GetFlag(FLAGS_default_tome_ratio);
   const double drain = absl::GetFlag(FLAGS_drain_timeout);
   const double grace = absl::GetFlag(FLAGS_shutdown_grace);
+  const double connection_age = absl::GetFlag(FLAGS_max_connection_age);
   o.max_prompt_bytes = absl::GetFlag(FLAGS_max_prompt_bytes);
   o.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
   o.max_side = absl::GetFlag(FLAGS_max_side);
@@ -271,9 +277,14 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
            Check(o.max_batch_size >= 1, "max_batch_size", ">= 1"),
            Check(o.max_queue_delay_ms >= 0, "max_queue_delay_ms", ">= 0"),
            Check(o.max_queue_size >= 1, "max_queue_size", ">= 1"),
-           Check(o.default_tome_ratio >= 0 && o.default_tome_ratio < 1, "default_tome_ratio", "[0, 1)"),
+           // Requests that leave tome.ratio unset get it with tomesd's default strides (sx = sy = 2).
+           Check(o.default_tome_ratio >= 0 && o.default_tome_ratio <= tome::MaxRatio(2, 2),
+                 "default_tome_ratio",
+                 absl::StrCat("[0, ", tome::MaxRatio(2, 2), "] (the most tomesd merges with sx = sy = 2)")),
            Check(drain >= 0, "drain_timeout", ">= 0 seconds"),
            Check(grace >= 0 && grace <= 3600, "shutdown_grace", "[0, 3600] seconds"),
+           Check(connection_age >= 0 && connection_age <= 1e6, "max_connection_age",
+                 "[0, 1000000] seconds (0 = never)"),
            Check(o.max_prompt_bytes >= 1, "max_prompt_bytes", ">= 1"),
            Check(o.max_prompt_tokens >= 3 && o.max_prompt_tokens <= 77, "max_prompt_tokens", "[3, 77]"),
            Check(o.max_side >= 64 && o.max_side <= 16384, "max_side", "[64, 16384]"),
@@ -286,13 +297,14 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
                  "dtype", "auto, fp32, fp16 or bf16"),
            Check(o.tls_cert.empty() == o.tls_key.empty(), "tls_cert", "set together with --tls-key"),
            Check(o.tls_client_ca.empty() || !o.tls_cert.empty(), "tls_client_ca", "only with --tls-cert"),
-           Check(o.inject_oom_above_batch >= 0, "inject_oom_above_batch", ">= 0"),
+           Check(o.inject_oom_above_batch >= -1, "inject_oom_above_batch", ">= 0, or -1 (off)"),
            Check(o.warmup_steps >= 1, "warmup_steps", ">= 1"),
        }) {
     if (!s.ok()) return s;
   }
   o.drain_timeout = absl::Seconds(drain);
   o.shutdown_grace = absl::Seconds(grace);
+  o.max_connection_age = absl::Seconds(connection_age);
   return result;
 }
 

@@ -33,6 +33,7 @@ struct ServerOptions {
   double default_tome_ratio = 0.5;
   absl::Duration drain_timeout = absl::Seconds(30);
   absl::Duration shutdown_grace = absl::ZeroDuration();
+  absl::Duration max_connection_age = absl::ZeroDuration();  // zero: connections are never aged out
   int max_prompt_bytes = 4096;
   int max_prompt_tokens = 77;
   int max_side = 1024;
@@ -41,7 +42,7 @@ struct ServerOptions {
   int max_images = 4;
   std::string log_format = "text";
   std::string tls_cert, tls_key, tls_client_ca;
-  int inject_oom_above_batch = 0;  // 0: off
+  int inject_oom_above_batch = -1;  // -1: off; N >= 0: fail UNet batches of more than N images
   std::string port_file;
   int warmup_steps = 2;
 };

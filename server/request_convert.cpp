@@ -127,9 +127,19 @@ absl::StatusOr<GenerationRequest> ConvertRequest(const v1::GenerateRequest& requ
     return absl::NotFoundError(absl::StrCat("model: no model named \"", model_name,
                                             "\" is loaded; loaded: ", absl::StrJoin(names, ", ")));
   }
-  if (static_cast<int>(request.request_id().size()) > limits.max_request_id_bytes) {
-    return Invalid(absl::StrCat("request_id is ", request.request_id().size(), " bytes; allowed: at most ",
-                                limits.max_request_id_bytes));
+  // The id is echoed in the response and written verbatim into log lines: printable ASCII only, so a client
+  // cannot forge or break log lines (newlines, terminal escape sequences).
+  const std::string& id = request.request_id();
+  if (static_cast<int>(id.size()) > limits.max_request_id_bytes) {
+    return Invalid(absl::StrCat("request_id is ", id.size(), " bytes; allowed: at most ",
+                                limits.max_request_id_bytes, " bytes of printable ASCII"));
+  }
+  for (const char c : id) {
+    if (c < 0x20 || c > 0x7e) {
+      return Invalid(absl::StrCat(
+          "request_id has a byte 0x", absl::Hex(static_cast<unsigned char>(c), absl::kZeroPad2),
+          "; allowed: printable ASCII (0x20-0x7e), at most ", limits.max_request_id_bytes, " bytes"));
+    }
   }
   out.request_id =
       request.request_id().empty() ? absl::StrFormat("%016x", random.next()) : request.request_id();

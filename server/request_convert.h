@@ -26,7 +26,7 @@ struct RequestLimits {
   int max_images = 4;
   double max_guidance = 100;
   double default_tome_ratio = 0.5;
-  int max_request_id_bytes = 128;
+  int max_request_id_bytes = 128;  // request_id: printable ASCII only
 };
 
 // Seeds and request ids for unset fields; tests pass a deterministic one.

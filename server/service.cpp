@@ -39,7 +39,8 @@ struct ImageGeneratorService::Context {
               const absl::StatusOr<GenerationResult>& result, absl::Time started) {
     const absl::StatusCode code = result.status().code();
     const double total = absl::ToDoubleSeconds(absl::Now() - started);
-    const double ratio = job != nullptr ? job->request().tome.ratio : 0;
+    // The batch key's canonical ratio: settings with no effect count as 0, like the OOM counter's.
+    const double ratio = job != nullptr ? job->key().tome.ratio : 0;
     metrics->ObserveRequest(ratio, code, total);
     const std::string id = job != nullptr ? job->request().request_id : request.request_id();
     const std::string key = job != nullptr ? ToString(job->key()) : "-";

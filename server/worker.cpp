@@ -16,6 +16,7 @@
 #include "pipeline/device.h"
 #include "pipeline/image_codec.h"
 #include "pipeline/stable_diffusion.h"
+#include "pipeline/torch_status.h"
 #include "tome/tome_hooks.h"
 
 #ifdef TOMESERVE_HAVE_CUDA
@@ -83,6 +84,9 @@ struct JobRun {
   std::vector<std::optional<EncodedImage>> images;
   absl::Status error;
   GenerationResult result;
+  // The highest progress step sent to the call: after an OOM split the sub-batches restart from step 0, and a
+  // client must never see its progress go backwards.
+  int last_progress_step = 0;
   bool done() const { return job->finished() || !error.ok(); }
 };
 
@@ -252,15 +256,17 @@ void Worker::Impl::RunWithSplit(const Batch& batch, const std::vector<SampleRef>
   if (refs.empty()) return;
   const int n = static_cast<int>(refs.size());
   absl::Status status;
-  if (options.inject_oom_above_batch > 0 && n > options.inject_oom_above_batch) {
-    status =
-        absl::ResourceExhaustedError(absl::StrCat("injected out of memory (--inject-oom-above-batch ",
-                                                  options.inject_oom_above_batch, ") for a batch of ", n));
+  if (options.inject_oom_above_batch >= 0 && n > options.inject_oom_above_batch) {
+    // Marked exactly like a real c10::OutOfMemoryError (pipeline::GuardTorch), so it takes the same path.
+    status = pipeline::OutOfMemoryError(absl::StrCat("injected out of memory (--inject-oom-above-batch ",
+                                                     options.inject_oom_above_batch, ") for a batch of ", n));
   } else {
     status = RunOnce(batch, refs, runs);
   }
   if (status.ok()) return;
-  if (status.code() != absl::StatusCode::kResourceExhausted) {
+  // Only a real (or injected) out-of-memory error is split and counted; any other error, RESOURCE_EXHAUSTED
+  // included, fails the sub-batch's calls as it is.
+  if (!pipeline::IsOutOfMemory(status)) {
     for (const SampleRef& r : refs) {
       if ((*runs)[r.job].error.ok()) (*runs)[r.job].error = status;
     }
@@ -273,9 +279,9 @@ void Worker::Impl::RunWithSplit(const Batch& batch, const std::vector<SampleRef>
                  std::string(status.message()));
     JobRun& run = (*runs)[refs[0].job];
     if (run.error.ok()) {
-      run.error = absl::ResourceExhaustedError(
-          absl::StrCat("out of memory on ", options.device, " for a single ", batch.key.width, "x",
-                       batch.key.height, " image; try a smaller size: ", status.message()));
+      run.error = absl::ResourceExhaustedError(absl::StrCat(
+          "out of memory on ", options.device, ": a single ", batch.key.width, "x", batch.key.height,
+          " image does not fit even alone; try a smaller size: ", status.message()));
     }
     return;
   }
@@ -338,7 +344,12 @@ absl::Status Worker::Impl::RunOnce(const Batch& batch, const std::vector<SampleR
     }
     if (!any_active) return absl::OkStatus();
     if (absl::Status s = denoise.Step(); !s.ok()) return s;
-    for (int j : jobs) (*runs)[j].job->NotifyProgress(denoise.calls_done(), denoise.num_calls());
+    for (int j : jobs) {
+      JobRun& run = (*runs)[j];
+      if (denoise.calls_done() <= run.last_progress_step) continue;
+      run.last_progress_step = denoise.calls_done();
+      run.job->NotifyProgress(denoise.calls_done(), denoise.num_calls());
+    }
   }
   const double denoising = Seconds(absl::Now() - t_denoise);
 

@@ -2,8 +2,9 @@
 // model). A worker takes batches from the shared BatchQueue and runs each step by step through DenoiseBatch:
 // progress events after every step; a cancelled call or expired deadline is finished at the next step
 // boundary and its samples leave the batch (the others continue); an out-of-memory error (real, or injected
-// for tests with --inject-oom-above-batch) frees the CUDA cache, splits the batch in halves and retries, and
-// a single image that still does not fit fails its call with RESOURCE_EXHAUSTED. Every OOM is counted.
+// for tests with --inject-oom-above-batch; told apart from other errors by pipeline::IsOutOfMemory) frees the
+// CUDA cache, splits the batch in halves and retries, and a single image that still does not fit fails its
+// call with RESOURCE_EXHAUSTED. Every OOM is counted.
 //
 // This header is torch-free (the pipeline lives behind Impl in worker.cpp, the only server TU that includes
 // torch headers), so main and the service compile without torch.
@@ -49,7 +50,8 @@ struct WorkerOptions {
   std::string device;  // "cpu", "cuda:0", ...
   std::string dtype;   // "auto", "fp32", "fp16", "bf16"
   std::vector<ModelSpec> models;
-  int inject_oom_above_batch = 0;
+  // -1: off; N >= 0: UNet batches of more than N images fail with an injected OOM (never the warm-up).
+  int inject_oom_above_batch = -1;
   int warmup_steps = 2;
   // Polled between warm-up steps (any thread's signal): true stops the warm-up early (the server is exiting).
   std::function<bool()> stop_warmup;

@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
@@ -248,6 +249,50 @@ TEST_F(BatcherTest, StopFinishesQueuedJobsAndRefusesNewOnes) {
   batcher_->Stop();
   EXPECT_EQ(observer(1).WaitDone().code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(Enqueue("a", 1).code(), absl::StatusCode::kUnavailable);
+}
+
+// Calls Stop() on another thread. False when it has not returned after kWait: the batcher (and that thread)
+// are then abandoned, so a lost wake-up fails the test instead of hanging it.
+bool StopReturns(std::unique_ptr<Batcher>& batcher) {
+  auto returned = std::make_shared<absl::Notification>();
+  std::thread([b = batcher.get(), returned] {
+    b->Stop();
+    returned->Notify();
+  }).detach();
+  if (returned->WaitForNotificationWithTimeout(kWait)) return true;
+  batcher.release();  // still inside Stop(): never destroyed
+  return false;
+}
+
+// Stop() right after the constructor, right after an Enqueue, and while the batcher thread is calling out
+// without its lock (the depth callback, where a Signal() with no waiter used to be lost), many times.
+TEST(BatcherStopTest, StopRightAfterStartOrEnqueueNeverHangs) {
+  for (int i = 0; i < 150; ++i) {
+    const int variant = i % 3;   // 0: after start, 1: after Enqueue, 2: inside the depth callback
+    RecordingObserver observer;  // outlives the batcher
+    absl::Notification in_callback;
+    auto batcher = std::make_unique<Batcher>(
+        BatcherOptions{.max_batch_images = 8, .max_queue_delay = absl::Hours(1), .num_slots = 1},
+        [](Batch) {},
+        [&in_callback](int) {
+          // Batcher thread only. Lingers so that the Stop() below lands while the lock is released.
+          if (!in_callback.HasBeenNotified()) in_callback.Notify();
+          absl::SleepFor(absl::Milliseconds(1));
+        });
+    if (variant == 1) {
+      GenerationRequest r;
+      r.key.model = "a";
+      ASSERT_TRUE(batcher->Enqueue(std::make_shared<Job>(r, absl::InfiniteFuture(), &observer)).ok());
+    }
+    if (variant == 2) ASSERT_TRUE(in_callback.WaitForNotificationWithTimeout(kWait));
+    ASSERT_TRUE(StopReturns(batcher)) << "Stop() did not return (variant " << variant << ")";
+    if (variant == 1) {
+      // Stop() joined the thread, which finished the queued job on its way out.
+      ASSERT_TRUE(observer.done()) << "iteration " << i;
+      EXPECT_EQ(observer.WaitDone().code(), absl::StatusCode::kUnavailable);
+    }
+    batcher->Stop();  // idempotent
+  }
 }
 
 TEST(BatchKeyTest, HashAndEquality) {

@@ -39,6 +39,37 @@ TEST(OptionsTest, Defaults) {
   EXPECT_EQ(o.default_tome_ratio, 0.5);
   EXPECT_EQ(o.drain_timeout, absl::Seconds(30));
   EXPECT_EQ(o.max_prompt_tokens, 77);
+  EXPECT_EQ(o.shutdown_grace, absl::ZeroDuration());
+  EXPECT_EQ(o.max_connection_age, absl::ZeroDuration());  // off
+  EXPECT_EQ(o.inject_oom_above_batch, -1);                // off
+}
+
+TEST(OptionsTest, ShutdownGraceAndConnectionAge) {
+  absl::StatusOr<CommandLine> c =
+      ParseCommandLine({"--model", "/m", "--shutdown-grace", "10", "--max-connection-age=300",
+                        "--inject-oom-above-batch", "0"},
+                       Env({}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->options.shutdown_grace, absl::Seconds(10));
+  EXPECT_EQ(c->options.max_connection_age, absl::Seconds(300));
+  EXPECT_EQ(c->options.inject_oom_above_batch, 0);  // every batch, single images included
+  absl::StatusOr<CommandLine> env =
+      ParseCommandLine({"--model", "/m"}, Env({{"TOMESERVE_MAX_CONNECTION_AGE", "1.5"}}));
+  ASSERT_TRUE(env.ok()) << env.status();
+  EXPECT_EQ(env->options.max_connection_age, absl::Milliseconds(1500));
+}
+
+TEST(OptionsTest, DefaultTomeRatioUpToTomesdCapForDefaultStrides) {
+  absl::StatusOr<CommandLine> c =
+      ParseCommandLine({"--model", "/m", "--default-tome-ratio", "0.75"}, Env({}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->options.default_tome_ratio, 0.75);
+  for (const char* bad : {"0.8", "-0.1"}) {
+    absl::StatusOr<CommandLine> b = ParseCommandLine({"--model", "/m", "--default-tome-ratio", bad}, Env({}));
+    EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(b.status().message().find("--default-tome-ratio"), absl::string_view::npos) << b.status();
+    EXPECT_NE(b.status().message().find("[0, 0.75]"), absl::string_view::npos) << b.status();
+  }
 }
 
 TEST(OptionsTest, RepeatedModelsAndDashedNames) {
@@ -86,8 +117,8 @@ TEST(OptionsTest, Help) {
   for (const char* flag :
        {"--model", "--listen", "--metrics-listen", "--devices", "--max-batch-size", "--max-queue-delay-ms",
         "--max-queue-size", "--default-tome-ratio", "--drain-timeout", "--config", "--tls-cert", "--tls-key",
-        "--tls-client-ca", "--inject-oom-above-batch", "--port-file", "--log-format",
-        "--max-prompt-tokens"}) {
+        "--tls-client-ca", "--inject-oom-above-batch", "--port-file", "--log-format", "--max-prompt-tokens",
+        "--shutdown-grace", "--max-connection-age"}) {
     EXPECT_NE(help.find(flag), std::string::npos) << flag;
   }
 }
@@ -106,6 +137,9 @@ TEST(OptionsTest, UsageErrorsNameTheProblem) {
       {{"--model", "/m", "stray"}, "stray"},
       {{"--model", "/m/a", "--model", "/n/a"}, "\"a\""},
       {{"--model", "/m", "--listen"}, "--listen"},
+      {{"--model", "/m", "--max-connection-age", "-1"}, "--max-connection-age"},
+      {{"--model", "/m", "--shutdown-grace", "-1"}, "--shutdown-grace"},
+      {{"--model", "/m", "--inject-oom-above-batch", "-2"}, "--inject-oom-above-batch"},
   };
   for (const auto& [args, needle] : cases) {
     absl::StatusOr<CommandLine> c = ParseCommandLine(args, Env({}));

@@ -171,6 +171,18 @@ TEST(RequestConvertTest, RejectsEachBadFieldNamingIt) {
       {"model", [](auto* r) { r->set_model("nope"); }, absl::StatusCode::kNotFound, "nope"},
       {"request id", [](auto* r) { r->set_request_id(std::string(200, 'x')); },
        absl::StatusCode::kInvalidArgument, "request_id"},
+      {"request id 129", [](auto* r) { r->set_request_id(std::string(129, 'x')); },
+       absl::StatusCode::kInvalidArgument, "request_id"},
+      {"request id 128", [](auto* r) { r->set_request_id(std::string(128, '~')); }, absl::StatusCode::kOk,
+       ""},
+      {"request id newline", [](auto* r) { r->set_request_id("a\nstatus=OK"); },
+       absl::StatusCode::kInvalidArgument, "request_id"},
+      {"request id control", [](auto* r) { r->set_request_id(std::string("a\x1b[31m")); },
+       absl::StatusCode::kInvalidArgument, "request_id"},
+      {"request id DEL", [](auto* r) { r->set_request_id("a\x7f"); }, absl::StatusCode::kInvalidArgument,
+       "request_id"},
+      {"request id UTF-8", [](auto* r) { r->set_request_id("caf\xc3\xa9"); },
+       absl::StatusCode::kInvalidArgument, "printable ASCII"},
   };
   for (const BadCase& c : cases) {
     v1::GenerateRequest r = Valid();

@@ -7,10 +7,11 @@ waits for it (it does not: each ratio group is exactly one full batch)."""
 import concurrent.futures as futures
 import urllib.request
 
+import grpc
 import pytest
 
 from conftest import binary
-from tomeserve_server import proto, running_server
+from tomeserve_server import health_status, proto, running_server
 
 pb, pb_grpc = proto()
 
@@ -73,5 +74,25 @@ def test_injected_oom_splits_and_answers_every_call(tiny_model):
         assert [r.batch_size for r in responses] == [1, 1, 1, 1]
         text = urllib.request.urlopen(s.metrics_url, timeout=10).read().decode()
         oom = [l for l in text.splitlines() if l.startswith("tomeserve_oom_total{")]
-        assert oom == ['tomeserve_oom_total{resolution="64x64",tome_ratio="0.5"} 3'], oom
+        # Bounded labels: the ratio with two decimals, the resolution as a pixel-count bucket.
+        assert oom == ['tomeserve_oom_total{resolution="<=256x256",tome_ratio="0.50"} 3'], oom
         assert "out of memory for a batch of 4" in s.log()
+
+
+def test_single_image_that_does_not_fit_alone_gets_resource_exhausted(tiny_model):
+    binary("tomeserve")
+    # 0 fails every UNet batch, single images included; the warm-up is not affected (the server starts).
+    args = ["--model", tiny_model, "--max-queue-delay-ms", "0", "--inject-oom-above-batch", "0"]
+    with running_server(args, metrics=True) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(request(request_id="too-big", tome=pb.TokenMerging(ratio=0.5)), timeout=120)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "does not fit even alone" in e.value.details(), e.value.details()
+        # The server keeps serving.
+        assert [m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models] == ["tiny"]
+        assert health_status(s.channel) == "SERVING"
+        text = urllib.request.urlopen(s.metrics_url, timeout=10).read().decode()
+        oom = [l for l in text.splitlines() if l.startswith("tomeserve_oom_total{")]
+        assert oom == ['tomeserve_oom_total{resolution="<=256x256",tome_ratio="0.50"} 1'], oom
+        assert 'tomeserve_requests_total{code="RESOURCE_EXHAUSTED"} 1' in text

@@ -7,10 +7,11 @@
         stub = pb_grpc.ImageGeneratorStub(server.channel)
         stub.Generate(pb.GenerateRequest(prompt="a cat", num_inference_steps=2))
 
-running_server starts the binary with --listen 127.0.0.1:0 --port-file (and, with metrics=True, a free
---metrics-listen port), waits until grpc.health.v1 reports SERVING, yields a RunningServer -- a str equal to
-the address "127.0.0.1:PORT" that also has .port, .channel, .metrics_url, .log(), .process -- and on exit
-sends SIGTERM and checks that the process exits with 0. Nothing listens anywhere but 127.0.0.1.
+running_server starts the binary with --listen 127.0.0.1:0 --port-file, --devices cpu unless `args` name
+--devices (the tests assume CPU fp32), and with metrics=True a free --metrics-listen port; waits until
+grpc.health.v1 reports SERVING, yields a RunningServer -- a str equal to the address "127.0.0.1:PORT" that
+also has .port, .channel, .metrics_url, .log(), .process -- and on exit sends SIGTERM and checks that the
+process exits with 0. Nothing listens anywhere but 127.0.0.1.
 start_server is the same without the context manager (call .stop() yourself); health_status(channel) reads
 grpc.health.v1.Health/Check.
 """
@@ -177,7 +178,11 @@ def start_server(args: Sequence[str], *, metrics: bool = False, env: dict | None
     if metrics:
         metrics_port = free_port()
         cmd += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
-    cmd += list(args)
+    args = [str(a) for a in args]
+    # The tests assume CPU fp32 (ListModels devices, image tolerances); "auto" would pick a GPU where present.
+    if not any(a == "--devices" or a.startswith(("--devices=", "--devices ")) for a in args):
+        cmd += ["--devices", "cpu"]
+    cmd += args
     full_env = dict(os.environ)
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
