@@ -151,6 +151,30 @@ def test_sigterm_drains_in_flight_call(tiny_model):
             s.process.kill()
 
 
+def test_drain_timeout_cancels_what_cannot_finish_and_exits_0(tiny_model):
+    binary("tomeserve")
+    s = start_server(["--model", tiny_model, "--max-queue-delay-ms", "0", "--max-steps", str(LONG_STEPS),
+                      "--drain-timeout", "2"])
+    try:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        stream = stub.GenerateStream(request(num_inference_steps=LONG_STEPS, request_id="too-long"), timeout=300)
+        first_event(stream, "progress")
+        started = time.monotonic()
+        s.process.send_signal(15)
+        # The call cannot finish within the 2 s drain: it is cancelled and stops at its next step boundary...
+        with pytest.raises(grpc.RpcError) as e:
+            list(stream)
+        assert e.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), e.value
+        # ...and the server exits 0 long before the 900 steps would have taken.
+        assert s.process.wait(timeout=120) == 0
+        assert time.monotonic() - started < 60
+        assert "draining" in s.log()
+    finally:
+        s.channel.close()
+        if s.process.poll() is None:
+            s.process.kill()
+
+
 def test_shutdown_grace_reports_not_serving_while_still_answering(tiny_model):
     binary("tomeserve")
     # The grace (8 s) is well beyond the 6 s allowed for seeing NOT_SERVING, so the call below still finds the
