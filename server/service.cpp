@@ -20,6 +20,14 @@ struct ImageGeneratorService::Context {
   std::atomic<const ModelCatalog*> catalog{nullptr};
   std::unique_ptr<ModelCatalog> catalog_storage;
 
+  // A call's cancellation (any gRPC thread): mark the job and let the batcher drop it if it is still queued;
+  // a running job leaves its batch at the next step boundary. `job` may be null (rejected before enqueue).
+  void Cancel(Job* job) {
+    if (job == nullptr) return;
+    job->Cancel();
+    batcher->Wake();
+  }
+
   // Validates and builds the job; on error returns the status to answer with.
   absl::StatusOr<std::shared_ptr<Job>> MakeJob(grpc::CallbackServerContext* ctx,
                                                const v1::GenerateRequest& request, JobObserver* observer) {
@@ -80,12 +88,7 @@ class GenerateReactor final : public grpc::ServerUnaryReactor, public JobObserve
     Finish(ToGrpcStatus(result.status()));
   }
 
-  void OnCancel() override {
-    if (job_) {
-      job_->Cancel();
-      ctx_->batcher->Wake();
-    }
-  }
+  void OnCancel() override { ctx_->Cancel(job_.get()); }
   void OnDone() override { delete this; }
 
  private:
@@ -153,12 +156,7 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
     }
     Carry(next, status);
   }
-  void OnCancel() override {
-    if (job_) {
-      job_->Cancel();
-      ctx_->batcher->Wake();
-    }
-  }
+  void OnCancel() override { ctx_->Cancel(job_.get()); }
   void OnDone() override { delete this; }
 
  private:

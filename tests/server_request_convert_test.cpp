@@ -168,6 +168,8 @@ TEST(RequestConvertTest, RejectsEachBadFieldNamingIt) {
        absl::StatusCode::kInvalidArgument, "tome.max_downsample"},
       {"sx", [](auto* r) { r->mutable_tome()->set_sx(17); }, absl::StatusCode::kInvalidArgument, "tome.sx"},
       {"sy", [](auto* r) { r->mutable_tome()->set_sy(100); }, absl::StatusCode::kInvalidArgument, "tome.sy"},
+      {"sx past int", [](auto* r) { r->mutable_tome()->set_sx(4000000000u); }, absl::StatusCode::kInvalidArgument,
+       "tome.sx must be in [1, 16], got 2147483647"},
       {"model", [](auto* r) { r->set_model("nope"); }, absl::StatusCode::kNotFound, "nope"},
       {"request id", [](auto* r) { r->set_request_id(std::string(200, 'x')); },
        absl::StatusCode::kInvalidArgument, "request_id"},
