@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -15,12 +16,15 @@
 
 namespace tomeserve::pipeline {
 
-// One UNet call of a batch, as a hook factory sees it.
+// One UNet call of a batch, as a hook factory sees it: the rows of one HookGroup (every row of the call when
+// the batch has one group), in the group's row order.
 struct UNetCallInfo {
-  int call_index;                     // 0-based UNet call within the batch's schedule
-  std::vector<uint64_t> row_seeds;    // seed of the sample each UNet input row belongs to
-  std::vector<bool> row_is_uncond;    // row is the unconditional (negative-prompt) half of its sample
-  std::vector<int> row_sample;        // index of the sample (within the batch) each row belongs to
+  int call_index;                       // the batch's 0-based UNet call (callers outside DenoiseBatch)
+  std::vector<uint64_t> row_seeds;      // seed of the sample each UNet input row belongs to
+  std::vector<bool> row_is_uncond;      // row is the unconditional (negative-prompt) half of its sample
+  std::vector<int> row_sample;          // id of the sample (within the batch) each row belongs to
+  std::vector<int> row_call_index;      // the row's sample's own 0-based UNet call (samples join at any step)
+  std::vector<uint64_t> row_hook_seeds; // the row's sample's SampleSpec::hook_seed
 };
 
 // Makes the per-call TransformerBlockHook (Token Merging attaches here). Shared; its const interface is
@@ -32,6 +36,8 @@ class HookFactory {
   virtual std::unique_ptr<TransformerBlockHook> ForCall(const UNetCallInfo& call) const = 0;
 };
 
+// The size fixes the tensor shapes of a batch. The schedule and hooks are the defaults for samples that do not
+// set their own (StartBatch / Generate); a running DenoiseBatch mixes samples with any of them.
 struct BatchSpec {
   int width = 0;   // pixels; 0 = the model's native size. Multiple of the VAE's upscale factor (8).
   int height = 0;
@@ -50,6 +56,15 @@ struct SampleSpec {
   // from `seed`; like drawn noise (and like diffusers' `latents=`) they are multiplied by the scheduler's
   // init_noise_sigma.
   at::Tensor init_latents;
+  // This sample's schedule; unset: the BatchSpec's.
+  std::optional<int> num_inference_steps;
+  std::optional<SchedulerKind> scheduler;
+  // This sample's hook factory (Token Merging); null: the BatchSpec's. Samples whose factory is the same object
+  // share one HookGroup in a UNet call, so callers reuse one factory per setting.
+  std::shared_ptr<const HookFactory> hooks;
+  // Mixed into the hook's per-sample random draws (the ToMe seed), so that settings differing only in their
+  // seed can share a factory (and a group).
+  uint64_t hook_seed = 0;
 };
 
 // Wall-clock seconds spent in each phase of a batch.

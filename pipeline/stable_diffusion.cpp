@@ -104,6 +104,19 @@ absl::StatusOr<at::Tensor> StableDiffusion::EncodePrompts(const std::vector<std:
 absl::StatusOr<std::unique_ptr<DenoiseBatch>> StableDiffusion::StartBatch(BatchSpec spec,
                                                                          std::vector<SampleSpec> specs,
                                                                          PhaseTimings* timings) const {
+  if (spec.width == 0) spec.width = native_width();
+  if (spec.height == 0) spec.height = native_height();
+  absl::StatusOr<std::vector<DenoiseBatch::Sample>> samples = PrepareSamples(spec, std::move(specs), timings);
+  if (!samples.ok()) return samples.status();
+  auto batch = std::make_unique<DenoiseBatch>(*this, spec.height / vae_scale(), spec.width / vae_scale());
+  for (DenoiseBatch::Sample& s : *samples) {
+    if (absl::StatusOr<int> id = batch->Add(std::move(s)); !id.ok()) return id.status();
+  }
+  return batch;
+}
+
+absl::StatusOr<std::vector<DenoiseBatch::Sample>> StableDiffusion::PrepareSamples(
+    BatchSpec spec, std::vector<SampleSpec> specs, PhaseTimings* timings) const {
   const int scale = vae_scale();
   if (spec.width == 0) spec.width = native_width();
   if (spec.height == 0) spec.height = native_height();
@@ -139,9 +152,27 @@ absl::StatusOr<std::unique_ptr<DenoiseBatch>> StableDiffusion::StartBatch(BatchS
     if (!finite.ok()) return finite.status();
     if (!*finite) return absl::InvalidArgumentError(absl::StrCat("sample ", i, ": init_latents contain NaN or Inf"));
   }
-  absl::StatusOr<std::shared_ptr<const NoiseSchedule>> schedule =
-      NoiseSchedule::Create(scheduler_config_, spec.scheduler, spec.num_inference_steps);
-  if (!schedule.ok()) return schedule.status();
+  // Each sample's schedule (its own or the batch's defaults), one NoiseSchedule per distinct (kind, steps).
+  std::vector<std::shared_ptr<const NoiseSchedule>> schedules;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    SampleSpec& sp = specs[i];
+    if (!sp.num_inference_steps) sp.num_inference_steps = spec.num_inference_steps;
+    if (!sp.scheduler) sp.scheduler = spec.scheduler;
+    if (!sp.hooks) sp.hooks = spec.hooks;
+    std::shared_ptr<const NoiseSchedule> found;
+    for (const auto& sch : schedules) {
+      if (sch->kind() == *sp.scheduler && sch->num_inference_steps() == *sp.num_inference_steps) found = sch;
+    }
+    if (found == nullptr) {
+      absl::StatusOr<std::shared_ptr<const NoiseSchedule>> created =
+          NoiseSchedule::Create(scheduler_config_, *sp.scheduler, *sp.num_inference_steps);
+      if (!created.ok()) {
+        return absl::Status(created.status().code(), absl::StrCat("sample ", i, ": ", created.status().message()));
+      }
+      found = *created;
+    }
+    schedules.push_back(found);
+  }
 
   // Prompts first, then the negative prompts of the samples that use guidance: one text-encoder call.
   auto t0 = std::chrono::steady_clock::now();
@@ -154,7 +185,7 @@ absl::StatusOr<std::unique_ptr<DenoiseBatch>> StableDiffusion::StartBatch(BatchS
   if (!embeddings.ok()) return embeddings.status();
   if (timings != nullptr) timings->text_encoding = SecondsSince(t0);
 
-  return GuardTorch("preparing latents", [&]() -> absl::StatusOr<std::unique_ptr<DenoiseBatch>> {
+  return GuardTorch("preparing latents", [&]() -> absl::StatusOr<std::vector<DenoiseBatch::Sample>> {
     std::vector<DenoiseBatch::Sample> samples;
     int64_t next_uncond = static_cast<int64_t>(specs.size());
     for (size_t i = 0; i < specs.size(); ++i) {
@@ -175,12 +206,12 @@ absl::StatusOr<std::unique_ptr<DenoiseBatch>> StableDiffusion::StartBatch(BatchS
         initial = at::randn({1, channels, h, w}, s.generator, at::TensorOptions().dtype(options_.target.dtype));
       }
       // Given latents are scaled by init_noise_sigma too, as diffusers' prepare_latents does.
-      s.latents = (*schedule)->ScaleInitialNoise(initial.to(model_options));
-      s.state = NewSamplerState(*schedule);
+      s.latents = schedules[i]->ScaleInitialNoise(initial.to(model_options));
+      s.state = NewSamplerState(schedules[i]);
       s.spec = std::move(specs[i]);
       samples.push_back(std::move(s));
     }
-    return std::make_unique<DenoiseBatch>(*this, std::move(spec), *std::move(schedule), std::move(samples));
+    return samples;
   });
 }
 
@@ -205,6 +236,7 @@ absl::StatusOr<std::vector<GeneratedImage>> StableDiffusion::Generate(const Batc
   DenoiseBatch& b = **batch;
 
   auto t0 = std::chrono::steady_clock::now();
+  // StartBatch added the samples in order: their ids are 0..n-1.
   while (!b.Done()) {
     if (callbacks.cancelled) {
       for (int i = 0; i < b.num_samples(); ++i) {

@@ -18,6 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "pipeline/clip_text_model.h"
+#include "pipeline/denoise_batch.h"
 #include "pipeline/clip_tokenizer.h"
 #include "pipeline/device.h"
 #include "pipeline/generation.h"
@@ -26,8 +27,6 @@
 #include "pipeline/vae.h"
 
 namespace tomeserve::pipeline {
-
-class DenoiseBatch;
 
 struct PipelineOptions {
   std::filesystem::path model_dir;  // a diffusers folder: model_index.json, tokenizer/, text_encoder/, unet/, ...
@@ -58,6 +57,12 @@ class StableDiffusion {
   // `spec.width/height` of 0 become native_width()/native_height().
   absl::StatusOr<std::unique_ptr<DenoiseBatch>> StartBatch(BatchSpec spec, std::vector<SampleSpec> samples,
                                                            PhaseTimings* timings = nullptr) const;
+
+  // The samples' starting states without a batch: validation, text encoding (one text-encoder call for all),
+  // initial noise, each sample's schedule (its own steps/scheduler/hooks, or `spec`'s as defaults). The server
+  // adds them to its running DenoiseBatch.
+  absl::StatusOr<std::vector<DenoiseBatch::Sample>> PrepareSamples(BatchSpec spec, std::vector<SampleSpec> samples,
+                                                                   PhaseTimings* timings = nullptr) const;
 
   // Decodes the given final latents [B, 4, h, w] to RGB8 images (one batched VAE call).
   absl::StatusOr<std::vector<at::Tensor>> Decode(const at::Tensor& latents) const;

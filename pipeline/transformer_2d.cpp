@@ -81,17 +81,30 @@ BasicTransformerBlockImpl::BasicTransformerBlockImpl(const Transformer2DSpec& s,
   ff_ = register_module("ff", GegluFeedForward(dim, o));
 }
 
-at::Tensor BasicTransformerBlockImpl::forward(const at::Tensor& x, const TransformerCall& call) const {
+at::Tensor BasicTransformerBlockImpl::ForwardRows(const at::Tensor& x, const at::Tensor& context,
+                                                  TransformerBlockHook* hook, const TransformerCall& call) const {
   // tomesd's patched forward: merge after the norm, unmerge before the residual add. Null ops are the
   // identity, so without a hook this is exactly diffusers' BasicTransformerBlock.
   BlockTokenOps ops;
-  if (call.hook != nullptr)
-    ops = call.hook->ForBlock(BlockContext{path_, call.latent_height, call.latent_width}, x);
+  if (hook != nullptr) ops = hook->ForBlock(BlockContext{path_, call.latent_height, call.latent_width}, x);
   at::Tensor h = Unmerge(ops.attn, attn1_->forward(Merge(ops.attn, norm1_->forward(x)))) + x;
-  h = Unmerge(ops.crossattn,
-              attn2_->forward(Merge(ops.crossattn, norm2_->forward(h)), call.encoder_hidden_states)) +
-      h;
+  h = Unmerge(ops.crossattn, attn2_->forward(Merge(ops.crossattn, norm2_->forward(h)), context)) + h;
   return Unmerge(ops.mlp, ff_->forward(Merge(ops.mlp, norm3_->forward(h)))) + h;
+}
+
+at::Tensor BasicTransformerBlockImpl::forward(const at::Tensor& x, const TransformerCall& call) const {
+  if (call.groups.empty()) return ForwardRows(x, call.encoder_hidden_states, nullptr, call);
+  if (call.groups.size() == 1 && !call.groups[0].rows.defined())
+    return ForwardRows(x, call.encoder_hidden_states, call.groups[0].hook, call);
+  // Mixed settings: each group on its own rows (token counts differ per group after merging), written back
+  // in place. Every row belongs to exactly one group (DenoiseBatch builds the partition).
+  at::Tensor out = at::empty_like(x);
+  for (const HookGroup& g : call.groups) {
+    at::Tensor y = ForwardRows(x.index_select(0, g.rows), call.encoder_hidden_states.index_select(0, g.rows),
+                               g.hook, call);
+    out.index_copy_(0, g.rows, y);
+  }
+  return out;
 }
 
 Transformer2DModelImpl::Transformer2DModelImpl(const Transformer2DSpec& s, const std::string& path,

@@ -33,7 +33,7 @@ struct Transformer2DSpec {
 // What a transformer block needs to know about the current UNet call, beyond its input.
 struct TransformerCall {
   const at::Tensor& encoder_hidden_states;  // [B, L, cross_attention_dim]
-  TransformerBlockHook* hook;               // may be null
+  const std::vector<HookGroup>& groups;     // partition of the rows; one group with undefined rows = all
   int64_t latent_height, latent_width;      // the UNet input sample's spatial size (BlockContext)
 };
 
@@ -68,6 +68,13 @@ class BasicTransformerBlockImpl : public torch::nn::Module {
   BasicTransformerBlockImpl(const Transformer2DSpec& spec, std::string path,
                             const at::TensorOptions& options);
   at::Tensor forward(const at::Tensor& x, const TransformerCall& call) const;  // x: [B, N, inner]
+
+ private:
+  // The block on some rows (x and context already narrowed to them) with one hook (may be null).
+  at::Tensor ForwardRows(const at::Tensor& x, const at::Tensor& context, TransformerBlockHook* hook,
+                         const TransformerCall& call) const;
+
+ public:
   const std::string& path() const { return path_; }
 
  private:

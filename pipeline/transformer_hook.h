@@ -41,4 +41,13 @@ class TransformerBlockHook {
   virtual BlockTokenOps ForBlock(const BlockContext& ctx, const at::Tensor& x) = 0;
 };
 
+// The rows of one UNet call that share a hook (one Token Merging setting). Convolutions and ResNet blocks run
+// on every row at once; each BasicTransformerBlock runs once per group on that group's rows (merge, attend,
+// unmerge with the group's own plan) and puts the rows back in place. Rows are independent in every
+// transformer sub-layer, so a row's result does not depend on which group layout it was run in.
+struct HookGroup {
+  at::Tensor rows;                      // int64 row indices on the model's device; undefined = every row
+  TransformerBlockHook* hook = nullptr; // null: the plain block for these rows
+};
+
 }  // namespace tomeserve::pipeline

@@ -106,6 +106,12 @@ at::Tensor UNet2DConditionModelImpl::TimestepFeatures(const at::Tensor& timestep
 at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timesteps,
                                              const at::Tensor& encoder_hidden_states,
                                              TransformerBlockHook* hook) const {
+  return forward(sample, timesteps, encoder_hidden_states, std::vector<HookGroup>{HookGroup{.hook = hook}});
+}
+
+at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timesteps,
+                                             const at::Tensor& encoder_hidden_states,
+                                             const std::vector<HookGroup>& groups) const {
   TORCH_CHECK(sample.dim() == 4 && sample.size(1) == config_.in_channels, "UNet: sample must be [B, ",
               config_.in_channels, ", h, w], got ", sample.sizes());
   const int64_t batch = sample.size(0), height = sample.size(2), width = sample.size(3);
@@ -121,7 +127,7 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at:
   at::Tensor temb = TimestepFeatures(timesteps, batch, sample.device()).to(sample.scalar_type());
   temb = time_linear_2_->forward(at::silu(time_linear_1_->forward(temb)));
 
-  const TransformerCall call{encoder_hidden_states, hook, height, width};
+  const TransformerCall call{encoder_hidden_states, groups, height, width};
   x = conv_in_->forward(x);
   std::vector<at::Tensor> skips{x};
   for (const UNetDownBlock& block : down_blocks_) x = block->forward(x, temb, call, skips);

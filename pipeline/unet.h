@@ -40,6 +40,10 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
   // UNet.
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps,
                      const at::Tensor& encoder_hidden_states, TransformerBlockHook* hook = nullptr) const;
+  // The same with rows grouped by hook (HookGroup): the groups partition the batch's rows; each transformer
+  // block runs once per group. A row's output equals what forward() gives it with its group's hook.
+  at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps,
+                     const at::Tensor& encoder_hidden_states, const std::vector<HookGroup>& groups) const;
 
   const UNet2DConditionConfig& config() const { return config_; }
 

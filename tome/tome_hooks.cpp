@@ -72,14 +72,25 @@ class TokenMergingCallHook final : public pipeline::TransformerBlockHook {
   at::Tensor DrawDstChoice(const GridSpec& grid, int64_t rows, uint64_t block_index) const {
     const int64_t hsy = grid.h / grid.sy, wsx = grid.w / grid.sx;
     const int64_t cell = static_cast<int64_t>(grid.sx) * grid.sy;
-    const auto draw = [&](uint64_t row_seed) {
+    // The settings' seed and the batch's call index, unless the pipeline gave the row's own (a sample that
+    // joined a running batch is at its own step; its ToMe seed may be carried per row).
+    const auto draw = [&](int64_t row) {
+      const bool per_row = row >= 0;
+      // XOR: a factory's seed and a sample's hook_seed are interchangeable (the server keeps one factory per
+      // setting without the seed and passes the seed per sample; offline callers put it in the settings).
+      const uint64_t tome_seed =
+          owner_->tome_.seed ^ (per_row && static_cast<int64_t>(call_.row_hook_seeds.size()) == rows
+                                    ? call_.row_hook_seeds[row] : 0);
+      const int call_index = per_row && static_cast<int64_t>(call_.row_call_index.size()) == rows
+                                 ? call_.row_call_index[row] : call_.call_index;
+      const uint64_t row_seed = per_row ? call_.row_seeds[row] : 0;
       at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(
-          MixSeed({owner_->tome_.seed, row_seed, static_cast<uint64_t>(call_.call_index), block_index}));
+          MixSeed({tome_seed, row_seed, static_cast<uint64_t>(call_index), block_index}));
       return at::randint(cell, {hsy, wsx}, gen, at::TensorOptions().dtype(at::kLong));
     };
     const std::vector<int>& sample = call_.row_sample;
     if (static_cast<int64_t>(sample.size()) != rows || static_cast<int64_t>(call_.row_seeds.size()) != rows) {
-      return rows % 2 == 0 ? draw(0).unsqueeze(0) : at::Tensor();
+      return rows % 2 == 0 ? draw(-1).unsqueeze(0) : at::Tensor();
     }
     std::vector<at::Tensor> per_row(rows);
     bool any_random = false;
@@ -90,7 +101,7 @@ class TokenMergingCallHook final : public pipeline::TransformerBlockHook {
         continue;
       }
       const bool both_halves = std::count(sample.begin(), sample.end(), sample[i]) == 2;
-      per_row[i] = both_halves ? draw(call_.row_seeds[i]) : at::zeros({hsy, wsx}, at::kLong);
+      per_row[i] = both_halves ? draw(i) : at::zeros({hsy, wsx}, at::kLong);
       any_random = any_random || both_halves;
     }
     return any_random ? at::stack(per_row) : at::Tensor();

@@ -1,0 +1,214 @@
+// Step-level batching in the pipeline: one UNet call with rows under different Token Merging settings (HookGroup)
+// equals each group run alone, and samples that join and leave a running DenoiseBatch at any step (different
+// step counts, schedulers, guidance, ToMe settings, some cancelled) end with the latents they get alone.
+// Tolerance: rows are independent in every layer, but the CPU's GEMM and convolution kernels (oneDNN / MKL)
+// block their work by the batch's row count, so a row's float32 result can differ in the last bits with the
+// number of rows it is computed with (measured: UNet max abs diff 1.3e-6 on outputs of magnitude ~1, i.e.
+// relative ~1e-6; after 2-4 steps latent relative error <= 3e-6). Bounds: UNet relative L2 <= 1e-5 per
+// group, final latents relative L2 <= 1e-5, images <= 1 level of 255. A row run in the same layout is
+// bit-identical (the single-group layout checks that exactly).
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "pipeline/denoise_batch.h"
+#include "pipeline/stable_diffusion.h"
+#include "pipeline/unet.h"
+#include "tests/test_util.h"
+#include "tome/tome_hooks.h"
+
+namespace tomeserve {
+namespace {
+
+using pipeline::DenoiseBatch;
+using pipeline::HookGroup;
+using pipeline::SampleSpec;
+using pipeline::SchedulerKind;
+using ::tomeserve::test::EnvPath;
+
+std::shared_ptr<tome::TokenMergingHooks> Hooks(const tome::TokenMerging& t) {
+  auto h = tome::TokenMergingHooks::Create(t);
+  EXPECT_TRUE(h.ok()) << h.status();
+  return h.ok() ? *h : nullptr;
+}
+
+double MaxAbs(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+class StepBatchTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (EnvPath("TOMESERVE_TINY_MODEL").empty()) return;
+    auto sd = pipeline::StableDiffusion::Create({EnvPath("TOMESERVE_TINY_MODEL"), {}});
+    ASSERT_TRUE(sd.ok()) << sd.status();
+    sd_ = std::move(*sd).release();
+  }
+  static void TearDownTestSuite() {
+    delete sd_;
+    sd_ = nullptr;
+  }
+  void SetUp() override {
+    if (sd_ == nullptr) GTEST_SKIP() << "TOMESERVE_TINY_MODEL not set";
+  }
+  static pipeline::StableDiffusion* sd_;
+  at::NoGradGuard no_grad_;
+};
+pipeline::StableDiffusion* StepBatchTest::sd_ = nullptr;
+
+// Rows: 6 rows under three settings (plain, ratio 0.5 random, ratio 0.3 with mlp merging) in several layouts
+// (contiguous groups, interleaved, a single group of a subset). Every row must equal the same row run with
+// only its own group's rows and hook.
+TEST_F(StepBatchTest, MixedTomeUNetCallEqualsEachGroupAlone) {
+  const pipeline::UNet2DConditionModelImpl& unet = sd_->unet();
+  at::manual_seed(5);
+  const int64_t rows = 6;
+  const at::Tensor x = at::randn({rows, 4, 12, 10});
+  const at::Tensor ehs = at::randn({rows, 77, unet.config().cross_attention_dim.at(0)});
+  const at::Tensor t = at::tensor({900.f, 900.f, 500.f, 480.f, 20.f, 1.f});
+  const std::vector<std::shared_ptr<tome::TokenMergingHooks>> settings = {
+      nullptr, Hooks({.ratio = 0.5, .max_downsample = 2, .seed = 3}),
+      Hooks({.ratio = 0.3, .max_downsample = 1, .use_rand = false, .merge_mlp = true})};
+  // row -> setting index, per layout
+  const std::vector<std::vector<int>> layouts = {
+      {0, 0, 1, 1, 2, 2}, {1, 2, 0, 1, 2, 0}, {2, 2, 2, 1, 1, 1}, {1, 1, 1, 1, 1, 1}};
+  // Sample of each row (pairs share a sample, as CFG halves do) and the row's own call index.
+  const std::vector<int> sample = {0, 0, 1, 1, 2, 2};
+  for (const std::vector<int>& layout : layouts) {
+    std::map<int, std::vector<int64_t>> by_setting;
+    for (int64_t r = 0; r < rows; ++r) by_setting[layout[r]].push_back(r);
+    auto info_for = [&](const std::vector<int64_t>& rs) {
+      pipeline::UNetCallInfo call{.call_index = 0};
+      for (int64_t r : rs) {
+        call.row_seeds.push_back(100 + sample[r]);
+        call.row_is_uncond.push_back(r % 2 == 0);
+        call.row_sample.push_back(sample[r]);
+        call.row_call_index.push_back(static_cast<int>(r));
+        call.row_hook_seeds.push_back(7);
+      }
+      return call;
+    };
+    std::vector<std::unique_ptr<pipeline::TransformerBlockHook>> hooks;
+    std::vector<HookGroup> groups;
+    for (const auto& [s, rs] : by_setting) {
+      HookGroup g;
+      if (by_setting.size() > 1) g.rows = at::tensor(rs, at::kLong);
+      if (settings[s]) {
+        hooks.push_back(settings[s]->ForCall(info_for(rs)));
+        g.hook = hooks.back().get();
+      }
+      groups.push_back(std::move(g));
+    }
+    const at::Tensor mixed = unet.forward(x, t, ehs, groups);
+    for (const auto& [s, rs] : by_setting) {
+      const at::Tensor idx = at::tensor(rs, at::kLong);
+      auto hook = settings[s] ? settings[s]->ForCall(info_for(rs)) : nullptr;
+      const at::Tensor alone = unet.forward(x.index_select(0, idx), t.index_select(0, idx),
+                                            ehs.index_select(0, idx), hook.get());
+      const double diff = MaxAbs(mixed.index_select(0, idx), alone);
+      const double rel = test::RelErr(mixed.index_select(0, idx), alone);
+      std::printf("layout %d%d%d%d%d%d setting %d: max abs diff vs alone %g, relative %g\n", layout[0],
+                  layout[1], layout[2], layout[3], layout[4], layout[5], s, diff, rel);
+      EXPECT_LE(rel, 1e-5);
+      if (by_setting.size() == 1) EXPECT_EQ(diff, 0.0);
+      // ...and the settings matter: the same rows under another setting give another result.
+      if (settings[s]) {
+        const at::Tensor plain = unet.forward(x.index_select(0, idx), t.index_select(0, idx),
+                                              ehs.index_select(0, idx), nullptr);
+        EXPECT_GT(test::RelErr(plain, alone), 1e-3);
+      }
+    }
+  }
+}
+
+struct Planned {
+  SampleSpec spec;
+  int join_at;     // batch step before which it is added
+  int cancel_at;   // batch step at which it is cancelled (-1: never)
+};
+
+// Samples join a running batch at random steps (seeded), some are cancelled, every one leaves when done; each
+// final latent equals its solo run, bit for bit, and so does its image.
+TEST_F(StepBatchTest, SamplesJoiningAndLeavingEqualTheirSoloRuns) {
+  const auto tome_a = Hooks({.ratio = 0.5, .max_downsample = 2});
+  const auto tome_b = Hooks({.ratio = 0.4, .max_downsample = 1, .use_rand = false});
+  const std::vector<SchedulerKind> kinds = {SchedulerKind::kPndm, SchedulerKind::kDdim, SchedulerKind::kEuler,
+                                            SchedulerKind::kEulerAncestral, SchedulerKind::kDpmpp2mKarras};
+  std::mt19937 rng(2026);
+  std::vector<Planned> plan;
+  for (int i = 0; i < 7; ++i) {
+    SampleSpec s{.prompt = "sample " + std::to_string(i),
+                 .negative_prompt = i % 3 == 0 ? "blurry" : "",
+                 .seed = static_cast<uint64_t>(40 + i),
+                 .guidance_scale = i % 4 == 1 ? 1.0 : 3.0 + i};
+    s.num_inference_steps = 2 + static_cast<int>(rng() % 5);
+    s.scheduler = kinds[rng() % kinds.size()];
+    const int which = static_cast<int>(rng() % 3);
+    s.hooks = which == 0 ? nullptr : which == 1 ? tome_a : tome_b;
+    s.hook_seed = i % 2;
+    plan.push_back({s, static_cast<int>(rng() % 6), i == 3 ? 2 : -1});
+  }
+
+  DenoiseBatch batch(*sd_, 8, 8);
+  std::map<int, int> id_of;          // plan index -> id
+  std::map<int, at::Tensor> final_;  // plan index -> latents when done
+  int64_t rows_computed = 0, rows_expected = 0;
+  for (int step = 0; step < 20; ++step) {
+    for (int i = 0; i < static_cast<int>(plan.size()); ++i) {
+      if (plan[i].join_at != step) continue;
+      auto prepared = sd_->PrepareSamples({.width = 64, .height = 64}, {plan[i].spec});
+      ASSERT_TRUE(prepared.ok()) << prepared.status();
+      auto id = batch.Add(std::move((*prepared)[0]));
+      ASSERT_TRUE(id.ok());
+      id_of[i] = *id;
+    }
+    for (auto& [i, id] : id_of) {
+      if (plan[i].cancel_at == step && batch.contains(id)) batch.Cancel(id);
+    }
+    ASSERT_TRUE(batch.Step().ok());
+    for (auto& [i, id] : id_of) {
+      if (!batch.contains(id)) continue;
+      const DenoiseBatch::Sample& s = batch.sample(id);
+      if (s.done() || s.cancelled) {
+        std::optional<DenoiseBatch::Sample> out = batch.Remove(id);
+        rows_computed += out->unet_rows;
+        rows_expected += static_cast<int64_t>(out->state->step_index()) * out->rows_per_call();
+        if (!out->cancelled) final_[i] = out->latents;
+      }
+    }
+  }
+  EXPECT_EQ(batch.num_samples(), 0);
+  EXPECT_EQ(rows_computed, rows_expected);
+  ASSERT_EQ(final_.size(), plan.size() - 1);  // one was cancelled
+  for (const auto& [i, latents] : final_) {
+    const Planned& p = plan[i];
+    auto solo = sd_->Generate({.width = 64, .height = 64}, {p.spec});
+    ASSERT_TRUE(solo.ok()) << solo.status();
+    const double diff = MaxAbs(latents, (*solo)[0].latents);
+    const double rel = test::RelErr(latents, (*solo)[0].latents);
+    auto rgb = sd_->Decode(latents);
+    ASSERT_TRUE(rgb.ok());
+    const int pixels = ((*rgb)[0].to(at::kInt) - (*solo)[0].rgb8.to(at::kInt)).abs().max().item<int>();
+    std::printf("sample %d (%d steps, %s, joined at %d): latent max abs diff %g (relative %g), pixel diff %d\n",
+                i, *p.spec.num_inference_steps,
+                std::string(pipeline::SchedulerKindName(*p.spec.scheduler)).c_str(), p.join_at, diff, rel, pixels);
+    EXPECT_LE(rel, 1e-5);
+    EXPECT_LE(pixels, 1);
+  }
+}
+
+TEST_F(StepBatchTest, RejectsASampleOfAnotherSize) {
+  DenoiseBatch batch(*sd_, 8, 8);
+  auto prepared = sd_->PrepareSamples({.width = 64, .height = 72}, {SampleSpec{.prompt = "a"}});
+  ASSERT_TRUE(prepared.ok());
+  EXPECT_EQ(batch.Add(std::move((*prepared)[0])).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(batch.Remove(3).has_value());
+  EXPECT_TRUE(batch.Done());
+  EXPECT_TRUE(batch.Step().ok());  // an empty batch steps as a no-op
+}
+
+}  // namespace
+}  // namespace tomeserve
