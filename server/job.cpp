@@ -17,9 +17,19 @@ absl::Status Job::StopReason(absl::Time now) const {
   return absl::OkStatus();
 }
 
+void Job::NotifyQueued(const QueuedInfo& info) {
+  absl::MutexLock lock(&observer_mu_);
+  if (!finished_.load()) observer_->OnQueued(info);
+}
+
+void Job::NotifyProgress(int step, int num_steps) {
+  absl::MutexLock lock(&observer_mu_);
+  if (!finished_.load()) observer_->OnProgress(step, num_steps);
+}
+
 bool Job::Finish(const absl::StatusOr<GenerationResult>& result) {
-  bool expected = false;
-  if (!finished_.compare_exchange_strong(expected, true)) return false;
+  absl::MutexLock lock(&observer_mu_);
+  if (finished_.exchange(true)) return false;
   observer_->OnDone(result);
   return true;
 }

@@ -1,9 +1,9 @@
 // One Generate call on its way through the server: the validated request (a plain value built on a gRPC
 // thread by request_convert), the key it batches under, and the runtime state shared between the gRPC
-// reactor (cancellation), the batcher thread (queue position, expiry) and the worker thread (progress, the
+// reactor (cancellation), the scheduler (queue position, expiry, admission) and the worker thread (progress, the
 // result). Torch-free.
 //
-// Ownership: a Job is held by shared_ptr by its reactor and, while queued or running, by the batcher/worker.
+// Ownership: a Job is held by shared_ptr by its reactor and, while queued or running, by the scheduler/worker.
 // The JobObserver (the reactor) must stay alive until OnDone; Finish() calls OnDone exactly once and no
 // observer method is called after it.
 #pragma once
@@ -54,6 +54,32 @@ struct GenerationRequest {
   uint64_t seed = 0;  // image i gets seed + i
   int num_images = 1;
   OutputFormat output_format = OutputFormat::kPng;
+  // SLO ratio controller: any ratio in [tome.ratio, tome_max_ratio] is acceptable (tome_max_ratio <= tome.ratio:
+  // the ratio is fixed); the end-to-end target in seconds (0: none).
+  double tome_max_ratio = 0;
+  double latency_target_seconds = 0;
+
+  // UNet rows per step: 2 per image with classifier-free guidance (guidance_scale > 1), else 1.
+  int rows() const { return num_images * (guidance_scale > 1.0 ? 2 : 1); }
+  // Latent pixels of one row (SD 1.x: the VAE downsamples by 8).
+  int64_t latent_pixels() const { return static_cast<int64_t>(key.width / 8) * (key.height / 8); }
+  // What the job takes of a worker's batch budget: rows x latent pixels.
+  int64_t cost() const { return rows() * latent_pixels(); }
+};
+
+// The controller's decision for one job (GenerateResponse.slo).
+struct SloDecision {
+  bool applied = false;  // the request had a ratio range and a target
+  double target_seconds = 0;
+  double predicted_seconds = 0;  // the predicted end-to-end latency at the chosen ratio (0: no prediction)
+  bool target_met = false;       // some ratio in range was predicted to meet the target
+};
+
+// A queued call's place and the step-time model's estimates (seconds from now; negative: no estimate).
+struct QueuedInfo {
+  int position = 0;
+  double estimated_start_seconds = -1;
+  double estimated_finish_seconds = -1;
 };
 
 struct EncodedImage {
@@ -72,16 +98,19 @@ struct GenerationResult {
   std::vector<EncodedImage> images;
   double queue_seconds = 0, text_encoding_seconds = 0, denoising_seconds = 0, decoding_seconds = 0,
          total_seconds = 0;
-  int batch_size = 0;  // images in the (last) UNet batch this request ran in
+  int batch_size = 0;  // most images in one UNet call this request's samples ran in
   std::vector<MergeCount> merged_tokens;
+  tome::TokenMerging tome;  // the effective settings (the controller may have raised the ratio)
+  SloDecision slo;
 };
 
-// Implemented by the gRPC reactor. OnQueued runs on the batcher thread, OnProgress on the worker thread,
-// OnDone on whichever thread finishes the job (batcher, worker, or a gRPC thread when enqueueing fails).
+// Implemented by the gRPC reactor. OnQueued runs on the scheduler's thread, OnProgress on the worker thread,
+// OnDone on whichever thread finishes the job (scheduler, worker, or a gRPC thread when enqueueing fails). The
+// Job serialises them: no two run at once, and none runs after OnDone.
 class JobObserver {
  public:
   virtual ~JobObserver() = default;
-  virtual void OnQueued(int /*position*/) {}
+  virtual void OnQueued(const QueuedInfo& /*info*/) {}
   virtual void OnProgress(int /*step*/, int /*num_steps*/) {}
   virtual void OnDone(const absl::StatusOr<GenerationResult>& result) = 0;
 };
@@ -89,7 +118,11 @@ class JobObserver {
 class Job {
  public:
   Job(GenerationRequest request, absl::Time deadline, JobObserver* observer)
-      : request_(std::move(request)), deadline_(deadline), observer_(observer), enqueued_(absl::Now()) {}
+      : request_(std::move(request)),
+        deadline_(deadline),
+        observer_(observer),
+        enqueued_(absl::Now()),
+        effective_tome_(request_.tome) {}
 
   const GenerationRequest& request() const { return request_; }
   const BatchKey& key() const { return request_.key; }
@@ -103,15 +136,21 @@ class Job {
   // CANCELLED or DEADLINE_EXCEEDED when the job should stop now, else OK.
   absl::Status StopReason(absl::Time now) const;
 
-  void NotifyQueued(int position) {
-    if (!finished_.load()) observer_->OnQueued(position);
-  }
-  void NotifyProgress(int step, int num_steps) {
-    if (!finished_.load()) observer_->OnProgress(step, num_steps);
-  }
+  // Observer calls, serialised by the job (any thread; never after Finish).
+  void NotifyQueued(const QueuedInfo& info);
+  void NotifyProgress(int step, int num_steps);
   // The first call wins and reaches the observer; later calls are ignored. Returns whether this call won.
   bool Finish(const absl::StatusOr<GenerationResult>& result);
   bool finished() const { return finished_.load(); }
+
+  // Set once by the scheduler when a worker admits the job (before the worker reads it): the ToMe settings to
+  // run with and the controller's decision. Until then effective_tome() is the request's.
+  void SetAdmitted(const tome::TokenMerging& tome, const SloDecision& slo) {
+    effective_tome_ = tome;
+    slo_ = slo;
+  }
+  const tome::TokenMerging& effective_tome() const { return effective_tome_; }
+  const SloDecision& slo() const { return slo_; }
 
  private:
   const GenerationRequest request_;
@@ -119,7 +158,10 @@ class Job {
   JobObserver* const observer_;
   const absl::Time enqueued_;
   std::atomic<bool> cancelled_{false};
+  absl::Mutex observer_mu_;  // held while calling observer_; finished_ is set under it
   std::atomic<bool> finished_{false};
+  tome::TokenMerging effective_tome_;
+  SloDecision slo_;
 };
 
 }  // namespace tomeserve::server

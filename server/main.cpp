@@ -1,7 +1,7 @@
 // tomeserve: the gRPC server binary. Startup order (as llama.cpp's server does, so health answers early):
 // parse the configuration -> start gRPC (health NOT_SERVING, reflection on) -> load and warm up every model
 // on every device -> health SERVING. SIGTERM/SIGINT: health NOT_SERVING, wait --shutdown-grace, stop accepting,
-// let in-flight calls finish within --drain-timeout (then cancel them), stop the batcher and workers, exit 0.
+// let in-flight calls finish within --drain-timeout (then cancel them), stop the scheduler and workers, exit 0.
 // Exit codes: 0 after a drain, 1 on a startup failure (model folder, port, TLS files), 2 on a usage error.
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
@@ -29,9 +29,10 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.pb.h"
-#include "server/batcher.h"
 #include "server/metrics.h"
 #include "server/options.h"
+#include "server/scheduler.h"
+#include "server/step_time_model.h"
 #include "server/service.h"
 #include "server/worker.h"
 
@@ -178,22 +179,23 @@ int Run(int argc, char** argv) {
   if (!o.metrics_listen.empty())
     spdlog::info("metrics on http://{}/metrics (port {})", o.metrics_listen, (*metrics)->port());
 
-  BatchQueue batches;
-  Batcher batcher(
-      {.max_batch_images = o.max_batch_size,
+  StepTimeModel step_times;
+  Scheduler scheduler(
+      {.mode = o.batching == "request" ? BatchingMode::kRequest : BatchingMode::kStep,
+       .max_batch_images = o.max_batch_size,
        .max_queue_delay = absl::Milliseconds(o.max_queue_delay_ms),
-       .max_queue_size = o.max_queue_size,
-       .num_slots = static_cast<int>(devices->size())},
-      [&batches](Batch b) { batches.Push(std::move(b)); },
-      [m = metrics->get()](int depth) { m->SetQueueDepth(depth); });
+       .max_queue_size = o.max_queue_size},
+      &step_times, [m = metrics->get()](int depth) { m->SetQueueDepth(depth); });
   RequestLimits limits{.max_prompt_bytes = o.max_prompt_bytes,
                        .max_prompt_tokens = o.max_prompt_tokens,
                        .max_side = o.max_side,
                        .max_pixels = o.max_pixels,
                        .max_steps = o.max_steps,
                        .max_images = o.max_images,
-                       .default_tome_ratio = o.default_tome_ratio};
-  ImageGeneratorService service(limits, &batcher, metrics->get());
+                       .default_tome_ratio = o.default_tome_ratio,
+                       .default_latency_target_seconds = o.default_latency_target_seconds,
+                       .adaptive_tome_max_ratio = o.adaptive_tome_max_ratio};
+  ImageGeneratorService service(limits, &scheduler, metrics->get());
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = Credentials(o);
   if (!credentials.ok()) return Fail(credentials.status());
@@ -242,13 +244,16 @@ int Run(int argc, char** argv) {
   std::vector<std::unique_ptr<Worker>> workers;
   for (const std::string& device : *devices) {
     absl::StatusOr<std::unique_ptr<Worker>> worker =
-        Worker::Create({.device = device,
+        Worker::Create({.index = static_cast<int>(workers.size()),
+                        .device = device,
                         .dtype = o.dtype,
                         .models = o.models,
+                        .max_batch_images = o.max_batch_size,
+                        .max_batch_cost = o.max_batch_cost,
                         .inject_oom_above_batch = o.inject_oom_above_batch,
                         .warmup_steps = o.warmup_steps,
                         .stop_warmup = [signal_state] { return signal_state->stop.HasBeenNotified(); }},
-                       metrics->get());
+                       metrics->get(), &step_times);
     if (!worker.ok()) {
       server->Shutdown();
       return Fail(worker.status());
@@ -263,9 +268,9 @@ int Run(int argc, char** argv) {
       for (size_t m = 0; m < more.size(); ++m) catalog.models[m].devices.push_back(more[m].devices.front());
     }
     service.SetCatalog(std::move(catalog));
-    for (auto& w : workers) w->Start(&batches, [&batcher] { batcher.Release(); });
+    for (auto& w : workers) w->Start(&scheduler);
     health->SetServingStatus(true);
-    spdlog::info("serving on port {} with {} worker(s)", port, workers.size());
+    spdlog::info("serving on port {} with {} worker(s), {} batching", port, workers.size(), o.batching);
     stop.WaitForNotification();
   }
 
@@ -277,10 +282,9 @@ int Run(int argc, char** argv) {
     absl::SleepFor(o.shutdown_grace);
   }
   spdlog::info("draining: finishing in-flight calls within {}", absl::FormatDuration(o.drain_timeout));
-  batcher.Drain();
+  scheduler.Drain();
   server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(o.drain_timeout));
-  batcher.Stop();
-  batches.Close();
+  scheduler.Stop();
   for (auto& w : workers) w->Join();
   spdlog::info("stopped");
   return 0;

@@ -54,7 +54,7 @@ struct Metrics::Impl {
           .Register(*registry);
   prometheus::Family<prometheus::Histogram>& batch = prometheus::BuildHistogram()
                                                          .Name("tomeserve_batch_size")
-                                                         .Help("Images per UNet batch run")
+                                                         .Help("Images per UNet call run")
                                                          .Register(*registry);
   prometheus::Family<prometheus::Gauge>& depth = prometheus::BuildGauge()
                                                      .Name("tomeserve_queue_depth")
@@ -65,6 +65,23 @@ struct Metrics::Impl {
           .Name("tomeserve_oom_total")
           .Help("Out-of-memory errors while running a batch, by ToMe ratio and resolution")
           .Register(*registry);
+  prometheus::Family<prometheus::Counter>& unet_rows = prometheus::BuildCounter()
+                                                          .Name("tomeserve_unet_rows_total")
+                                                          .Help("UNet input rows computed (2 per guided image per step)")
+                                                          .Register(*registry);
+  prometheus::Family<prometheus::Counter>& evictions =
+      prometheus::BuildCounter()
+          .Name("tomeserve_oom_evictions_total")
+          .Help("Samples evicted from a running batch after an out-of-memory step (state kept, rejoined later)")
+          .Register(*registry);
+  prometheus::Family<prometheus::Counter>& slo =
+      prometheus::BuildCounter()
+          .Name("tomeserve_slo_decisions_total")
+          .Help("SLO ratio controller decisions by chosen ToMe ratio and whether a ratio was predicted to meet "
+                "the target")
+          .Register(*registry);
+  prometheus::Counter* unet_rows_counter = &unet_rows.Add({});
+  prometheus::Counter* evictions_counter = &evictions.Add({});
   prometheus::Histogram* batch_hist =
       &batch.Add({}, prometheus::Histogram::BucketBoundaries{1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64});
   prometheus::Gauge* depth_gauge = &depth.Add({});
@@ -111,6 +128,20 @@ void Metrics::SetQueueDepth(int depth) {
 void Metrics::CountOom(double tome_ratio, int width, int height) {
   if (!impl_) return;
   impl_->oom.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
+      .Increment();
+}
+
+void Metrics::CountUnetRows(int rows) {
+  if (impl_) impl_->unet_rows_counter->Increment(rows);
+}
+
+void Metrics::CountEvictions(int samples) {
+  if (impl_) impl_->evictions_counter->Increment(samples);
+}
+
+void Metrics::CountSloDecision(double chosen_ratio, bool target_met) {
+  if (!impl_) return;
+  impl_->slo.Add({{"tome_ratio", RatioLabel(chosen_ratio)}, {"target_met", target_met ? "true" : "false"}})
       .Increment();
 }
 

@@ -5,9 +5,12 @@
 //   tomeserve_requests_total{code}                         finished Generate/GenerateStream calls
 //   tomeserve_request_latency_seconds{tome_ratio,code}     end-to-end, from enqueue to finish
 //   tomeserve_phase_seconds{phase=queue|text_encoding|denoising|decoding}
-//   tomeserve_batch_size                                   images per UNet batch actually run
+//   tomeserve_batch_size                                   images per UNet call actually run
+//   tomeserve_unet_rows_total                              UNet input rows computed (2 per guided image/step)
 //   tomeserve_queue_depth                                  queued (not running) requests
-//   tomeserve_oom_total{tome_ratio,resolution}             out-of-memory errors (before splitting)
+//   tomeserve_oom_total{tome_ratio,resolution}             out-of-memory errors (steps and decodes)
+//   tomeserve_oom_evictions_total                          samples evicted after an OOM (state kept)
+//   tomeserve_slo_decisions_total{tome_ratio,target_met}   SLO ratio controller choices
 // Label values are bounded (clients choose ratios and sizes freely): tome_ratio is the batch key's canonical
 // ratio with two decimals (RatioLabel), resolution a pixel-count bucket (ResolutionLabel).
 #pragma once
@@ -33,6 +36,9 @@ class Metrics {
   void ObserveBatch(int images);
   void SetQueueDepth(int depth);
   void CountOom(double tome_ratio, int width, int height);
+  void CountUnetRows(int rows);
+  void CountEvictions(int samples);
+  void CountSloDecision(double chosen_ratio, bool target_met);
 
   // The bound port (0 when off); for tests that listen on port 0.
   int port() const;

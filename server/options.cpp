@@ -29,8 +29,23 @@ ABSL_FLAG(std::string, devices, "auto",
           "auto (every CUDA device, else cpu), cpu, or cuda:0,cuda:1,...; one "
           "worker thread per device.");
 ABSL_FLAG(std::string, dtype, "auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.");
+ABSL_FLAG(std::string, batching, "step",
+          "step: one running batch per worker, re-formed at every denoising step (calls join and leave at step "
+          "boundaries; any steps, scheduler, guidance and ToMe settings share a UNet call); request: a batch of "
+          "calls with equal settings runs start to end (the pre-step-level behaviour, for comparison).");
 ABSL_FLAG(int32_t, max_batch_size, 8, "Most images in one UNet batch.");
-ABSL_FLAG(int32_t, max_queue_delay_ms, 20, "How long the oldest queued request may wait for batch-mates.");
+ABSL_FLAG(int64_t, max_batch_cost, 0,
+          "Budget of one running batch in UNet rows x latent pixels (a guided 512x512 image is 2 x 64 x 64 = "
+          "8192); a call larger than it runs alone. 0 = derived: on CUDA from the memory left after loading, on "
+          "CPU 65536.");
+ABSL_FLAG(int32_t, max_queue_delay_ms, 20,
+          "--batching request only: how long the oldest queued request may wait for batch-mates.");
+ABSL_FLAG(double, default_latency_target_seconds, 0,
+          "SLO ratio controller: end-to-end latency target for requests that set no latency_target_seconds "
+          "(0 = none).");
+ABSL_FLAG(double, adaptive_tome_max_ratio, 0,
+          "SLO ratio controller: the highest ToMe ratio the server may raise a request's ratio to when the "
+          "request sets no tome.max_ratio (0 = off; at most 0.75 with the default strides).");
 ABSL_FLAG(int32_t, max_queue_size, 64,
           "Most queued (not yet running) requests; beyond it RESOURCE_EXHAUSTED.");
 ABSL_FLAG(double, default_tome_ratio, 0.5,
@@ -251,7 +266,11 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   o.devices = absl::GetFlag(FLAGS_devices);
   o.dtype = absl::GetFlag(FLAGS_dtype);
+  o.batching = absl::GetFlag(FLAGS_batching);
   o.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
+  o.max_batch_cost = absl::GetFlag(FLAGS_max_batch_cost);
+  o.default_latency_target_seconds = absl::GetFlag(FLAGS_default_latency_target_seconds);
+  o.adaptive_tome_max_ratio = absl::GetFlag(FLAGS_adaptive_tome_max_ratio);
   o.max_queue_delay_ms = absl::GetFlag(FLAGS_max_queue_delay_ms);
   o.max_queue_size = absl::GetFlag(FLAGS_max_queue_size);
   o.default_tome_ratio = absl::GetFlag(FLAGS_default_tome_ratio);
@@ -274,7 +293,13 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
 
   for (const absl::Status& s : {
            Check(!o.listen.empty(), "listen", "HOST:PORT"),
+           Check(o.batching == "step" || o.batching == "request", "batching", "step or request"),
            Check(o.max_batch_size >= 1, "max_batch_size", ">= 1"),
+           Check(o.max_batch_cost >= 0, "max_batch_cost", ">= 0 (0 = derived)"),
+           Check(o.default_latency_target_seconds >= 0 && o.default_latency_target_seconds <= 3600,
+                 "default_latency_target_seconds", "[0, 3600] seconds (0 = none)"),
+           Check(o.adaptive_tome_max_ratio >= 0 && o.adaptive_tome_max_ratio <= tome::MaxRatio(2, 2),
+                 "adaptive_tome_max_ratio", absl::StrCat("[0, ", tome::MaxRatio(2, 2), "] (0 = off)")),
            Check(o.max_queue_delay_ms >= 0, "max_queue_delay_ms", ">= 0"),
            Check(o.max_queue_size >= 1, "max_queue_size", ">= 1"),
            // Requests that leave tome.ratio unset get it with tomesd's default strides (sx = sy = 2).

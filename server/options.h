@@ -27,7 +27,11 @@ struct ServerOptions {
   std::string metrics_listen;  // empty: no metrics endpoint
   std::string devices = "auto";
   std::string dtype = "auto";
+  std::string batching = "step";  // "step" or "request"
   int max_batch_size = 8;
+  int64_t max_batch_cost = 0;  // rows x latent pixels; 0 = derived per device
+  double default_latency_target_seconds = 0;
+  double adaptive_tome_max_ratio = 0;
   int max_queue_delay_ms = 20;
   int max_queue_size = 64;
   double default_tome_ratio = 0.5;

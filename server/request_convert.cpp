@@ -195,6 +195,29 @@ absl::StatusOr<GenerationRequest> ConvertRequest(const v1::GenerateRequest& requ
   if (!tome.ok()) return tome.status();
   out.tome = *tome;
 
+  // SLO controller range and target. max_ratio must be a ratio tomesd can honour with these strides.
+  if (request.tome().has_max_ratio()) {
+    const double max_ratio = FloatToShortestDouble(request.tome().max_ratio());
+    const double cap = tome::MaxRatio(out.tome.sx, out.tome.sy);
+    if (!std::isfinite(max_ratio) || max_ratio < 0 || max_ratio > cap) {
+      return Invalid(absl::StrCat("tome.max_ratio is ", request.tome().max_ratio(), "; allowed: [0, ", cap,
+                                  "] (at least tome.ratio to let the server raise the ratio)"));
+    }
+    out.tome_max_ratio = max_ratio;
+  } else if (limits.adaptive_tome_max_ratio > out.tome.ratio) {
+    out.tome_max_ratio = std::min(limits.adaptive_tome_max_ratio, tome::MaxRatio(out.tome.sx, out.tome.sy));
+  }
+  if (request.has_latency_target_seconds()) {
+    const double target = request.latency_target_seconds();
+    if (!std::isfinite(target) || target <= 0 || target > limits.max_latency_target_seconds) {
+      return Invalid(absl::StrCat("latency_target_seconds is ", target, "; allowed: (0, ",
+                                  limits.max_latency_target_seconds, "], or unset for the server's default"));
+    }
+    out.latency_target_seconds = target;
+  } else {
+    out.latency_target_seconds = limits.default_latency_target_seconds;
+  }
+
   out.key = BatchKey{.model = model->name,
                      .width = *width,
                      .height = *height,
@@ -250,7 +273,15 @@ void ToProto(const GenerationRequest& request, const GenerationResult& result, v
   t->set_decoding_seconds(result.decoding_seconds);
   t->set_total_seconds(result.total_seconds);
   out->set_batch_size(static_cast<uint32_t>(result.batch_size));
-  ToProto(request.tome, out->mutable_tome());
+  ToProto(result.tome, out->mutable_tome());
+  if (result.slo.applied) {
+    v1::SloDecision* slo = out->mutable_slo();
+    slo->set_latency_target_seconds(result.slo.target_seconds);
+    slo->set_predicted_seconds(result.slo.predicted_seconds);
+    slo->set_target_met(result.slo.target_met);
+    slo->set_min_ratio(static_cast<float>(request.tome.ratio));
+    slo->set_max_ratio(static_cast<float>(request.tome_max_ratio));
+  }
   for (const MergeCount& m : result.merged_tokens) {
     v1::MergedTokens* mt = out->add_merged_tokens();
     mt->set_block(m.block);

@@ -26,6 +26,11 @@ struct RequestLimits {
   int max_images = 4;
   double max_guidance = 100;
   double default_tome_ratio = 0.5;
+  // SLO controller defaults for requests that set neither: a latency target (0 = none) and the highest ratio
+  // the controller may raise to (0 = off).
+  double default_latency_target_seconds = 0;
+  double adaptive_tome_max_ratio = 0;
+  double max_latency_target_seconds = 3600;
   int max_request_id_bytes = 128;  // request_id: printable ASCII only
 };
 

@@ -14,18 +14,18 @@ namespace tomeserve::server {
 
 struct ImageGeneratorService::Context {
   RequestLimits limits;
-  Batcher* batcher;
+  Scheduler* scheduler;
   Metrics* metrics;
   RandomSource random = RandomSource::Default();
   std::atomic<const ModelCatalog*> catalog{nullptr};
   std::unique_ptr<ModelCatalog> catalog_storage;
 
-  // A call's cancellation (any gRPC thread): mark the job and let the batcher drop it if it is still queued;
+  // A call's cancellation (any gRPC thread): mark the job and let the scheduler drop it if it is still queued;
   // a running job leaves its batch at the next step boundary. `job` may be null (rejected before enqueue).
   void Cancel(Job* job) {
     if (job == nullptr) return;
     job->Cancel();
-    batcher->Wake();
+    scheduler->Wake();
   }
 
   // Validates and builds the job; on error returns the status to answer with.
@@ -47,16 +47,17 @@ struct ImageGeneratorService::Context {
               const absl::StatusOr<GenerationResult>& result, absl::Time started) {
     const absl::StatusCode code = result.status().code();
     const double total = absl::ToDoubleSeconds(absl::Now() - started);
-    // The batch key's canonical ratio: settings with no effect count as 0, like the OOM counter's.
-    const double ratio = job != nullptr ? job->key().tome.ratio : 0;
+    // The effective canonical ratio (the controller's choice): settings with no effect count as 0.
+    const double ratio = job != nullptr ? tome::Canonical(job->effective_tome()).ratio : 0;
     metrics->ObserveRequest(ratio, code, total);
+    if (result.ok() && result->slo.applied) metrics->CountSloDecision(ratio, result->slo.target_met);
     const std::string id = job != nullptr ? job->request().request_id : request.request_id();
     const std::string key = job != nullptr ? ToString(job->key()) : "-";
     if (result.ok()) {
       spdlog::info(
-          "{} id={} {} images={} batch_size={} queue={:.3f}s text={:.3f}s denoise={:.3f}s "
+          "{} id={} {} ratio={} images={} batch_size={} queue={:.3f}s text={:.3f}s denoise={:.3f}s "
           "decode={:.3f}s total={:.3f}s status=OK",
-          rpc, id, key, result->images.size(), result->batch_size, result->queue_seconds,
+          rpc, id, key, RatioLabel(result->tome.ratio), result->images.size(), result->batch_size, result->queue_seconds,
           result->text_encoding_seconds, result->denoising_seconds, result->decoding_seconds, total);
     } else {
       spdlog::info("{} id={} {} total={:.3f}s status={} message=\"{}\"", rpc, id, key, total,
@@ -79,7 +80,9 @@ class GenerateReactor final : public grpc::ServerUnaryReactor, public JobObserve
       return;
     }
     job_ = *job;
-    if (absl::Status s = ctx_->batcher->Enqueue(job_); !s.ok()) job_->Finish(s);
+    // A local reference: Finish may end the call and delete this reactor (and its job_) before it returns.
+    std::shared_ptr<Job> keep = job_;
+    if (absl::Status s = ctx_->scheduler->Enqueue(keep); !s.ok()) keep->Finish(s);
   }
 
   void OnDone(const absl::StatusOr<GenerationResult>& result) override {
@@ -112,12 +115,17 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
       return;
     }
     job_ = *job;
-    if (absl::Status s = ctx_->batcher->Enqueue(job_); !s.ok()) job_->Finish(s);
+    // A local reference: Finish may end the call and delete this reactor (and its job_) before it returns.
+    std::shared_ptr<Job> keep = job_;
+    if (absl::Status s = ctx_->scheduler->Enqueue(keep); !s.ok()) keep->Finish(s);
   }
 
-  void OnQueued(int position) override {
+  void OnQueued(const QueuedInfo& info) override {
     v1::GenerateEvent e;
-    e.mutable_queued()->set_position(static_cast<uint32_t>(position));
+    e.mutable_queued()->set_position(static_cast<uint32_t>(info.position));
+    if (info.estimated_start_seconds >= 0) e.mutable_queued()->set_estimated_start_seconds(info.estimated_start_seconds);
+    if (info.estimated_finish_seconds >= 0)
+      e.mutable_queued()->set_estimated_finish_seconds(info.estimated_finish_seconds);
     Send(std::move(e), /*replaceable=*/true);
   }
   void OnProgress(int step, int num_steps) override {
@@ -216,10 +224,10 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
 
 }  // namespace
 
-ImageGeneratorService::ImageGeneratorService(RequestLimits limits, Batcher* batcher, Metrics* metrics)
+ImageGeneratorService::ImageGeneratorService(RequestLimits limits, Scheduler* scheduler, Metrics* metrics)
     : context_(std::make_shared<Context>()) {
   context_->limits = limits;
-  context_->batcher = batcher;
+  context_->scheduler = scheduler;
   context_->metrics = metrics;
 }
 

@@ -1,8 +1,8 @@
 // The gRPC front end: tomeserve.v1.ImageGenerator on the callback API. Handlers run on gRPC threads and only
-// validate (request_convert), enqueue (batcher) and return; the batcher or a worker finishes each call later
+// validate (request_convert), enqueue (scheduler) and return; the scheduler or a worker finishes each call later
 // through the reactor (a JobObserver). No torch code runs here.
 //
-// GenerateStream sends Queued{position} while queued, Progress{step, num_steps} after every UNet call (PNDM
+// GenerateStream sends Queued{position, estimated start/finish} while queued, Progress{step, num_steps} after every UNet call (PNDM
 // makes one call more than its step count), then one result event.
 // Until SetCatalog() (models loaded and warmed up) every call answers UNAVAILABLE. Every finished generate
 // call is logged (one line: id, key, batch size, timings, status) and counted in Metrics.
@@ -11,7 +11,7 @@
 #include <atomic>
 #include <memory>
 
-#include "server/batcher.h"
+#include "server/scheduler.h"
 #include "server/metrics.h"
 #include "server/model_catalog.h"
 #include "server/request_convert.h"
@@ -21,8 +21,8 @@ namespace tomeserve::server {
 
 class ImageGeneratorService final : public v1::ImageGenerator::CallbackService {
  public:
-  // `batcher` and `metrics` must outlive the gRPC server.
-  ImageGeneratorService(RequestLimits limits, Batcher* batcher, Metrics* metrics);
+  // `scheduler` and `metrics` must outlive the gRPC server.
+  ImageGeneratorService(RequestLimits limits, Scheduler* scheduler, Metrics* metrics);
 
   // Publishes the loaded models; called once, before health turns SERVING.
   void SetCatalog(ModelCatalog catalog);

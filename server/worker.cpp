@@ -3,10 +3,15 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <c10/core/InferenceMode.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <chrono>
+#include <climits>
+#include <deque>
 #include <map>
+#include <optional>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -14,41 +19,19 @@
 #include "absl/time/clock.h"
 #include "pipeline/denoise_batch.h"
 #include "pipeline/device.h"
-#include "pipeline/image_codec.h"
 #include "pipeline/stable_diffusion.h"
 #include "pipeline/torch_status.h"
+#include "server/image_output.h"
 #include "tome/tome_hooks.h"
 
 #ifdef TOMESERVE_HAVE_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace tomeserve::server {
-
-// ---- BatchQueue ----
-
-void BatchQueue::Push(Batch batch) {
-  absl::MutexLock lock(&mu_);
-  batches_.push_back(std::move(batch));
-}
-
-std::optional<Batch> BatchQueue::Pop() {
-  absl::MutexLock lock(&mu_);
-  mu_.Await(absl::Condition(
-      +[](BatchQueue* q) ABSL_EXCLUSIVE_LOCKS_REQUIRED(q->mu_) { return q->closed_ || !q->batches_.empty(); },
-      this));
-  if (batches_.empty()) return std::nullopt;
-  Batch b = std::move(batches_.front());
-  batches_.pop_front();
-  return b;
-}
-
-void BatchQueue::Close() {
-  absl::MutexLock lock(&mu_);
-  closed_ = true;
-}
 
 absl::StatusOr<std::vector<std::string>> ResolveDevices(const std::string& spec) {
   std::vector<std::string> devices;
@@ -72,28 +55,34 @@ absl::StatusOr<std::vector<std::string>> ResolveDevices(const std::string& spec)
   return devices;
 }
 
-// ---- Worker ----
-
 namespace {
 
 double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
 
-// Per-job bookkeeping while its batch runs (worker thread only).
-struct JobRun {
+// One admitted call on this worker (worker thread only).
+struct RunningJob {
   std::shared_ptr<Job> job;
+  const pipeline::StableDiffusion* model = nullptr;
+  tome::TokenMerging tome;                              // effective settings
+  std::shared_ptr<const tome::TokenMergingHooks> hooks;  // null: plain UNet
+  std::vector<int> sample_ids;                          // per image: its id in the batch, -1 when not in it
   std::vector<std::optional<EncodedImage>> images;
-  absl::Status error;
   GenerationResult result;
-  // The highest progress step sent to the call: after an OOM split the sub-batches restart from step 0, and a
-  // client must never see its progress go backwards.
-  int last_progress_step = 0;
-  bool done() const { return job->finished() || !error.ok(); }
+  absl::Time admitted;
+  int last_progress = 0;
+  int num_calls = 0;  // UNet calls per sample (PNDM: steps + 1)
+  bool ended = false;
+
+  int images_left() const {
+    return static_cast<int>(std::count_if(images.begin(), images.end(), [](const auto& i) { return !i; }));
+  }
 };
 
-// One image of one job in the batch.
-struct SampleRef {
-  int job;    // index into the JobRun vector
-  int image;  // 0-based image of that job
+// A sample evicted after an out-of-memory error, state intact, waiting to rejoin.
+struct Parked {
+  RunningJob* run;
+  int image;
+  pipeline::DenoiseBatch::Sample sample;
 };
 
 }  // namespace
@@ -101,22 +90,45 @@ struct SampleRef {
 struct Worker::Impl {
   WorkerOptions options;
   Metrics* metrics;
+  StepTimeModel* step_times;
   pipeline::ComputeTarget target;
   std::map<std::string, std::unique_ptr<pipeline::StableDiffusion>> models;
+  int64_t budget = kCpuBatchCost;
 
-  void Loop(BatchQueue* queue, const std::function<void()>& on_batch_done);
-  void RunBatch(Batch batch);
-  // Runs the samples `refs` (a sub-batch), splitting on OOM.
-  void RunWithSplit(const Batch& batch, const std::vector<SampleRef>& refs, std::vector<JobRun>* runs);
-  absl::Status RunOnce(const Batch& batch, const std::vector<SampleRef>& refs, std::vector<JobRun>* runs);
-  absl::StatusOr<EncodedImage> Encode(const JobRun& run, const at::Tensor& rgb8, int image) const;
+  // The running batch and what is in it (worker thread only).
+  std::unique_ptr<pipeline::DenoiseBatch> batch;
+  std::string batch_model;
+  int batch_width = 0, batch_height = 0;
+  std::vector<std::unique_ptr<RunningJob>> jobs;  // admission order
+  std::deque<Parked> parked;                      // front: next to rejoin
+  int oom_cap = INT_MAX;                          // image cap after an OOM, until the batch drains
+  // One hook factory per ToMe setting (seed excluded: it travels per sample), so equal settings share a group.
+  // Cleared when the batch drains (a factory's merge counts belong to one latent size).
+  absl::flat_hash_map<tome::TokenMerging, std::shared_ptr<tome::TokenMergingHooks>> hooks_by_setting;
+  double last_step_seconds = 0;
+
+  void Loop(Scheduler* scheduler);
+  RunningView View() const;
+  void Start(const std::shared_ptr<Job>& job);
+  void Readmit();
+  void RetireStopped();
+  void Step();
+  void Evict(const absl::Status& oom, int active);
+  void NotifyProgress();
+  void RetireDone();
+  void Decode(RunningJob& run, int image, const at::Tensor& latents);
+  void End(RunningJob& run, const absl::StatusOr<GenerationResult>& result);
+  void DropEnded();
   void EmptyCache() const;
+  double Backlog() const;
 };
 
-absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& options, Metrics* metrics) {
+absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& options, Metrics* metrics,
+                                                      StepTimeModel* step_times) {
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->metrics = metrics;
+  impl->step_times = step_times;
   absl::StatusOr<c10::Device> device = pipeline::ParseDevice(options.device);
   if (!device.ok()) return device.status();
   const std::string dtype = options.dtype == "auto" ? (device->is_cuda() ? "fp16" : "fp32") : options.dtype;
@@ -131,14 +143,24 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
       return absl::Status(sd.status().code(), absl::StrCat("model \"", spec.name, "\" (", spec.dir, ") on ",
                                                            options.device, ": ", sd.status().message()));
     }
-    // Warm-up: one image at the native size through the whole pipeline (allocator, kernels, schedule).
-    pipeline::BatchSpec warm{.width = (*sd)->native_width(),
-                             .height = (*sd)->native_height(),
-                             .num_inference_steps = options.warmup_steps,
-                             .scheduler = (*sd)->default_scheduler()};
+    // Warm-up: one image at the native size through the whole pipeline (allocator, kernels, schedule). Its
+    // steps after the first (which pays one-time costs) seed the step-time model.
+    const int width = (*sd)->native_width(), height = (*sd)->native_height();
+    auto last = std::chrono::steady_clock::now();
     absl::StatusOr<std::vector<pipeline::GeneratedImage>> images = (*sd)->Generate(
-        warm, {pipeline::SampleSpec{.prompt = "warm-up", .seed = 0}},
-        {.cancelled = [&options](int) { return options.stop_warmup && options.stop_warmup(); }});
+        {.width = width, .height = height, .num_inference_steps = options.warmup_steps,
+         .scheduler = (*sd)->default_scheduler()},
+        {pipeline::SampleSpec{.prompt = "warm-up", .seed = 0}},
+        {.progress =
+             [&](int done, int) {
+               const auto now = std::chrono::steady_clock::now();
+               if (done > 1) {
+                 step_times->Observe(static_cast<int64_t>(width / 8) * (height / 8), 2, 0.0,
+                                     std::chrono::duration<double>(now - last).count());
+               }
+               last = now;
+             },
+         .cancelled = [&options](int) { return options.stop_warmup && options.stop_warmup(); }});
     if (!images.ok()) {
       return absl::Status(images.status().code(),
                           absl::StrCat("model \"", spec.name, "\" (", spec.dir,
@@ -148,6 +170,22 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
                  Seconds(absl::Now() - t0));
     impl->models[spec.name] = *std::move(sd);
   }
+  impl->budget = options.max_batch_cost > 0 ? options.max_batch_cost : kCpuBatchCost;
+#ifdef TOMESERVE_HAVE_CUDA
+  if (options.max_batch_cost <= 0 && device->is_cuda()) {
+    // What is left after the weights, at a conservative 256 KiB of activations per row x latent pixel in 16-bit
+    // (twice that in fp32; SD 1.5 with SDPA needs well under it), 80% of it. The OOM path corrects a guess that
+    // is too high.
+    size_t free_bytes = 0, total_bytes = 0;
+    c10::cuda::CUDAGuard guard(device->index());
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
+      const double per = (*scalar == at::kFloat ? 2.0 : 1.0) * 256 * 1024;
+      impl->budget = std::max<int64_t>(64 * 64 * 2, static_cast<int64_t>(0.8 * free_bytes / per));
+    }
+  }
+#endif
+  spdlog::info("worker {} on {}: batch budget {} rows x latent pixels, at most {} images", options.index,
+               options.device, impl->budget, options.max_batch_images);
   return std::unique_ptr<Worker>(new Worker(std::move(impl)));
 }
 
@@ -169,260 +207,352 @@ std::vector<ModelDescription> Worker::Describe() const {
   return out;
 }
 
-void Worker::Start(BatchQueue* queue, std::function<void()> on_batch_done) {
-  thread_ = std::thread([this, queue, done = std::move(on_batch_done)] { impl_->Loop(queue, done); });
+int64_t Worker::batch_cost_budget() const { return impl_->budget; }
+
+void Worker::Start(Scheduler* scheduler) {
+  thread_ = std::thread([this, scheduler] { impl_->Loop(scheduler); });
 }
 
 void Worker::Join() {
   if (thread_.joinable()) thread_.join();
 }
 
-void Worker::Impl::Loop(BatchQueue* queue, const std::function<void()>& on_batch_done) {
-  at::NoGradGuard no_grad;
+void Worker::Impl::Loop(Scheduler* scheduler) {
+  c10::InferenceMode inference;
 #ifdef TOMESERVE_HAVE_CUDA
   // This worker's own stream (and current device) for everything it runs.
   std::optional<c10::cuda::CUDAStreamGuard> stream;
   if (target.device.is_cuda()) stream.emplace(c10::cuda::getStreamFromPool(false, target.device.index()));
 #endif
-  while (std::optional<Batch> batch = queue->Pop()) {
-    const std::vector<std::shared_ptr<Job>> jobs = batch->jobs;
-    // The pipeline reports torch errors as statuses; this is the last line for anything else (every job of
-    // the batch must be finished, or its call would hang).
+  while (true) {
     try {
-      RunBatch(*std::move(batch));
+      Readmit();
+      // Blocks only when nothing is running; empty then means the scheduler stopped.
+      std::vector<std::shared_ptr<Job>> admitted = scheduler->Admit(View());
+      if (admitted.empty() && jobs.empty()) {
+        if (scheduler->stopped()) break;
+        continue;
+      }
+      for (const std::shared_ptr<Job>& job : admitted) Start(job);
+      RetireStopped();
+      Step();
+      NotifyProgress();
+      RetireDone();
     } catch (const std::exception& e) {
-      spdlog::error("batch failed with an exception on {}: {}", options.device, e.what());
-      for (const auto& job : jobs)
-        job->Finish(absl::InternalError(absl::StrCat("internal error: ", e.what())));
+      // The pipeline reports torch errors as statuses; this is the last line for anything else (every admitted
+      // job must be finished, or its call would hang).
+      spdlog::error("worker {} on {}: {}", options.index, options.device, e.what());
+      for (auto& run : jobs) End(*run, absl::InternalError(absl::StrCat("internal error: ", e.what())));
+      parked.clear();
+      batch.reset();
     }
-    on_batch_done();
+    DropEnded();
+    if (jobs.empty()) {
+      batch.reset();
+      hooks_by_setting.clear();
+      oom_cap = INT_MAX;
+    }
+    scheduler->ReportBacklog(options.index, Backlog());
   }
+}
+
+RunningView Worker::Impl::View() const {
+  RunningView v{.idle = jobs.empty(),
+                .model = batch_model,
+                .width = batch_width,
+                .height = batch_height,
+                .budget = budget,
+                .max_images = std::min(options.max_batch_images, oom_cap)};
+  for (const auto& run : jobs) {
+    if (run->ended) continue;
+    v.images += run->job->num_images();
+    v.cost += run->job->request().cost();
+    v.rows += run->job->request().rows();
+    v.tome_rows += run->job->request().rows() * run->tome.ratio;
+  }
+  return v;
+}
+
+void Worker::Impl::Start(const std::shared_ptr<Job>& job) {
+  const GenerationRequest& req = job->request();
+  auto run = std::make_unique<RunningJob>();
+  run->job = job;
+  run->admitted = absl::Now();
+  run->tome = job->effective_tome();
+  run->images.resize(req.num_images);
+  run->sample_ids.assign(req.num_images, -1);
+  run->result.queue_seconds = Seconds(run->admitted - job->enqueued());
+  run->result.tome = run->tome;
+  run->result.slo = job->slo();
+  auto model = models.find(req.key.model);
+  if (model == models.end()) {  // the catalog only names loaded models
+    job->Finish(absl::InternalError(absl::StrCat("model ", req.key.model, " is not loaded on ", options.device)));
+    return;
+  }
+  run->model = model->second.get();
+  uint64_t hook_seed = 0;
+  if (tome::IsActive(run->tome)) {
+    tome::TokenMerging setting = tome::Canonical(run->tome);
+    hook_seed = setting.seed;
+    setting.seed = 0;
+    std::shared_ptr<tome::TokenMergingHooks>& hooks = hooks_by_setting[setting];
+    if (hooks == nullptr) {
+      absl::StatusOr<std::shared_ptr<tome::TokenMergingHooks>> created = tome::TokenMergingHooks::Create(setting);
+      if (!created.ok()) {
+        job->Finish(created.status());
+        return;
+      }
+      hooks = *created;
+    }
+    run->hooks = hooks;
+  }
+  std::vector<pipeline::SampleSpec> specs;
+  for (int i = 0; i < req.num_images; ++i) {
+    specs.push_back({.prompt = req.prompt,
+                     .negative_prompt = req.negative_prompt,
+                     .seed = req.seed + static_cast<uint64_t>(i),
+                     .guidance_scale = req.guidance_scale,
+                     .num_inference_steps = req.key.steps,
+                     .scheduler = req.key.scheduler,
+                     .hooks = run->hooks,
+                     .hook_seed = hook_seed});
+  }
+  pipeline::PhaseTimings phases;
+  absl::StatusOr<std::vector<pipeline::DenoiseBatch::Sample>> samples =
+      run->model->PrepareSamples({.width = req.key.width, .height = req.key.height}, std::move(specs), &phases);
+  if (!samples.ok()) {
+    job->Finish(samples.status());
+    return;
+  }
+  run->result.text_encoding_seconds = phases.text_encoding;
+  run->num_calls = (*samples)[0].state->schedule().num_calls();
+  if (batch == nullptr) {
+    batch = std::make_unique<pipeline::DenoiseBatch>(*run->model, req.key.height / run->model->vae_scale(),
+                                                     req.key.width / run->model->vae_scale());
+    batch_model = req.key.model;
+    batch_width = req.key.width;
+    batch_height = req.key.height;
+  }
+  for (int i = 0; i < req.num_images; ++i) {
+    absl::StatusOr<int> id = batch->Add(std::move((*samples)[i]));
+    if (!id.ok()) {  // the scheduler only admits the batch's size
+      for (int j = 0; j < i; ++j) batch->Remove(run->sample_ids[j]);
+      job->Finish(id.status());
+      return;
+    }
+    run->sample_ids[i] = *id;
+  }
+  jobs.push_back(std::move(run));
+}
+
+void Worker::Impl::Readmit() {
+  const int cap = std::min(options.max_batch_images, oom_cap);
+  while (!parked.empty() && batch != nullptr && batch->active_samples() < cap) {
+    Parked p = std::move(parked.front());
+    parked.pop_front();
+    if (p.run->ended) continue;
+    absl::StatusOr<int> id = batch->Add(std::move(p.sample));
+    if (!id.ok()) {
+      End(*p.run, id.status());
+      continue;
+    }
+    p.run->sample_ids[p.image] = *id;
+  }
+}
+
+void Worker::Impl::End(RunningJob& run, const absl::StatusOr<GenerationResult>& result) {
+  if (run.ended) return;
+  run.ended = true;
+  if (batch != nullptr) {
+    for (int& id : run.sample_ids) {
+      if (id >= 0) batch->Remove(id);
+      id = -1;
+    }
+  }
+  if (result.ok()) {
+    metrics->ObservePhases(result->queue_seconds, result->text_encoding_seconds, result->denoising_seconds,
+                           result->decoding_seconds);
+  }
+  run.job->Finish(result);
+}
+
+void Worker::Impl::DropEnded() {
+  std::erase_if(parked, [](const Parked& p) { return p.run->ended; });
+  std::erase_if(jobs, [](const std::unique_ptr<RunningJob>& r) { return r->ended; });
+}
+
+void Worker::Impl::RetireStopped() {
+  const absl::Time now = absl::Now();
+  for (auto& run : jobs) {
+    if (absl::Status stop = run->job->StopReason(now); !stop.ok()) End(*run, stop);
+  }
+  DropEnded();
+}
+
+void Worker::Impl::Step() {
+  if (batch == nullptr || batch->Done()) return;
+  const int images = batch->active_samples();
+  const int rows = batch->active_rows();
+  double tome_rows = 0;
+  for (const auto& run : jobs) {
+    for (int id : run->sample_ids) {
+      if (id >= 0 && batch->sample(id).active()) tome_rows += batch->sample(id).rows_per_call() * run->tome.ratio;
+    }
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::Status status;
+  if (options.inject_oom_above_batch >= 0 && images > options.inject_oom_above_batch) {
+    // Marked exactly like a real c10::OutOfMemoryError (pipeline::GuardTorch), so it takes the same path.
+    status = pipeline::OutOfMemoryError(absl::StrCat("injected out of memory (--inject-oom-above-batch ",
+                                                     options.inject_oom_above_batch, ") for a batch of ", images));
+  } else {
+    status = batch->Step();
+  }
+  if (status.ok()) {
+    last_step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    step_times->Observe(batch->latent_height() * batch->latent_width(), rows, tome_rows, last_step_seconds);
+    metrics->ObserveBatch(images);
+    metrics->CountUnetRows(rows);
+    for (auto& run : jobs) run->result.batch_size = std::max(run->result.batch_size, images);
+    return;
+  }
+  if (pipeline::IsOutOfMemory(status)) {
+    Evict(status, images);
+    return;
+  }
+  // Any other error fails every call in the batch (a failed scheduler step leaves the batch unusable).
+  spdlog::error("step failed on {}: {}", options.device, std::string(status.message()));
+  for (auto& run : jobs) End(*run, status);
+  parked.clear();
+  batch.reset();
+}
+
+void Worker::Impl::Evict(const absl::Status& oom, int active) {
+  EmptyCache();
+  // Active samples, newest first.
+  std::vector<std::pair<RunningJob*, int>> newest_first;
+  for (auto it = jobs.rbegin(); it != jobs.rend(); ++it) {
+    for (int i = static_cast<int>((*it)->sample_ids.size()) - 1; i >= 0; --i) {
+      const int id = (*it)->sample_ids[i];
+      if (id >= 0 && batch->sample(id).active()) newest_first.emplace_back(it->get(), i);
+    }
+  }
+  const RunningJob* newest = newest_first.empty() ? nullptr : newest_first.front().first;
+  metrics->CountOom(newest != nullptr ? tome::Canonical(newest->tome).ratio : 0.0, batch_width, batch_height);
+  if (active <= 1) {
+    RunningJob& run = *newest_first.front().first;
+    spdlog::warn("out of memory for a single image ({}x{}) on {}: {}", batch_width, batch_height, options.device,
+                 std::string(oom.message()));
+    End(run, absl::ResourceExhaustedError(absl::StrCat(
+                 "out of memory on ", options.device, ": a single ", batch_width, "x", batch_height,
+                 " image does not fit even alone; try a smaller size: ", oom.message())));
+    return;
+  }
+  const int keep = active / 2;
+  const int evict = active - keep;
+  spdlog::warn("out of memory for a batch of {} ({}x{}) on {}; evicting the {} most recently admitted, state kept",
+               active, batch_width, batch_height, options.device, evict);
+  oom_cap = keep;
+  for (int k = 0; k < evict; ++k) {
+    auto [run, image] = newest_first[k];
+    std::optional<pipeline::DenoiseBatch::Sample> s = batch->Remove(run->sample_ids[image]);
+    run->sample_ids[image] = -1;
+    // Newest evicted first, each to the front: the oldest evicted rejoins first.
+    parked.push_front({run, image, *std::move(s)});
+  }
+  metrics->CountEvictions(evict);
+}
+
+void Worker::Impl::NotifyProgress() {
+  for (auto& run : jobs) {
+    if (run->ended) continue;
+    // The call's progress is its slowest image's (evicted images wait), never going backwards.
+    int step = INT_MAX;
+    for (int i = 0; i < static_cast<int>(run->images.size()); ++i) {
+      if (run->images[i]) continue;
+      const int id = run->sample_ids[i];
+      int at = run->last_progress;
+      if (id >= 0) at = batch->sample(id).state->step_index();
+      step = std::min(step, at);
+    }
+    if (step == INT_MAX) step = run->num_calls;
+    if (step > run->last_progress) {
+      run->last_progress = step;
+      run->job->NotifyProgress(step, run->num_calls);
+    }
+  }
+}
+
+void Worker::Impl::RetireDone() {
+  for (auto& run : jobs) {
+    if (run->ended) continue;
+    for (int i = 0; i < static_cast<int>(run->sample_ids.size()) && !run->ended; ++i) {
+      const int id = run->sample_ids[i];
+      if (id < 0 || !batch->sample(id).done()) continue;
+      std::optional<pipeline::DenoiseBatch::Sample> s = batch->Remove(id);
+      run->sample_ids[i] = -1;
+      Decode(*run, i, s->latents);
+    }
+    if (run->ended || run->images_left() > 0) continue;
+    GenerationResult result = std::move(run->result);
+    for (auto& img : run->images) result.images.push_back(*std::move(img));
+    result.denoising_seconds = std::max(0.0, Seconds(absl::Now() - run->admitted) - result.decoding_seconds);
+    result.total_seconds = Seconds(absl::Now() - run->job->enqueued());
+    if (run->hooks) {
+      for (const tome::BlockMergeCount& c : run->hooks->MergeCounts())
+        result.merged_tokens.push_back({c.block, c.tokens_before, c.tokens_after});
+    }
+    End(*run, std::move(result));
+  }
+}
+
+void Worker::Impl::Decode(RunningJob& run, int image, const at::Tensor& latents) {
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<std::vector<at::Tensor>> rgb = run.model->Decode(latents);
+  if (!rgb.ok() && pipeline::IsOutOfMemory(rgb.status())) {
+    // The latents are kept: free the cache and decode this one image again; the denoise is not rerun.
+    spdlog::warn("out of memory decoding on {}; retrying after freeing the cache", options.device);
+    metrics->CountOom(tome::Canonical(run.tome).ratio, batch_width, batch_height);
+    EmptyCache();
+    rgb = run.model->Decode(latents);
+  }
+  if (!rgb.ok()) {
+    End(run, rgb.status());
+    return;
+  }
+  absl::StatusOr<at::Tensor> pixels =
+      pipeline::GuardTorch("copying the image", [&]() -> absl::StatusOr<at::Tensor> {
+        return (*rgb)[0].to(at::kCPU).contiguous();
+      });
+  if (!pixels.ok()) {
+    End(run, pixels.status());
+    return;
+  }
+  absl::StatusOr<EncodedImage> encoded =
+      EncodeImage(run.job->request(), run.tome, pixels->data_ptr<uint8_t>(), static_cast<int>(pixels->size(1)),
+                  static_cast<int>(pixels->size(0)), image);
+  if (!encoded.ok()) {
+    End(run, encoded.status());
+    return;
+  }
+  run.images[image] = *std::move(encoded);
+  run.result.decoding_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double Worker::Impl::Backlog() const {
+  if (batch == nullptr) return 0;
+  int most = 0;
+  for (int id : batch->ids()) {
+    const auto& s = batch->sample(id);
+    if (s.active()) most = std::max(most, s.state->schedule().num_calls() - s.state->step_index());
+  }
+  return most * last_step_seconds;
 }
 
 void Worker::Impl::EmptyCache() const {
 #ifdef TOMESERVE_HAVE_CUDA
   if (target.device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
 #endif
-}
-
-void Worker::Impl::RunBatch(Batch batch) {
-  const absl::Time start = absl::Now();
-  std::vector<JobRun> runs;
-  std::vector<SampleRef> refs;
-  for (std::shared_ptr<Job>& job : batch.jobs) {
-    if (absl::Status stop = job->StopReason(start); !stop.ok()) {
-      job->Finish(stop);
-      continue;
-    }
-    JobRun run{.job = job};
-    run.images.resize(job->num_images());
-    run.result.queue_seconds = Seconds(start - job->enqueued());
-    for (int i = 0; i < job->num_images(); ++i) refs.push_back({static_cast<int>(runs.size()), i});
-    runs.push_back(std::move(run));
-  }
-  if (refs.empty()) return;
-  RunWithSplit(batch, refs, &runs);
-
-  for (JobRun& run : runs) {
-    const GenerationResult& r = run.result;
-    if (!run.error.ok()) {
-      run.job->Finish(run.error);
-      continue;
-    }
-    if (absl::Status stop = run.job->StopReason(absl::Now()); !stop.ok()) {
-      run.job->Finish(stop);
-      continue;
-    }
-    for (auto& img : run.images) {
-      if (!img) {  // cannot happen: every sample either produced an image or failed its job
-        run.job->Finish(absl::InternalError("an image is missing from the batch result"));
-        break;
-      }
-      run.result.images.push_back(*std::move(img));
-    }
-    run.result.total_seconds = Seconds(absl::Now() - run.job->enqueued());
-    metrics->ObservePhases(r.queue_seconds, r.text_encoding_seconds, r.denoising_seconds, r.decoding_seconds);
-    run.job->Finish(std::move(run.result));
-  }
-}
-
-void Worker::Impl::RunWithSplit(const Batch& batch, const std::vector<SampleRef>& all,
-                                std::vector<JobRun>* runs) {
-  // Samples of jobs that already ended (cancelled, expired, failed) are not run again.
-  std::vector<SampleRef> refs;
-  for (const SampleRef& r : all) {
-    if (!(*runs)[r.job].done()) refs.push_back(r);
-  }
-  if (refs.empty()) return;
-  const int n = static_cast<int>(refs.size());
-  absl::Status status;
-  if (options.inject_oom_above_batch >= 0 && n > options.inject_oom_above_batch) {
-    // Marked exactly like a real c10::OutOfMemoryError (pipeline::GuardTorch), so it takes the same path.
-    status = pipeline::OutOfMemoryError(absl::StrCat("injected out of memory (--inject-oom-above-batch ",
-                                                     options.inject_oom_above_batch, ") for a batch of ", n));
-  } else {
-    status = RunOnce(batch, refs, runs);
-  }
-  if (status.ok()) return;
-  // Only a real (or injected) out-of-memory error is split and counted; any other error, RESOURCE_EXHAUSTED
-  // included, fails the sub-batch's calls as it is.
-  if (!pipeline::IsOutOfMemory(status)) {
-    for (const SampleRef& r : refs) {
-      if ((*runs)[r.job].error.ok()) (*runs)[r.job].error = status;
-    }
-    return;
-  }
-  metrics->CountOom(batch.key.tome.ratio, batch.key.width, batch.key.height);
-  EmptyCache();
-  if (n == 1) {
-    spdlog::warn("out of memory for a single image ({}): {}", ToString(batch.key),
-                 std::string(status.message()));
-    JobRun& run = (*runs)[refs[0].job];
-    if (run.error.ok()) {
-      run.error = absl::ResourceExhaustedError(absl::StrCat(
-          "out of memory on ", options.device, ": a single ", batch.key.width, "x", batch.key.height,
-          " image does not fit even alone; try a smaller size: ", status.message()));
-    }
-    return;
-  }
-  spdlog::warn("out of memory for a batch of {} ({}); splitting in halves", n, ToString(batch.key));
-  const std::vector<SampleRef> first(refs.begin(), refs.begin() + n / 2),
-      second(refs.begin() + n / 2, refs.end());
-  RunWithSplit(batch, first, runs);
-  RunWithSplit(batch, second, runs);
-}
-
-absl::Status Worker::Impl::RunOnce(const Batch& batch, const std::vector<SampleRef>& refs,
-                                   std::vector<JobRun>* runs) {
-  const pipeline::StableDiffusion& sd = *models.at(batch.key.model);
-  pipeline::BatchSpec spec{.width = batch.key.width,
-                           .height = batch.key.height,
-                           .num_inference_steps = batch.key.steps,
-                           .scheduler = batch.key.scheduler};
-  std::shared_ptr<tome::TokenMergingHooks> hooks;
-  if (tome::IsActive(batch.key.tome)) {
-    absl::StatusOr<std::shared_ptr<tome::TokenMergingHooks>> h =
-        tome::TokenMergingHooks::Create(batch.key.tome);
-    if (!h.ok()) return h.status();
-    hooks = *h;
-    spec.hooks = hooks;
-  }
-  std::vector<pipeline::SampleSpec> samples;
-  for (const SampleRef& r : refs) {
-    const GenerationRequest& req = (*runs)[r.job].job->request();
-    samples.push_back({.prompt = req.prompt,
-                       .negative_prompt = req.negative_prompt,
-                       .seed = req.seed + static_cast<uint64_t>(r.image),
-                       .guidance_scale = req.guidance_scale});
-  }
-  // Jobs in this sub-batch, each once, for progress events.
-  std::vector<int> jobs;
-  for (const SampleRef& r : refs) {
-    if (jobs.empty() || jobs.back() != r.job) jobs.push_back(r.job);
-  }
-
-  pipeline::PhaseTimings phases;
-  absl::StatusOr<std::unique_ptr<pipeline::DenoiseBatch>> started =
-      sd.StartBatch(spec, std::move(samples), &phases);
-  if (!started.ok()) return started.status();
-  pipeline::DenoiseBatch& denoise = **started;
-
-  const absl::Time t_denoise = absl::Now();
-  while (!denoise.Done()) {
-    // Step boundary: a cancelled or expired call ends now; its samples leave the batch.
-    const absl::Time now = absl::Now();
-    bool any_active = false;
-    for (int i = 0; i < static_cast<int>(refs.size()); ++i) {
-      if (denoise.cancelled(i)) continue;
-      JobRun& run = (*runs)[refs[i].job];
-      if (absl::Status stop = run.job->StopReason(now); !stop.ok()) run.job->Finish(stop);
-      if (run.done()) {
-        denoise.Cancel(i);
-      } else {
-        any_active = true;
-      }
-    }
-    if (!any_active) return absl::OkStatus();
-    if (absl::Status s = denoise.Step(); !s.ok()) return s;
-    for (int j : jobs) {
-      JobRun& run = (*runs)[j];
-      if (denoise.calls_done() <= run.last_progress_step) continue;
-      run.last_progress_step = denoise.calls_done();
-      run.job->NotifyProgress(denoise.calls_done(), denoise.num_calls());
-    }
-  }
-  const double denoising = Seconds(absl::Now() - t_denoise);
-
-  const absl::Time t_decode = absl::Now();
-  absl::StatusOr<at::Tensor> latents = denoise.ActiveLatents();
-  if (!latents.ok()) return latents.status();
-  if (!latents->defined()) return absl::OkStatus();  // every sample was cancelled
-  absl::StatusOr<std::vector<at::Tensor>> rgb = sd.Decode(*latents);
-  if (!rgb.ok()) return rgb.status();
-  const double decoding = Seconds(absl::Now() - t_decode);
-
-  std::vector<MergeCount> merged;
-  if (hooks) {
-    for (const tome::BlockMergeCount& c : hooks->MergeCounts()) {
-      merged.push_back({c.block, c.tokens_before, c.tokens_after});
-    }
-  }
-  const int batch_images = static_cast<int>(refs.size());
-  metrics->ObserveBatch(batch_images);
-  int next = 0;
-  for (int i = 0; i < static_cast<int>(refs.size()); ++i) {
-    if (denoise.cancelled(i)) continue;
-    JobRun& run = (*runs)[refs[i].job];
-    const at::Tensor& image = (*rgb)[next++];
-    if (run.done()) continue;
-    absl::StatusOr<EncodedImage> encoded = Encode(run, image, refs[i].image);
-    if (!encoded.ok()) {
-      run.error = encoded.status();
-      continue;
-    }
-    run.images[refs[i].image] = *std::move(encoded);
-    GenerationResult& r = run.result;
-    r.batch_size = std::max(r.batch_size, batch_images);
-    r.text_encoding_seconds = phases.text_encoding;
-    r.denoising_seconds = denoising;
-    r.decoding_seconds = decoding;
-    r.merged_tokens = merged;
-  }
-  spdlog::debug("batch of {} ({}) on {}: text {:.3f}s denoise {:.3f}s decode {:.3f}s", batch_images,
-                ToString(batch.key), options.device, phases.text_encoding, denoising, decoding);
-  return absl::OkStatus();
-}
-
-absl::StatusOr<EncodedImage> Worker::Impl::Encode(const JobRun& run, const at::Tensor& rgb8,
-                                                  int image) const {
-  const GenerationRequest& req = run.job->request();
-  at::Tensor pixels = rgb8.to(at::kCPU).contiguous();
-  EncodedImage out{.width = static_cast<int>(pixels.size(1)),
-                   .height = static_cast<int>(pixels.size(0)),
-                   .seed = req.seed + static_cast<uint64_t>(image)};
-  const uint8_t* data = pixels.data_ptr<uint8_t>();
-  if (req.output_format == OutputFormat::kRawRgb8) {
-    out.data.assign(reinterpret_cast<const char*>(data), static_cast<size_t>(pixels.numel()));
-    out.mime_type = "application/octet-stream";
-    return out;
-  }
-  pipeline::GenerationParameters params{.prompt = req.prompt,
-                                        .negative_prompt = req.negative_prompt,
-                                        .steps = req.key.steps,
-                                        .sampler = std::string(pipeline::A1111SamplerName(req.key.scheduler)),
-                                        .cfg_scale = req.guidance_scale,
-                                        .seed = out.seed,
-                                        .width = out.width,
-                                        .height = out.height,
-                                        .model = req.key.model};
-  if (tome::IsActive(req.tome))
-    params.extra.emplace_back("Token merging ratio", pipeline::FormatA1111Number(req.tome.ratio));
-  absl::StatusOr<std::string> png = pipeline::EncodePng(
-      data, out.width, out.height, {{"parameters", pipeline::FormatA1111Parameters(params)}});
-  if (!png.ok()) return png.status();
-  out.data = *std::move(png);
-  out.mime_type = "image/png";
-  return out;
 }
 
 }  // namespace tomeserve::server

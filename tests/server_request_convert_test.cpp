@@ -237,6 +237,7 @@ TEST(RequestConvertTest, ResponseCarriesEffectiveSettings) {
   result.batch_size = 3;
   result.total_seconds = 1.5;
   result.merged_tokens.push_back({"down_blocks.0", 64, 32});
+  result.tome = g->tome;
   v1::GenerateResponse out;
   ToProto(*g, result, &out);
   EXPECT_EQ(out.images_size(), 1);
@@ -249,6 +250,50 @@ TEST(RequestConvertTest, ResponseCarriesEffectiveSettings) {
   EXPECT_EQ(out.merged_tokens(0).tokens_after(), 32u);
   EXPECT_EQ(out.request_id(), g->request_id);
   EXPECT_EQ(out.model(), "tiny");
+  EXPECT_FALSE(out.has_slo());
+}
+
+TEST(RequestConvertTest, ControllerRangeAndTarget) {
+  v1::GenerateRequest r = Valid();
+  r.mutable_tome()->set_ratio(0.2f);
+  r.mutable_tome()->set_max_ratio(0.6f);
+  r.set_latency_target_seconds(2.5);
+  absl::StatusOr<GenerationRequest> g = Convert(r);
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_DOUBLE_EQ(g->tome_max_ratio, 0.6);
+  EXPECT_DOUBLE_EQ(g->latency_target_seconds, 2.5);
+
+  r.mutable_tome()->set_max_ratio(0.9f);  // above tomesd's cap for sx = sy = 2
+  g = Convert(r);
+  EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(g.status().message().find("tome.max_ratio is 0.9; allowed: [0, 0.75]"), absl::string_view::npos)
+      << g.status();
+  r.mutable_tome()->set_max_ratio(0.6f);
+  r.set_latency_target_seconds(-1);
+  g = Convert(r);
+  EXPECT_NE(g.status().message().find("latency_target_seconds is -1; allowed: (0, 3600]"), absl::string_view::npos)
+      << g.status();
+
+  // Server defaults apply to requests that set neither.
+  RequestLimits limits;
+  limits.default_latency_target_seconds = 4;
+  limits.adaptive_tome_max_ratio = 0.7;
+  g = Convert(Valid(), limits);
+  ASSERT_TRUE(g.ok());
+  EXPECT_DOUBLE_EQ(g->tome_max_ratio, 0.7);
+  EXPECT_DOUBLE_EQ(g->latency_target_seconds, 4);
+
+  GenerationResult result;
+  result.tome = g->tome;
+  result.tome.ratio = 0.65;
+  result.slo = {.applied = true, .target_seconds = 4, .predicted_seconds = 3.2, .target_met = true};
+  v1::GenerateResponse out;
+  ToProto(*g, result, &out);
+  EXPECT_FLOAT_EQ(out.tome().ratio(), 0.65f);  // the controller's choice, not the request's 0.5
+  EXPECT_TRUE(out.slo().target_met());
+  EXPECT_DOUBLE_EQ(out.slo().predicted_seconds(), 3.2);
+  EXPECT_FLOAT_EQ(out.slo().min_ratio(), 0.5f);
+  EXPECT_FLOAT_EQ(out.slo().max_ratio(), 0.7f);
 }
 
 }  // namespace

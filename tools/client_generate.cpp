@@ -53,6 +53,12 @@ void PrintSummary(const v1::GenerateResponse& r, double wall_s) {
                         OnOff(tome.merge_attn()), OnOff(tome.merge_crossattn()), OnOff(tome.merge_mlp()));
   if (tome.has_seed()) absl::StrAppend(&line, ", seed ", tome.seed());
   std::printf("%s\n", line.c_str());
+  if (r.has_slo()) {
+    const v1::SloDecision& slo = r.slo();
+    std::printf("slo: ratio chosen in [%.2f, %.2f] for a %.3f s target: predicted %.3f s, target %s\n",
+                slo.min_ratio(), slo.max_ratio(), slo.latency_target_seconds(), slo.predicted_seconds(),
+                slo.target_met() ? "met" : "not met (max ratio used)");
+  }
   if (r.merged_tokens_size() > 0) {
     uint64_t before = 0, after = 0;
     for (const v1::MergedTokens& m : r.merged_tokens()) {
@@ -95,7 +101,8 @@ int GenerateCommand(const ConnectionOptions& connection, const CliArgs& args) {
   while (reader->Read(&event)) {
     switch (event.event_case()) {
       case v1::GenerateEvent::kQueued:
-        progress.Queued(event.queued().position());
+        progress.Queued(event.queued().position(),
+                        event.queued().has_estimated_start_seconds() ? event.queued().estimated_start_seconds() : -1);
         break;
       case v1::GenerateEvent::kProgress:
         progress.Step(event.progress().step(), event.progress().num_steps());

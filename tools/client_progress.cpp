@@ -8,9 +8,13 @@ namespace tomeserve::tools {
 
 ProgressLine::ProgressLine(bool enabled) : enabled_(enabled), start_(std::chrono::steady_clock::now()) {}
 
-void ProgressLine::Queued(uint32_t position) {
+void ProgressLine::Queued(uint32_t position, double estimated_start_seconds) {
   char text[96];
-  std::snprintf(text, sizeof(text), "queued: position %u", position);
+  if (estimated_start_seconds >= 0) {
+    std::snprintf(text, sizeof(text), "queued: position %u, starts in ~%.1f s", position, estimated_start_seconds);
+  } else {
+    std::snprintf(text, sizeof(text), "queued: position %u", position);
+  }
   Draw(text);
 }
 

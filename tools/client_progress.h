@@ -14,7 +14,8 @@ class ProgressLine {
   explicit ProgressLine(bool enabled);
   ~ProgressLine() { Clear(); }
 
-  void Queued(uint32_t position);
+  // `estimated_start_seconds` < 0: the server gave no estimate.
+  void Queued(uint32_t position, double estimated_start_seconds = -1);
   void Step(uint32_t step, uint32_t num_steps);
   // Erases the line (before the summary or an error message is printed).
   void Clear();

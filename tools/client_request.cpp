@@ -38,6 +38,8 @@ const std::set<std::string>& GenerateValueFlags() {
                                                        "num-images",
                                                        "scheduler",
                                                        "ratio",
+                                                       "max-ratio",
+                                                       "latency-target",
                                                        "tome-max-downsample",
                                                        "tome-sx",
                                                        "tome-sy",
@@ -114,6 +116,16 @@ absl::StatusOr<v1::GenerateRequest> BuildGenerateRequest(const CliArgs& args) {
     absl::StatusOr<double> ratio = args.GetDouble("ratio", 0, 0, 1);
     if (!ratio.ok()) return ratio.status();
     tome.set_ratio(static_cast<float>(*ratio));
+  }
+  if (args.Has("max-ratio")) {
+    absl::StatusOr<double> max_ratio = args.GetDouble("max-ratio", 0, 0, 1);
+    if (!max_ratio.ok()) return max_ratio.status();
+    tome.set_max_ratio(static_cast<float>(*max_ratio));
+  }
+  if (args.Has("latency-target")) {
+    absl::StatusOr<double> target = args.GetDouble("latency-target", 0, 1e-3, 3600);
+    if (!target.ok()) return target.status();
+    r.set_latency_target_seconds(*target);
   }
   tome.set_max_downsample(static_cast<uint32_t>(*max_downsample));
   tome.set_sx(static_cast<uint32_t>(*sx));

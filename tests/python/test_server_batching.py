@@ -1,9 +1,10 @@
-"""Dynamic batching and the out-of-memory path over real gRPC with the tiny model.
+"""Request-level batching (--batching request, the pre-step-level mode kept for comparison) and the
+out-of-memory path over real gRPC with the tiny model.
 
-Batches are made deterministic without timing assertions: the queue delay is long (30 s) and max-batch-size
-equals the number of concurrent same-key requests, so a batch is dispatched the moment it is full; requests with
-different ToMe ratios can never fill each other's batch, so they are released by the delay only if the test
-waits for it (it does not: each ratio group is exactly one full batch)."""
+Request-mode batches are made deterministic without timing assertions: the queue delay is long (30 s) and
+max-batch-size equals the number of concurrent same-key requests, so a batch is dispatched the moment it is
+full; requests with different ToMe ratios can never fill each other's batch, so they are released by the delay
+only if the test waits for it (it does not: each ratio group is exactly one full batch)."""
 import concurrent.futures as futures
 import urllib.request
 
@@ -30,7 +31,8 @@ def run_concurrently(stub, requests):
 
 def test_same_key_batched_different_ratios_not_mixed(tiny_model):
     binary("tomeserve")
-    with running_server(["--model", tiny_model, "--max-batch-size", "4", "--max-queue-delay-ms", "30000"]) as s:
+    with running_server(["--model", tiny_model, "--batching", "request", "--max-batch-size", "4",
+                         "--max-queue-delay-ms", "30000"]) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
         # Four requests, one key: one batch of four, prompts and seeds differ freely within it.
         same = run_concurrently(stub, [request(prompt=f"prompt {i}", seed=i, guidance_scale=5 + i,
@@ -62,21 +64,34 @@ def test_same_key_batched_different_ratios_not_mixed(tiny_model):
         assert np.abs(a - b).max() <= 1
 
 
-def test_injected_oom_splits_and_answers_every_call(tiny_model):
+def metric(text, name):
+    """The value of an unlabelled sample `name` in Prometheus text."""
+    return float(next(l.split()[-1] for l in text.splitlines() if l.startswith(name + " ")))
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+def test_injected_oom_evicts_keeps_state_and_answers_every_call(tiny_model, batching):
     binary("tomeserve")
-    args = ["--model", tiny_model, "--max-batch-size", "4", "--max-queue-delay-ms", "30000",
-            "--inject-oom-above-batch", "1"]
+    args = ["--model", tiny_model, "--batching", batching, "--max-batch-size", "4", "--max-queue-delay-ms",
+            "30000", "--inject-oom-above-batch", "1"]
     with running_server(args, metrics=True) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
-        responses = run_concurrently(stub, [request(seed=i, tome=pb.TokenMerging(ratio=0.5)) for i in range(4)])
+        responses = run_concurrently(stub, [request(seed=i, scheduler=pb.SCHEDULER_DDIM,
+                                                    tome=pb.TokenMerging(ratio=0.5)) for i in range(4)])
         assert all(len(r.images) == 1 for r in responses)
-        # 4 -> OOM -> 2 + 2 -> OOM each -> 1 + 1 + 1 + 1.
+        # Only UNet calls of one image succeed; every image still comes back.
         assert [r.batch_size for r in responses] == [1, 1, 1, 1]
         text = urllib.request.urlopen(s.metrics_url, timeout=10).read().decode()
+        # No step is computed twice: 4 guided images x 2 steps x 2 rows, whatever was evicted and when.
+        assert metric(text, "tomeserve_unet_rows_total") == 16
         oom = [l for l in text.splitlines() if l.startswith("tomeserve_oom_total{")]
-        # Bounded labels: the ratio with two decimals, the resolution as a pixel-count bucket.
-        assert oom == ['tomeserve_oom_total{resolution="<=256x256",tome_ratio="0.50"} 3'], oom
-        assert "out of memory for a batch of 4" in s.log()
+        # Bounded labels: the ratio with two decimals, the resolution as a pixel-count bucket. How many OOMs
+        # depends on how the four calls arrived (one batch of 4: 4 -> evict 2 -> 2 -> evict 1 -> 1 = 2 OOMs).
+        assert len(oom) == 1 and oom[0].startswith('tomeserve_oom_total{resolution="<=256x256",tome_ratio="0.50"}')
+        assert metric(text, "tomeserve_oom_evictions_total") >= 1
+        if batching == "request":
+            assert oom[0].endswith(" 2"), oom
+            assert "out of memory for a batch of 4" in s.log()
 
 
 def test_single_image_that_does_not_fit_alone_gets_resource_exhausted(tiny_model):

@@ -26,7 +26,7 @@ def request(**kw):
 
 def generate_when_room(stub, req, timeout=60):
     """Generate, retrying while the queue is still full (a call that just ended may hold its place for a
-    moment until the batcher removes it)."""
+    moment until the scheduler removes it)."""
     deadline = time.monotonic() + timeout
     while True:
         try:

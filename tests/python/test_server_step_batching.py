@@ -1,0 +1,174 @@
+"""Step-level batching (--batching step, the default) over real gRPC on 127.0.0.1 with the tiny model on CPU.
+
+No assertion depends on how fast the machine is: a "long" call has so many more steps than a "short" one that the
+short one, joining at the next step boundary, must end first; ordering is read from the server's log (one line
+per finished call, written when it finishes). Images are compared with their solo runs within 1 level of 255
+(the CPU kernels' float rounding depends on the batch's row count; see tests/step_batch_test.cpp)."""
+import concurrent.futures as futures
+import io
+import random
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import binary
+from tomeserve_server import proto, running_server
+
+pb, pb_grpc = proto()
+
+
+def pixels(image):
+    return np.asarray(Image.open(io.BytesIO(image.data)), dtype=np.int16)
+
+
+def finished_order(log, ids):
+    """Request ids in the order their calls finished (the server logs one line per finished call)."""
+    order = []
+    for line in log.splitlines():
+        for rid in ids:
+            if f" id={rid} " in line and rid not in order:
+                order.append(rid)
+    return order
+
+
+def first_progress(stream):
+    for e in stream:
+        if e.WhichOneof("event") == "progress":
+            return e
+    raise AssertionError("stream ended before a progress event")
+
+
+LONG = dict(prompt="a long call", seed=1, num_inference_steps=120, guidance_scale=7.5,
+            scheduler=pb.SCHEDULER_PNDM, tome=pb.TokenMerging(ratio=0.5))
+SHORT = dict(prompt="a short call", seed=2, num_inference_steps=4, guidance_scale=1.0,
+             scheduler=pb.SCHEDULER_EULER_ANCESTRAL, tome=pb.TokenMerging(ratio=0.3, max_downsample=2))
+
+
+def test_short_call_overtakes_long_one_and_both_equal_their_solo_runs(tiny_model):
+    binary("tomeserve")
+    args = ["--model", tiny_model, "--max-steps", "150"]
+    with running_server(args) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        long_stream = stub.GenerateStream(pb.GenerateRequest(request_id="long", **LONG), timeout=600)
+        first_progress(long_stream)  # running
+        short = stub.Generate(pb.GenerateRequest(request_id="short", **SHORT), timeout=600)
+        events = list(long_stream)
+        long = events[-1].result
+        assert finished_order(s.log(), ["short", "long"]) == ["short", "long"], s.log()
+        # They shared UNet calls: different steps, scheduler, guidance and ToMe settings in one batch.
+        assert short.batch_size == 2 and long.batch_size == 2
+        assert short.tome.ratio == pytest.approx(0.3) and long.tome.ratio == pytest.approx(0.5)
+        progress = [e.progress for e in events if e.WhichOneof("event") == "progress"]
+        assert progress[-1].step == progress[-1].num_steps == 121  # PNDM: steps + 1 UNet calls, its own count
+
+        solo_short = stub.Generate(pb.GenerateRequest(**SHORT), timeout=600)
+        solo_long = stub.Generate(pb.GenerateRequest(**LONG), timeout=600)
+        assert solo_short.batch_size == 1 and solo_long.batch_size == 1
+        assert np.abs(pixels(short.images[0]) - pixels(solo_short.images[0])).max() <= 1
+        assert np.abs(pixels(long.images[0]) - pixels(solo_long.images[0])).max() <= 1
+
+
+def test_lone_call_on_idle_server_does_not_wait_for_batch_mates(tiny_model):
+    binary("tomeserve")
+    # A 30 s batching delay would hold a lone call in request mode; step mode starts it at once.
+    with running_server(["--model", tiny_model, "--max-queue-delay-ms", "30000"]) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        r = stub.Generate(pb.GenerateRequest(prompt="alone", num_inference_steps=2), timeout=120)
+        assert r.timings.queue_seconds < 1.0, r.timings
+
+
+def test_calls_joining_and_leaving_at_random_steps_equal_their_solo_runs(tiny_model):
+    """Seeded random arrivals with mixed settings, some cancelled mid-run and some with deadlines that pass:
+    every call that completes equals its solo run; the others end CANCELLED / DEADLINE_EXCEEDED."""
+    binary("tomeserve")
+    rng = random.Random(9)
+    schedulers = [pb.SCHEDULER_PNDM, pb.SCHEDULER_DDIM, pb.SCHEDULER_EULER, pb.SCHEDULER_EULER_ANCESTRAL,
+                  pb.SCHEDULER_DPMPP_2M_KARRAS]
+    calls = []
+    for i in range(10):
+        calls.append(dict(
+            request=pb.GenerateRequest(
+                request_id=f"c{i}", prompt=f"call {i}", seed=100 + i, num_inference_steps=rng.randint(3, 25),
+                guidance_scale=rng.choice([1.0, 4.0, 7.5]), scheduler=rng.choice(schedulers),
+                num_images=rng.choice([1, 1, 2]),
+                tome=pb.TokenMerging(ratio=rng.choice([0.0, 0.3, 0.5]))),
+            delay=rng.uniform(0, 0.4), cancel=(i in (3, 7)), deadline=(i == 5)))
+    with running_server(["--model", tiny_model, "--max-batch-size", "6"]) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+
+        def run(c):
+            time.sleep(c["delay"])
+            if c["cancel"]:
+                stream = stub.GenerateStream(c["request"], timeout=600)
+                first_progress(stream)
+                stream.cancel()
+                return "cancelled"
+            try:
+                return stub.Generate(c["request"], timeout=0.05 if c["deadline"] else 600)
+            except grpc.RpcError as e:
+                return e.code()
+
+        with futures.ThreadPoolExecutor(len(calls)) as pool:
+            results = list(pool.map(run, calls))
+        batched = [r for r in results if isinstance(r, pb.GenerateResponse)]
+        assert len(batched) == 7, results
+        assert results[5] == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert max(r.batch_size for r in batched) > 1  # some really shared UNet calls
+        for c, r in zip(calls, results):
+            if not isinstance(r, pb.GenerateResponse):
+                continue
+            solo = stub.Generate(c["request"], timeout=600)
+            for a, b in zip(r.images, solo.images):
+                assert a.seed == b.seed
+                assert np.abs(pixels(a) - pixels(b)).max() <= 1, c["request"].request_id
+        log = s.log()
+        for rid in ("c3", "c7"):
+            assert [l for l in log.splitlines() if f"id={rid} " in l and "status=CANCELLED" in l], log
+
+
+def test_queued_event_carries_estimates(tiny_model):
+    binary("tomeserve")
+    with running_server(["--model", tiny_model, "--max-batch-size", "1", "--max-steps", "600"]) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        long_stream = stub.GenerateStream(pb.GenerateRequest(prompt="long", num_inference_steps=600), timeout=600)
+        first_progress(long_stream)
+        queued = stub.GenerateStream(pb.GenerateRequest(prompt="queued", num_inference_steps=10), timeout=600)
+        event = next(e for e in queued if e.WhichOneof("event") == "queued").queued
+        # The warm-up measured steps, so there are estimates; the call waits behind most of 600 steps.
+        assert event.HasField("estimated_start_seconds") and event.HasField("estimated_finish_seconds")
+        assert 0 < event.estimated_start_seconds < event.estimated_finish_seconds
+        long_stream.cancel()
+        assert list(queued)[-1].WhichOneof("event") == "result"
+
+
+def test_slo_controller_raises_the_ratio_only_when_the_target_needs_it(tiny_model):
+    """At 256x256 the tiny model's steps get cheaper with ToMe (its first block has 1024 tokens). The server
+    learns that from its own steps: after calls at ratio 0 and 0.75, a target between the two predicted
+    latencies makes the controller pick a ratio above the minimum; a loose target keeps the minimum."""
+    binary("tomeserve")
+    with running_server(["--model", tiny_model, "--max-batch-size", "1"]) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        base = dict(prompt="slo", width=256, height=256, num_inference_steps=20, guidance_scale=7.5)
+        for _ in range(3):
+            for ratio in (0.0, 0.75):
+                stub.Generate(pb.GenerateRequest(tome=pb.TokenMerging(ratio=ratio, max_downsample=1), **base),
+                              timeout=600)
+        loose = stub.Generate(pb.GenerateRequest(tome=pb.TokenMerging(ratio=0.0, max_ratio=0.75),
+                                                 latency_target_seconds=600, **base), timeout=600)
+        assert loose.tome.ratio == 0.0 and loose.slo.target_met
+        assert loose.slo.predicted_seconds > 0
+        # A target just under the ratio-0 prediction: only a higher ratio meets it.
+        target = loose.slo.predicted_seconds * 0.9
+        tight = stub.Generate(pb.GenerateRequest(tome=pb.TokenMerging(ratio=0.0, max_ratio=0.75),
+                                                 latency_target_seconds=target, **base), timeout=600)
+        assert tight.tome.ratio > 0.0, tight.slo
+        assert tight.slo.latency_target_seconds == pytest.approx(target)
+        assert tight.slo.min_ratio == 0.0 and tight.slo.max_ratio == pytest.approx(0.75)
+        # An impossible target: max_ratio, and the response says the target was not met.
+        impossible = stub.Generate(pb.GenerateRequest(tome=pb.TokenMerging(ratio=0.0, max_ratio=0.75),
+                                                      latency_target_seconds=1e-4, **base), timeout=600)
+        assert impossible.tome.ratio == pytest.approx(0.75) and not impossible.slo.target_met
