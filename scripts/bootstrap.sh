@@ -13,6 +13,7 @@ apt_packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libpng-dev libpcre2-dev libutf8proc-dev libyaml-cpp-dev
   python3-venv unzip openssl
+  prometheus  # the observability test runs a real Prometheus (and promtool) on 127.0.0.1
 )
 
 step() { printf '[bootstrap] %s\n' "$*" >&2; }
@@ -27,7 +28,17 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   sudo_cmd=(); [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
   timed "${sudo_cmd[@]}" apt-get update -q
+  # No package here is meant to run as a system service (Debian's prometheus would start one listening on
+  # every interface): forbid service starts during the install unless the machine already has a policy.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee "$policy" >/dev/null
+    "${sudo_cmd[@]}" chmod +x "$policy"
+    own_policy=1
+  fi
   timed "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+  if ((own_policy)); then "${sudo_cmd[@]}" rm -f "$policy"; fi
 else
   step "apt: all packages present"
 fi

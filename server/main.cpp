@@ -176,6 +176,16 @@ int Run(int argc, char** argv) {
   }
   absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(o.metrics_listen);
   if (!metrics.ok()) return Fail(metrics.status());
+  {
+    const RuntimeVersions versions = GetRuntimeVersions();
+    BuildInfo info{.version = TOMESERVE_VERSION, .git_commit = TOMESERVE_GIT_COMMIT, .torch = versions.torch,
+                   .cuda = versions.cuda};
+    for (const std::string& d : *devices) info.devices.push_back(DeviceProductName(d));
+    (*metrics)->SetBuildInfo(info);
+    (*metrics)->SetQueueCapacity(o.max_queue_size);
+    (*metrics)->SetQueueDepth(0);
+    (*metrics)->AddInflight(0);
+  }
   if (!o.metrics_listen.empty())
     spdlog::info("metrics on http://{}/metrics (port {})", o.metrics_listen, (*metrics)->port());
 

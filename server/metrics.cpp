@@ -7,27 +7,54 @@
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
+#include <cmath>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "server/metrics_http.h"
 
 namespace tomeserve::server {
 namespace {
 
-const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
-  static const auto* b = new prometheus::Histogram::BucketBoundaries{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                                                                     2.5,  5,     10,   25,  50,   100, 250};
+using prometheus::Counter;
+using prometheus::Family;
+using prometheus::Gauge;
+using prometheus::Histogram;
+
+// End to end: 10 ms to ~12 min. Steps: 1 ms (a small GPU step) to ~40 s (sd15 at 1024^2 on a CPU). Phases
+// share the latency layout.
+const Histogram::BucketBoundaries& LatencyBuckets() {
+  static const auto* b = new Histogram::BucketBoundaries(GeometricBuckets(0.01, 720, 1.25));
+  return *b;
+}
+const Histogram::BucketBoundaries& StepBuckets() {
+  static const auto* b = new Histogram::BucketBoundaries(GeometricBuckets(0.001, 40, 1.25));
   return *b;
 }
 
 std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(code); }
 
+Family<Counter>& CounterFamily(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r);
+}
+Family<Gauge>& GaugeFamily(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r);
+}
+Family<Histogram>& HistogramFamily(prometheus::Registry& r, const std::string& name, const std::string& help) {
+  return prometheus::BuildHistogram().Name(name).Help(help).Register(r);
+}
+
 }  // namespace
 
-std::string RatioLabel(double ratio) { return absl::StrFormat("%.2f", ratio); }
+std::string RatioLabel(double ratio) {
+  const double grid = std::round(ratio * 20.0) / 20.0;
+  return absl::StrFormat("%.2f", grid == 0 ? 0.0 : grid);  // no "-0.00"
+}
 
 std::string ResolutionLabel(int width, int height) {
+  if (width <= 0 || height <= 0) return "unknown";
   const int64_t pixels = static_cast<int64_t>(width) * height;
   for (const int64_t side : {256, 512, 768, 1024}) {
     if (pixels <= side * side) return absl::StrCat("<=", side, "x", side);
@@ -35,56 +62,65 @@ std::string ResolutionLabel(int width, int height) {
   return ">1024x1024";
 }
 
+std::vector<double> GeometricBuckets(double first, double last, double factor) {
+  std::vector<double> out;
+  for (double b = first; out.empty() || out.back() < last; b *= factor) {
+    // Three significant digits keep the `le` labels short and stable.
+    const double digits = std::pow(10.0, std::floor(std::log10(b)) - 2);
+    out.push_back(std::round(b / digits) * digits);
+  }
+  return out;
+}
+
 struct Metrics::Impl {
   std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
   std::unique_ptr<MetricsHttpServer> http;
-  prometheus::Family<prometheus::Counter>& requests = prometheus::BuildCounter()
-                                                          .Name("tomeserve_requests_total")
-                                                          .Help("Finished generate calls by status code")
-                                                          .Register(*registry);
-  prometheus::Family<prometheus::Histogram>& latency =
-      prometheus::BuildHistogram()
-          .Name("tomeserve_request_latency_seconds")
-          .Help("End-to-end generate latency (enqueue to finish) by ToMe ratio and status code")
-          .Register(*registry);
-  prometheus::Family<prometheus::Histogram>& phases =
-      prometheus::BuildHistogram()
-          .Name("tomeserve_phase_seconds")
-          .Help("Time per request phase: queue, text_encoding, denoising, decoding")
-          .Register(*registry);
-  prometheus::Family<prometheus::Histogram>& batch = prometheus::BuildHistogram()
-                                                         .Name("tomeserve_batch_size")
-                                                         .Help("Images per UNet call run")
-                                                         .Register(*registry);
-  prometheus::Family<prometheus::Gauge>& depth = prometheus::BuildGauge()
-                                                     .Name("tomeserve_queue_depth")
-                                                     .Help("Queued (not yet running) requests")
-                                                     .Register(*registry);
-  prometheus::Family<prometheus::Counter>& oom =
-      prometheus::BuildCounter()
-          .Name("tomeserve_oom_total")
-          .Help("Out-of-memory errors while running a batch, by ToMe ratio and resolution")
-          .Register(*registry);
-  prometheus::Family<prometheus::Counter>& unet_rows = prometheus::BuildCounter()
-                                                          .Name("tomeserve_unet_rows_total")
-                                                          .Help("UNet input rows computed (2 per guided image per step)")
-                                                          .Register(*registry);
-  prometheus::Family<prometheus::Counter>& evictions =
-      prometheus::BuildCounter()
-          .Name("tomeserve_oom_evictions_total")
-          .Help("Samples evicted from a running batch after an out-of-memory step (state kept, rejoined later)")
-          .Register(*registry);
-  prometheus::Family<prometheus::Counter>& slo =
-      prometheus::BuildCounter()
-          .Name("tomeserve_slo_decisions_total")
-          .Help("SLO ratio controller decisions by chosen ToMe ratio and whether a ratio was predicted to meet "
-                "the target")
-          .Register(*registry);
-  prometheus::Counter* unet_rows_counter = &unet_rows.Add({});
-  prometheus::Counter* evictions_counter = &evictions.Add({});
-  prometheus::Histogram* batch_hist =
-      &batch.Add({}, prometheus::Histogram::BucketBoundaries{1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64});
-  prometheus::Gauge* depth_gauge = &depth.Add({});
+  prometheus::Registry& r = *registry;
+
+  Family<Gauge>& build = GaugeFamily(r, "tomeserve_build_info", "Build and runtime versions (value 1)");
+  Family<Counter>& requests = CounterFamily(r, "tomeserve_requests_total", "Finished generate calls by status code");
+  Family<Histogram>& latency = HistogramFamily(
+      r, "tomeserve_request_latency_seconds",
+      "End-to-end generate latency (enqueue to finish) by effective ToMe ratio, resolution and status code");
+  Family<Histogram>& phases = HistogramFamily(
+      r, "tomeserve_phase_seconds",
+      "Time per call phase: queue, text_encoding, denoising, decoding (CUDA event time on CUDA devices)");
+  Family<Histogram>& steps = HistogramFamily(
+      r, "tomeserve_unet_step_seconds",
+      "One denoising step (UNet call and scheduler updates) by the ToMe ratios and resolution of its rows");
+  Family<Counter>& images = CounterFamily(r, "tomeserve_images_total", "Images returned by ToMe ratio and resolution");
+  Family<Counter>& tokens = CounterFamily(
+      r, "tomeserve_tome_tokens_total",
+      "Tokens entering Token-Merging-patched transformer blocks (stage=before) and left after merging "
+      "(stage=after), per image and UNet call, by ToMe ratio");
+  Family<Histogram>& batch = HistogramFamily(r, "tomeserve_batch_size", "Images per UNet call");
+  Family<Histogram>& rows = HistogramFamily(
+      r, "tomeserve_unet_rows", "UNet input rows per call (2 per guided image); _sum counts every row computed");
+  Family<Gauge>& depth = GaugeFamily(r, "tomeserve_queue_depth", "Queued (not yet running) calls");
+  Family<Gauge>& capacity = GaugeFamily(r, "tomeserve_queue_capacity", "Most queued calls (--max-queue-size)");
+  Family<Gauge>& running = GaugeFamily(r, "tomeserve_running_samples", "Images in a worker's running batch");
+  Family<Gauge>& inflight = GaugeFamily(r, "tomeserve_inflight_requests", "Generate calls accepted and not finished");
+  Family<Gauge>& memory = GaugeFamily(
+      r, "tomeserve_device_memory_bytes",
+      "Device memory: CUDA caching allocator allocated/reserved/peak bytes; process resident set (rss) on CPU");
+  Family<Gauge>& healthy = GaugeFamily(r, "tomeserve_worker_healthy", "1 while the device's worker serves, else 0");
+  Family<Counter>& oom = CounterFamily(
+      r, "tomeserve_oom_total", "Out-of-memory errors (denoising steps and decodes) by ToMe ratio and resolution");
+  Family<Counter>& evictions = CounterFamily(
+      r, "tomeserve_oom_evictions_total",
+      "Samples evicted from a running batch after an out-of-memory step (state kept, rejoined later)");
+  Family<Counter>& slo_decisions = CounterFamily(
+      r, "tomeserve_slo_decisions_total",
+      "SLO ratio controller decisions by chosen ToMe ratio and whether a ratio was predicted to meet the target");
+  Family<Counter>& slo_requests = CounterFamily(
+      r, "tomeserve_slo_requests_total", "Calls with a latency target by outcome (met: finished OK within the target)");
+
+  Histogram* batch_hist = &batch.Add({}, Histogram::BucketBoundaries{1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64});
+  Histogram* rows_hist =
+      &rows.Add({}, Histogram::BucketBoundaries{1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128});
+  Counter* evictions_counter = &evictions.Add({});
+  Gauge* depth_gauge = &depth.Add({});
+  Gauge* inflight_gauge = &inflight.Add({});
 };
 
 Metrics::Metrics() = default;
@@ -102,10 +138,25 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   return m;
 }
 
-void Metrics::ObserveRequest(double tome_ratio, absl::StatusCode code, double seconds) {
+void Metrics::SetBuildInfo(const BuildInfo& info) {
+  if (!impl_) return;
+  impl_->build
+      .Add({{"version", info.version},
+            {"git_commit", info.git_commit},
+            {"torch", info.torch},
+            {"cuda", info.cuda},
+            {"devices", absl::StrJoin(info.devices, ",")}})
+      .Set(1);
+}
+
+void Metrics::ObserveRequest(double tome_ratio, int width, int height, absl::StatusCode code, double seconds) {
   if (!impl_) return;
   impl_->requests.Add({{"code", CodeName(code)}}).Increment();
-  impl_->latency.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"code", CodeName(code)}}, LatencyBuckets())
+  impl_->latency
+      .Add({{"tome_ratio", RatioLabel(tome_ratio)},
+            {"resolution", ResolutionLabel(width, height)},
+            {"code", CodeName(code)}},
+           LatencyBuckets())
       .Observe(seconds);
 }
 
@@ -117,12 +168,53 @@ void Metrics::ObservePhases(double queue, double text_encoding, double denoising
   impl_->phases.Add({{"phase", "decoding"}}, LatencyBuckets()).Observe(decoding);
 }
 
-void Metrics::ObserveBatch(int images) {
-  if (impl_) impl_->batch_hist->Observe(images);
+void Metrics::ObserveStep(double tome_ratio, int width, int height, double seconds) {
+  if (!impl_) return;
+  impl_->steps
+      .Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}}, StepBuckets())
+      .Observe(seconds);
+}
+
+void Metrics::ObserveBatch(int images, int rows) {
+  if (!impl_) return;
+  impl_->batch_hist->Observe(images);
+  impl_->rows_hist->Observe(rows);
+}
+
+void Metrics::CountImages(double tome_ratio, int width, int height, int images) {
+  if (!impl_) return;
+  impl_->images.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
+      .Increment(images);
+}
+
+void Metrics::CountMergedTokens(double tome_ratio, int64_t before, int64_t after) {
+  if (!impl_) return;
+  impl_->tokens.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"stage", "before"}}).Increment(static_cast<double>(before));
+  impl_->tokens.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"stage", "after"}}).Increment(static_cast<double>(after));
 }
 
 void Metrics::SetQueueDepth(int depth) {
   if (impl_) impl_->depth_gauge->Set(depth);
+}
+
+void Metrics::SetQueueCapacity(int capacity) {
+  if (impl_) impl_->capacity.Add({}).Set(capacity);
+}
+
+void Metrics::SetRunningSamples(const std::string& device, int samples) {
+  if (impl_) impl_->running.Add({{"device", device}}).Set(samples);
+}
+
+void Metrics::AddInflight(int delta) {
+  if (impl_) impl_->inflight_gauge->Increment(delta);
+}
+
+void Metrics::SetDeviceMemory(const std::string& device, const std::string& kind, double bytes) {
+  if (impl_) impl_->memory.Add({{"device", device}, {"kind", kind}}).Set(bytes);
+}
+
+void Metrics::SetWorkerHealthy(const std::string& device, bool healthy) {
+  if (impl_) impl_->healthy.Add({{"device", device}}).Set(healthy ? 1 : 0);
 }
 
 void Metrics::CountOom(double tome_ratio, int width, int height) {
@@ -131,18 +223,19 @@ void Metrics::CountOom(double tome_ratio, int width, int height) {
       .Increment();
 }
 
-void Metrics::CountUnetRows(int rows) {
-  if (impl_) impl_->unet_rows_counter->Increment(rows);
-}
-
 void Metrics::CountEvictions(int samples) {
   if (impl_) impl_->evictions_counter->Increment(samples);
 }
 
 void Metrics::CountSloDecision(double chosen_ratio, bool target_met) {
   if (!impl_) return;
-  impl_->slo.Add({{"tome_ratio", RatioLabel(chosen_ratio)}, {"target_met", target_met ? "true" : "false"}})
+  impl_->slo_decisions
+      .Add({{"tome_ratio", RatioLabel(chosen_ratio)}, {"target_met", target_met ? "true" : "false"}})
       .Increment();
+}
+
+void Metrics::CountSloOutcome(bool met) {
+  if (impl_) impl_->slo_requests.Add({{"result", met ? "met" : "missed"}}).Increment();
 }
 
 int Metrics::port() const { return impl_ && impl_->http ? impl_->http->port() : 0; }

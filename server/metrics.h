@@ -1,27 +1,44 @@
 // Prometheus metrics for the whole server: one Metrics object, created once in main and passed to the service
 // and the workers. Without a listen address it is a no-op (every method returns at once). Thread-safe.
 //
-// Exposed on http://<metrics-listen>/metrics (server/metrics_http.h):
-//   tomeserve_requests_total{code}                         finished Generate/GenerateStream calls
-//   tomeserve_request_latency_seconds{tome_ratio,code}     end-to-end, from enqueue to finish
-//   tomeserve_phase_seconds{phase=queue|text_encoding|denoising|decoding}
-//   tomeserve_batch_size                                   images per UNet call actually run
-//   tomeserve_unet_rows_total                              UNet input rows computed (2 per guided image/step)
-//   tomeserve_queue_depth                                  queued (not running) requests
-//   tomeserve_oom_total{tome_ratio,resolution}             out-of-memory errors (steps and decodes)
-//   tomeserve_oom_evictions_total                          samples evicted after an OOM (state kept)
-//   tomeserve_slo_decisions_total{tome_ratio,target_met}   SLO ratio controller choices
-// Label values are bounded (clients choose ratios and sizes freely): tome_ratio is the batch key's canonical
-// ratio with two decimals (RatioLabel), resolution a pixel-count bucket (ResolutionLabel).
+// Exposed on http://<metrics-listen>/metrics (server/metrics_http.h); base units, counters end in _total:
+//   tomeserve_build_info{version,git_commit,torch,cuda,devices}          1
+//   tomeserve_requests_total{code}                                      finished Generate/GenerateStream calls
+//   tomeserve_request_latency_seconds{tome_ratio,resolution,code}       end to end, enqueue to finish
+//   tomeserve_phase_seconds{phase=queue|text_encoding|denoising|decoding} per call (device time on CUDA)
+//   tomeserve_unet_step_seconds{tome_ratio,resolution}                  one UNet call + scheduler updates, once per
+//                                                                       ToMe ratio present in the call
+//   tomeserve_images_total{tome_ratio,resolution}                       images returned
+//   tomeserve_tome_tokens_total{tome_ratio,stage=before|after}          tokens entering patched blocks and left
+//                                                                       after merging (merged fraction = 1 - after/before)
+//   tomeserve_batch_size                                                images per UNet call
+//   tomeserve_unet_rows                                                 UNet input rows per call (_sum: all rows)
+//   tomeserve_queue_depth, tomeserve_queue_capacity, tomeserve_running_samples{device},
+//   tomeserve_inflight_requests                                         gauges
+//   tomeserve_device_memory_bytes{device,kind=allocated|reserved|peak|rss}  CUDA caching allocator; RSS on CPU
+//   tomeserve_worker_healthy{device}                                    1 while the worker serves
+//   tomeserve_oom_total{tome_ratio,resolution}                          out-of-memory errors (steps and decodes)
+//   tomeserve_oom_evictions_total                                       samples evicted after an OOM (state kept)
+//   tomeserve_slo_decisions_total{tome_ratio,target_met}                SLO controller choices (predicted)
+//   tomeserve_slo_requests_total{result=met|missed}                     calls with a latency target, by outcome
+// Label values are bounded (clients choose ratios and sizes freely): tome_ratio is the effective canonical
+// ratio on the 0.05 grid with two decimals (RatioLabel: 16 values), resolution a pixel-count bucket
+// (ResolutionLabel: 6 values), code one of gRPC's 17, device one per worker.
 #pragma once
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
 namespace tomeserve::server {
+
+struct BuildInfo {
+  std::string version, git_commit, torch, cuda;
+  std::vector<std::string> devices;
+};
 
 class Metrics {
  public:
@@ -31,14 +48,23 @@ class Metrics {
   // Serves /metrics on `listen` ("host:port"); errors (e.g. the port is taken) are UNAVAILABLE.
   static absl::StatusOr<std::unique_ptr<Metrics>> Create(const std::string& listen);
 
-  void ObserveRequest(double tome_ratio, absl::StatusCode code, double seconds);
+  void SetBuildInfo(const BuildInfo& info);
+  void ObserveRequest(double tome_ratio, int width, int height, absl::StatusCode code, double seconds);
   void ObservePhases(double queue, double text_encoding, double denoising, double decoding);
-  void ObserveBatch(int images);
+  void ObserveStep(double tome_ratio, int width, int height, double seconds);
+  void ObserveBatch(int images, int rows);
+  void CountImages(double tome_ratio, int width, int height, int images);
+  void CountMergedTokens(double tome_ratio, int64_t before, int64_t after);
   void SetQueueDepth(int depth);
+  void SetQueueCapacity(int capacity);
+  void SetRunningSamples(const std::string& device, int samples);
+  void AddInflight(int delta);
+  void SetDeviceMemory(const std::string& device, const std::string& kind, double bytes);
+  void SetWorkerHealthy(const std::string& device, bool healthy);
   void CountOom(double tome_ratio, int width, int height);
-  void CountUnetRows(int rows);
   void CountEvictions(int samples);
   void CountSloDecision(double chosen_ratio, bool target_met);
+  void CountSloOutcome(bool met);
 
   // The bound port (0 when off); for tests that listen on port 0.
   int port() const;
@@ -48,10 +74,13 @@ class Metrics {
   std::unique_ptr<Impl> impl_;
 };
 
-// "0.50", "0.30", "0.00": how ratios are written in labels (the canonical ratio rounded to 2 decimals).
+// "0.50", "0.30", "0.00": how ratios are written in labels (the ratio rounded to the 0.05 grid).
 std::string RatioLabel(double ratio);
 // "<=256x256", "<=512x512", "<=768x768", "<=1024x1024" or ">1024x1024": the smallest bucket whose pixel count
-// (side squared) holds width*height.
+// (side squared) holds width*height; "unknown" for a call rejected before its size was known.
 std::string ResolutionLabel(int width, int height);
+// Bucket upper bounds growing by `factor` from `first` until past `last` (the step-time and latency layout:
+// 1.25x steps, so ratios 25% apart never share a bucket).
+std::vector<double> GeometricBuckets(double first, double last, double factor);
 
 }  // namespace tomeserve::server

@@ -39,6 +39,7 @@ struct ImageGeneratorService::Context {
     const auto grpc_deadline = ctx->deadline();
     if (grpc_deadline != std::chrono::system_clock::time_point::max())
       deadline = absl::FromChrono(grpc_deadline);
+    metrics->AddInflight(1);  // balanced in Record, which every job reaches exactly once
     return std::make_shared<Job>(*std::move(converted), deadline, observer);
   }
 
@@ -47,9 +48,16 @@ struct ImageGeneratorService::Context {
               const absl::StatusOr<GenerationResult>& result, absl::Time started) {
     const absl::StatusCode code = result.status().code();
     const double total = absl::ToDoubleSeconds(absl::Now() - started);
-    // The effective canonical ratio (the controller's choice): settings with no effect count as 0.
+    // The effective canonical ratio (the controller's choice): settings with no effect count as 0. Calls
+    // rejected before a job existed have no size ("unknown" resolution).
     const double ratio = job != nullptr ? tome::Canonical(job->effective_tome()).ratio : 0;
-    metrics->ObserveRequest(ratio, code, total);
+    metrics->ObserveRequest(ratio, job != nullptr ? job->key().width : 0, job != nullptr ? job->key().height : 0,
+                            code, total);
+    if (job != nullptr) {
+      metrics->AddInflight(-1);
+      if (job->request().latency_target_seconds > 0)
+        metrics->CountSloOutcome(result.ok() && total <= job->request().latency_target_seconds);
+    }
     if (result.ok() && result->slo.applied) metrics->CountSloDecision(ratio, result->slo.target_met);
     const std::string id = job != nullptr ? job->request().request_id : request.request_id();
     const std::string key = job != nullptr ? ToString(job->key()) : "-";

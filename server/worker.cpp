@@ -5,6 +5,7 @@
 #include <ATen/Context.h>
 #include <c10/core/InferenceMode.h>
 #include <spdlog/spdlog.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <chrono>
@@ -29,7 +30,11 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
+#include <unistd.h>
+
+#include <fstream>
 
 namespace tomeserve::server {
 
@@ -55,9 +60,80 @@ absl::StatusOr<std::vector<std::string>> ResolveDevices(const std::string& spec)
   return devices;
 }
 
+RuntimeVersions GetRuntimeVersions() {
+  RuntimeVersions v{.torch = TORCH_VERSION, .cuda = "none"};
+#ifdef TOMESERVE_HAVE_CUDA
+  v.cuda = absl::StrCat(CUDART_VERSION / 1000, ".", CUDART_VERSION % 1000 / 10);
+#endif
+  return v;
+}
+
+std::string DeviceProductName(const std::string& device) {
+#ifdef TOMESERVE_HAVE_CUDA
+  absl::StatusOr<c10::Device> d = pipeline::ParseDevice(device);
+  cudaDeviceProp props;
+  if (d.ok() && d->is_cuda() && cudaGetDeviceProperties(&props, d->index()) == cudaSuccess) return props.name;
+#endif
+  return device;
+}
+
 namespace {
 
 double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
+
+// Seconds of the work queued on the worker's stream between Start() and Stop(): CUDA events on a CUDA device
+// (device time, so queued UNet work is not charged to a later phase; Stop() waits for the work), the host
+// clock on the CPU. Worker thread only.
+class PhaseClock {
+ public:
+  explicit PhaseClock(const c10::Device& device) : cuda_(device.is_cuda()) {
+#ifdef TOMESERVE_HAVE_CUDA
+    if (cuda_) cuda_ = cudaEventCreate(&start_) == cudaSuccess && cudaEventCreate(&stop_) == cudaSuccess;
+#endif
+  }
+  ~PhaseClock() {
+#ifdef TOMESERVE_HAVE_CUDA
+    if (start_ != nullptr) cudaEventDestroy(start_);
+    if (stop_ != nullptr) cudaEventDestroy(stop_);
+#endif
+  }
+  PhaseClock(const PhaseClock&) = delete;
+  PhaseClock& operator=(const PhaseClock&) = delete;
+
+  void Start() {
+    host_start_ = std::chrono::steady_clock::now();
+#ifdef TOMESERVE_HAVE_CUDA
+    if (cuda_) cudaEventRecord(start_, c10::cuda::getCurrentCUDAStream().stream());
+#endif
+  }
+  double Stop() {
+#ifdef TOMESERVE_HAVE_CUDA
+    if (cuda_) {
+      float ms = 0;
+      if (cudaEventRecord(stop_, c10::cuda::getCurrentCUDAStream().stream()) == cudaSuccess &&
+          cudaEventSynchronize(stop_) == cudaSuccess && cudaEventElapsedTime(&ms, start_, stop_) == cudaSuccess) {
+        return ms / 1000.0;
+      }
+    }
+#endif
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - host_start_).count();
+  }
+
+ private:
+  bool cuda_;
+  std::chrono::steady_clock::time_point host_start_;
+#ifdef TOMESERVE_HAVE_CUDA
+  cudaEvent_t start_ = nullptr, stop_ = nullptr;
+#endif
+};
+
+// Resident set size of this process in bytes (0 when unknown).
+double ResidentBytes() {
+  std::ifstream statm("/proc/self/statm");
+  long pages = 0, resident = 0;
+  if (!(statm >> pages >> resident)) return 0;
+  return static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE));
+}
 
 // One admitted call on this worker (worker thread only).
 struct RunningJob {
@@ -106,6 +182,7 @@ struct Worker::Impl {
   // Cleared when the batch drains (a factory's merge counts belong to one latent size).
   absl::flat_hash_map<tome::TokenMerging, std::shared_ptr<tome::TokenMergingHooks>> hooks_by_setting;
   double last_step_seconds = 0;
+  std::unique_ptr<PhaseClock> clock;  // created on the worker thread (CUDA events belong to its device)
 
   void Loop(Scheduler* scheduler);
   RunningView View() const;
@@ -121,6 +198,7 @@ struct Worker::Impl {
   void DropEnded();
   void EmptyCache() const;
   double Backlog() const;
+  void ReportGauges() const;
 };
 
 absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& options, Metrics* metrics,
@@ -224,6 +302,8 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
   std::optional<c10::cuda::CUDAStreamGuard> stream;
   if (target.device.is_cuda()) stream.emplace(c10::cuda::getStreamFromPool(false, target.device.index()));
 #endif
+  clock = std::make_unique<PhaseClock>(target.device);
+  metrics->SetWorkerHealthy(options.device, true);
   while (true) {
     try {
       Readmit();
@@ -253,7 +333,25 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
       oom_cap = INT_MAX;
     }
     scheduler->ReportBacklog(options.index, Backlog());
+    ReportGauges();
   }
+  metrics->SetWorkerHealthy(options.device, false);
+}
+
+void Worker::Impl::ReportGauges() const {
+  metrics->SetRunningSamples(options.device, batch != nullptr ? batch->active_samples() : 0);
+#ifdef TOMESERVE_HAVE_CUDA
+  if (target.device.is_cuda()) {
+    const c10::CachingDeviceAllocator::DeviceStats stats =
+        c10::cuda::CUDACachingAllocator::getDeviceStats(target.device.index());
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    metrics->SetDeviceMemory(options.device, "allocated", static_cast<double>(stats.allocated_bytes[all].current));
+    metrics->SetDeviceMemory(options.device, "reserved", static_cast<double>(stats.reserved_bytes[all].current));
+    metrics->SetDeviceMemory(options.device, "peak", static_cast<double>(stats.allocated_bytes[all].peak));
+    return;
+  }
+#endif
+  metrics->SetDeviceMemory(options.device, "rss", ResidentBytes());
 }
 
 RunningView Worker::Impl::View() const {
@@ -317,14 +415,15 @@ void Worker::Impl::Start(const std::shared_ptr<Job>& job) {
                      .hooks = run->hooks,
                      .hook_seed = hook_seed});
   }
-  pipeline::PhaseTimings phases;
+  clock->Start();
   absl::StatusOr<std::vector<pipeline::DenoiseBatch::Sample>> samples =
-      run->model->PrepareSamples({.width = req.key.width, .height = req.key.height}, std::move(specs), &phases);
+      run->model->PrepareSamples({.width = req.key.width, .height = req.key.height}, std::move(specs));
+  const double text_seconds = clock->Stop();
   if (!samples.ok()) {
     job->Finish(samples.status());
     return;
   }
-  run->result.text_encoding_seconds = phases.text_encoding;
+  run->result.text_encoding_seconds = text_seconds;
   run->num_calls = (*samples)[0].state->schedule().num_calls();
   if (batch == nullptr) {
     batch = std::make_unique<pipeline::DenoiseBatch>(*run->model, req.key.height / run->model->vae_scale(),
@@ -399,7 +498,7 @@ void Worker::Impl::Step() {
       if (id >= 0 && batch->sample(id).active()) tome_rows += batch->sample(id).rows_per_call() * run->tome.ratio;
     }
   }
-  const auto t0 = std::chrono::steady_clock::now();
+  clock->Start();
   absl::Status status;
   if (options.inject_oom_above_batch >= 0 && images > options.inject_oom_above_batch) {
     // Marked exactly like a real c10::OutOfMemoryError (pipeline::GuardTorch), so it takes the same path.
@@ -408,12 +507,20 @@ void Worker::Impl::Step() {
   } else {
     status = batch->Step();
   }
+  const double seconds = clock->Stop();
   if (status.ok()) {
-    last_step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    step_times->Observe(batch->latent_height() * batch->latent_width(), rows, tome_rows, last_step_seconds);
-    metrics->ObserveBatch(images);
-    metrics->CountUnetRows(rows);
-    for (auto& run : jobs) run->result.batch_size = std::max(run->result.batch_size, images);
+    last_step_seconds = seconds;
+    step_times->Observe(batch->latent_height() * batch->latent_width(), rows, tome_rows, seconds);
+    metrics->ObserveBatch(images, rows);
+    // One observation per ToMe ratio present in the call (the time its rows' step took).
+    std::vector<std::string> seen;
+    for (auto& run : jobs) {
+      run->result.batch_size = std::max(run->result.batch_size, images);
+      const std::string label = RatioLabel(tome::Canonical(run->tome).ratio);
+      if (run->ended || std::find(seen.begin(), seen.end(), label) != seen.end()) continue;
+      seen.push_back(label);
+      metrics->ObserveStep(tome::Canonical(run->tome).ratio, batch_width, batch_height, seconds);
+    }
     return;
   }
   if (pipeline::IsOutOfMemory(status)) {
@@ -498,16 +605,25 @@ void Worker::Impl::RetireDone() {
     for (auto& img : run->images) result.images.push_back(*std::move(img));
     result.denoising_seconds = std::max(0.0, Seconds(absl::Now() - run->admitted) - result.decoding_seconds);
     result.total_seconds = Seconds(absl::Now() - run->job->enqueued());
+    const GenerationRequest& req = run->job->request();
+    const double ratio = tome::Canonical(run->tome).ratio;
     if (run->hooks) {
-      for (const tome::BlockMergeCount& c : run->hooks->MergeCounts())
+      int64_t before = 0, after = 0;
+      for (const tome::BlockMergeCount& c : run->hooks->MergeCounts()) {
         result.merged_tokens.push_back({c.block, c.tokens_before, c.tokens_after});
+        before += c.tokens_before;
+        after += c.tokens_after;
+      }
+      const int64_t per_call = static_cast<int64_t>(req.num_images) * run->num_calls;
+      metrics->CountMergedTokens(ratio, before * per_call, after * per_call);
     }
+    metrics->CountImages(ratio, req.key.width, req.key.height, req.num_images);
     End(*run, std::move(result));
   }
 }
 
 void Worker::Impl::Decode(RunningJob& run, int image, const at::Tensor& latents) {
-  const auto t0 = std::chrono::steady_clock::now();
+  clock->Start();
   absl::StatusOr<std::vector<at::Tensor>> rgb = run.model->Decode(latents);
   if (!rgb.ok() && pipeline::IsOutOfMemory(rgb.status())) {
     // The latents are kept: free the cache and decode this one image again; the denoise is not rerun.
@@ -520,6 +636,7 @@ void Worker::Impl::Decode(RunningJob& run, int image, const at::Tensor& latents)
     End(run, rgb.status());
     return;
   }
+  const double decode_seconds = clock->Stop();
   absl::StatusOr<at::Tensor> pixels =
       pipeline::GuardTorch("copying the image", [&]() -> absl::StatusOr<at::Tensor> {
         return (*rgb)[0].to(at::kCPU).contiguous();
@@ -536,7 +653,7 @@ void Worker::Impl::Decode(RunningJob& run, int image, const at::Tensor& latents)
     return;
   }
   run.images[image] = *std::move(encoded);
-  run.result.decoding_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  run.result.decoding_seconds += decode_seconds;
 }
 
 double Worker::Impl::Backlog() const {

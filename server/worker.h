@@ -33,6 +33,14 @@ namespace tomeserve::server {
 // "auto" -> every CUDA device ("cuda:0", ...) or {"cpu"}; "cpu"; "cuda:0,cuda:1". Checks that devices exist.
 absl::StatusOr<std::vector<std::string>> ResolveDevices(const std::string& spec);
 
+// For tomeserve_build_info: the libtorch version, the CUDA runtime version it was built with ("none" without
+// CUDA), and a device's name ("cpu", or the CUDA device's product name).
+struct RuntimeVersions {
+  std::string torch, cuda;
+};
+RuntimeVersions GetRuntimeVersions();
+std::string DeviceProductName(const std::string& device);
+
 struct WorkerOptions {
   int index = 0;       // this worker's number (Scheduler::ReportBacklog)
   std::string device;  // "cpu", "cuda:0", ...

@@ -83,7 +83,7 @@ def test_injected_oom_evicts_keeps_state_and_answers_every_call(tiny_model, batc
         assert [r.batch_size for r in responses] == [1, 1, 1, 1]
         text = urllib.request.urlopen(s.metrics_url, timeout=10).read().decode()
         # No step is computed twice: 4 guided images x 2 steps x 2 rows, whatever was evicted and when.
-        assert metric(text, "tomeserve_unet_rows_total") == 16
+        assert metric(text, "tomeserve_unet_rows_sum") == 16
         oom = [l for l in text.splitlines() if l.startswith("tomeserve_oom_total{")]
         # Bounded labels: the ratio with two decimals, the resolution as a pixel-count bucket. How many OOMs
         # depends on how the four calls arrived (one batch of 4: 4 -> evict 2 -> 2 -> evict 1 -> 1 = 2 OOMs).

@@ -92,11 +92,13 @@ def test_calls_joining_and_leaving_at_random_steps_equal_their_solo_runs(tiny_mo
     for i in range(10):
         calls.append(dict(
             request=pb.GenerateRequest(
-                request_id=f"c{i}", prompt=f"call {i}", seed=100 + i, num_inference_steps=rng.randint(3, 25),
+                request_id=f"c{i}", prompt=f"call {i}", seed=100 + i,
+                # Cancelled calls are long, so the cancel always lands mid-run.
+                num_inference_steps=150 if i in (3, 7) else rng.randint(10, 40),
                 guidance_scale=rng.choice([1.0, 4.0, 7.5]), scheduler=rng.choice(schedulers),
                 num_images=rng.choice([1, 1, 2]),
                 tome=pb.TokenMerging(ratio=rng.choice([0.0, 0.3, 0.5]))),
-            delay=rng.uniform(0, 0.4), cancel=(i in (3, 7)), deadline=(i == 5)))
+            delay=rng.uniform(0, 0.15), cancel=(i in (3, 7)), deadline=(i == 5)))
     with running_server(["--model", tiny_model, "--max-batch-size", "6"]) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
 
@@ -146,14 +148,15 @@ def test_queued_event_carries_estimates(tiny_model):
 
 
 def test_slo_controller_raises_the_ratio_only_when_the_target_needs_it(tiny_model):
-    """At 256x256 the tiny model's steps get cheaper with ToMe (its first block has 1024 tokens). The server
-    learns that from its own steps: after calls at ratio 0 and 0.75, a target between the two predicted
-    latencies makes the controller pick a ratio above the minimum; a loose target keeps the minimum."""
+    """At 320x320 the tiny model's steps get clearly cheaper with ToMe (its first block has 1600 tokens; measured
+    1.3-1.7x at ratios 0.3-0.5). The server learns that from its own steps: after calls at ratio 0 and 0.75, a
+    target under the ratio-0 prediction makes the controller pick a ratio above the minimum; a loose target keeps
+    the minimum."""
     binary("tomeserve")
     with running_server(["--model", tiny_model, "--max-batch-size", "1"]) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
-        base = dict(prompt="slo", width=256, height=256, num_inference_steps=20, guidance_scale=7.5)
-        for _ in range(3):
+        base = dict(prompt="slo", width=320, height=320, num_inference_steps=8, guidance_scale=7.5)
+        for _ in range(2):
             for ratio in (0.0, 0.75):
                 stub.Generate(pb.GenerateRequest(tome=pb.TokenMerging(ratio=ratio, max_downsample=1), **base),
                               timeout=600)
@@ -161,8 +164,8 @@ def test_slo_controller_raises_the_ratio_only_when_the_target_needs_it(tiny_mode
                                                  latency_target_seconds=600, **base), timeout=600)
         assert loose.tome.ratio == 0.0 and loose.slo.target_met
         assert loose.slo.predicted_seconds > 0
-        # A target just under the ratio-0 prediction: only a higher ratio meets it.
-        target = loose.slo.predicted_seconds * 0.9
+        # A target under the ratio-0 prediction: only a higher ratio meets it.
+        target = loose.slo.predicted_seconds * 0.85
         tight = stub.Generate(pb.GenerateRequest(tome=pb.TokenMerging(ratio=0.0, max_ratio=0.75),
                                                  latency_target_seconds=target, **base), timeout=600)
         assert tight.tome.ratio > 0.0, tight.slo
