@@ -67,14 +67,13 @@ bool DenoiseBatch::Cancel(int id) {
 
 absl::Status DenoiseBatch::Step() {
   std::vector<Sample*> active;
-  for (auto& [id, s] : samples_) {
-    if (s.active()) active.push_back(&s);
-  }
-  if (active.empty()) return absl::OkStatus();
   std::vector<int> active_ids;
   for (auto& [id, s] : samples_) {
-    if (s.active()) active_ids.push_back(id);
+    if (!s.active()) continue;
+    active.push_back(&s);
+    active_ids.push_back(id);
   }
+  if (active.empty()) return absl::OkStatus();
 
   at::Tensor out;
   absl::Status unet = GuardTorch(absl::StrCat("denoising step (UNet call ", calls_done_ + 1, ")"), [&]() -> absl::Status {
