@@ -29,6 +29,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.pb.h"
+#include "server/auth.h"
 #include "server/metrics.h"
 #include "server/options.h"
 #include "server/scheduler.h"
@@ -139,7 +140,8 @@ int ChannelArgMs(absl::Duration d) {
 // while Run() returns and main exits, so nothing it touches may live on Run()'s stack.
 struct SignalState {
   sigset_t signals;
-  absl::Notification stop;  // notified by the first SIGTERM/SIGINT
+  absl::Notification stop;          // notified by the first SIGTERM/SIGINT
+  std::shared_ptr<TokenAuth> auth;  // SIGHUP re-reads its file; set before the thread starts, then read-only
 };
 
 int Fail(const absl::Status& status) {
@@ -153,6 +155,7 @@ int Run(int argc, char** argv) {
   sigemptyset(&signal_state->signals);
   sigaddset(&signal_state->signals, SIGTERM);
   sigaddset(&signal_state->signals, SIGINT);
+  sigaddset(&signal_state->signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signal_state->signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
 
@@ -205,7 +208,12 @@ int Run(int argc, char** argv) {
                        .default_tome_ratio = o.default_tome_ratio,
                        .default_latency_target_seconds = o.default_latency_target_seconds,
                        .adaptive_tome_max_ratio = o.adaptive_tome_max_ratio};
-  ImageGeneratorService service(limits, &scheduler, metrics->get());
+  if (!o.auth_token_file.empty()) {
+    absl::StatusOr<std::unique_ptr<TokenAuth>> auth = TokenAuth::Create(o.auth_token_file);
+    if (!auth.ok()) return Fail(auth.status());
+    signal_state->auth = *std::move(auth);
+  }
+  ImageGeneratorService service(limits, &scheduler, metrics->get(), signal_state->auth.get());
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = Credentials(o);
   if (!credentials.ok()) return Fail(credentials.status());
@@ -236,12 +244,23 @@ int Run(int argc, char** argv) {
     if (absl::Status s = WritePortFile(o.port_file, port); !s.ok()) return Fail(s);
   }
 
-  // Signals: the first starts the drain; later ones are logged.
+  // Signals: the first SIGTERM/SIGINT starts the drain; later ones are logged. SIGHUP re-reads the tokens.
   absl::Notification& stop = signal_state->stop;
   std::thread([signal_state] {
     while (true) {
       int sig = 0;
       if (sigwait(&signal_state->signals, &sig) != 0) continue;
+      if (sig == SIGHUP) {
+        if (signal_state->auth == nullptr) continue;
+        absl::StatusOr<int> tokens = signal_state->auth->Reload();
+        if (tokens.ok()) {
+          spdlog::info("SIGHUP: --auth-token-file re-read, {} token(s) in force", *tokens);
+        } else {
+          spdlog::error("SIGHUP: --auth-token-file not re-read, the previous tokens stay: {}",
+                        std::string(tokens.status().message()));
+        }
+        continue;
+      }
       if (signal_state->stop.HasBeenNotified()) {
         spdlog::warn("signal {} while draining; still draining", sig);
         continue;

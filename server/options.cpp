@@ -74,6 +74,10 @@ ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls-cert.");
 ABSL_FLAG(std::string, tls_client_ca, "",
           "PEM CA bundle; when set, clients must present a certificate it "
           "signed (mTLS).");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "File of bearer tokens, one per line ('#' comments): every ImageGenerator call must send metadata "
+          "\"authorization: Bearer <token>\" (else UNAUTHENTICATED); health and reflection stay open. Re-read on "
+          "SIGHUP and when the file changes. Empty: no authentication.");
 ABSL_FLAG(int32_t, inject_oom_above_batch, -1,
           "TESTING AID: fail every UNet batch of more than N images with an injected out-of-memory error (0 "
           "fails every batch, single images included; the warm-up is never affected; -1 = off).");
@@ -287,6 +291,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   o.tls_cert = absl::GetFlag(FLAGS_tls_cert);
   o.tls_key = absl::GetFlag(FLAGS_tls_key);
   o.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  o.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   o.inject_oom_above_batch = absl::GetFlag(FLAGS_inject_oom_above_batch);
   o.port_file = absl::GetFlag(FLAGS_port_file);
   o.warmup_steps = absl::GetFlag(FLAGS_warmup_steps);

@@ -46,6 +46,7 @@ struct ServerOptions {
   int max_images = 4;
   std::string log_format = "text";
   std::string tls_cert, tls_key, tls_client_ca;
+  std::string auth_token_file;  // empty: no authentication
   int inject_oom_above_batch = -1;  // -1: off; N >= 0: fail UNet batches of more than N images
   std::string port_file;
   int warmup_steps = 2;

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <deque>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -12,10 +13,23 @@
 
 namespace tomeserve::server {
 
+namespace {
+
+// The call's authorization metadata value, if any.
+std::optional<absl::string_view> Authorization(const grpc::CallbackServerContext* call) {
+  const auto& metadata = call->client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) return std::nullopt;
+  return absl::string_view(it->second.data(), it->second.size());
+}
+
+}  // namespace
+
 struct ImageGeneratorService::Context {
   RequestLimits limits;
   Scheduler* scheduler;
   Metrics* metrics;
+  TokenAuth* auth;  // null: no authentication
   RandomSource random = RandomSource::Default();
   std::atomic<const ModelCatalog*> catalog{nullptr};
   std::unique_ptr<ModelCatalog> catalog_storage;
@@ -28,9 +42,14 @@ struct ImageGeneratorService::Context {
     scheduler->Wake();
   }
 
-  // Validates and builds the job; on error returns the status to answer with.
+  absl::Status Authenticate(const grpc::CallbackServerContext* call) {
+    return auth == nullptr ? absl::OkStatus() : auth->Check(Authorization(call));
+  }
+
+  // Authenticates, validates and builds the job; on error returns the status to answer with.
   absl::StatusOr<std::shared_ptr<Job>> MakeJob(grpc::CallbackServerContext* ctx,
                                                const v1::GenerateRequest& request, JobObserver* observer) {
+    if (absl::Status s = Authenticate(ctx); !s.ok()) return s;
     const ModelCatalog* models = catalog.load();
     if (models == nullptr) return absl::UnavailableError("the server is loading its models; retry shortly");
     absl::StatusOr<GenerationRequest> converted = ConvertRequest(request, *models, limits, random);
@@ -232,8 +251,10 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
 
 }  // namespace
 
-ImageGeneratorService::ImageGeneratorService(RequestLimits limits, Scheduler* scheduler, Metrics* metrics)
+ImageGeneratorService::ImageGeneratorService(RequestLimits limits, Scheduler* scheduler, Metrics* metrics,
+                                             TokenAuth* auth)
     : context_(std::make_shared<Context>()) {
+  context_->auth = auth;
   context_->limits = limits;
   context_->scheduler = scheduler;
   context_->metrics = metrics;
@@ -259,6 +280,10 @@ grpc::ServerUnaryReactor* ImageGeneratorService::ListModels(grpc::CallbackServer
                                                             const v1::ListModelsRequest*,
                                                             v1::ListModelsResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (absl::Status s = context_->Authenticate(context); !s.ok()) {
+    reactor->Finish(ToGrpcStatus(s));
+    return reactor;
+  }
   const ModelCatalog* models = context_->catalog.load();
   if (models == nullptr) {
     reactor->Finish(ToGrpcStatus(absl::UnavailableError("the server is loading its models; retry shortly")));

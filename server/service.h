@@ -4,6 +4,7 @@
 //
 // GenerateStream sends Queued{position, estimated start/finish} while queued, Progress{step, num_steps} after every UNet call (PNDM
 // makes one call more than its step count), then one result event.
+// With a TokenAuth, every call (ListModels included) first needs a valid bearer token (UNAUTHENTICATED).
 // Until SetCatalog() (models loaded and warmed up) every call answers UNAVAILABLE. Every finished generate
 // call is logged (one line: id, key, batch size, timings, status) and counted in Metrics.
 #pragma once
@@ -12,6 +13,7 @@
 #include <memory>
 
 #include "server/scheduler.h"
+#include "server/auth.h"
 #include "server/metrics.h"
 #include "server/model_catalog.h"
 #include "server/request_convert.h"
@@ -21,8 +23,8 @@ namespace tomeserve::server {
 
 class ImageGeneratorService final : public v1::ImageGenerator::CallbackService {
  public:
-  // `scheduler` and `metrics` must outlive the gRPC server.
-  ImageGeneratorService(RequestLimits limits, Scheduler* scheduler, Metrics* metrics);
+  // `scheduler`, `metrics` and `auth` (null: no authentication) must outlive the gRPC server.
+  ImageGeneratorService(RequestLimits limits, Scheduler* scheduler, Metrics* metrics, TokenAuth* auth = nullptr);
 
   // Publishes the loaded models; called once, before health turns SERVING.
   void SetCatalog(ModelCatalog catalog);

@@ -6,7 +6,9 @@
 #include <sstream>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/channel_arguments.h"
@@ -52,6 +54,21 @@ absl::StatusOr<ConnectionOptions> ParseConnectionOptions(const CliArgs& args) {
     if (!t.ok()) return t.status();
     o.timeout_s = *t;
   }
+  if (auto path = args.Get("token-file")) {
+    absl::StatusOr<std::string> text = ReadPem("token-file", *path);
+    if (!text.ok()) return text.status();
+    // The first non-blank line that is not a comment, as the server reads its token file.
+    for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+      line = absl::StripAsciiWhitespace(line);
+      if (!line.empty() && line.front() != '#') {
+        o.token = std::string(line);
+        break;
+      }
+    }
+    if (o.token.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("--token-file: ", *path, " holds no token"));
+    }
+  }
   return o;
 }
 
@@ -78,8 +95,9 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ConnectionOptio
   return grpc::CreateCustomChannel(options.target, credentials, channel_args);
 }
 
-void SetDeadline(grpc::ClientContext& context, const ConnectionOptions& options,
-                 std::chrono::seconds fallback) {
+void PrepareContext(grpc::ClientContext& context, const ConnectionOptions& options,
+                    std::chrono::seconds fallback) {
+  if (!options.token.empty()) context.AddMetadata("authorization", absl::StrCat("Bearer ", options.token));
   const auto timeout = options.timeout_s ? std::chrono::duration_cast<std::chrono::milliseconds>(
                                                std::chrono::duration<double>(*options.timeout_s))
                                          : std::chrono::duration_cast<std::chrono::milliseconds>(fallback);

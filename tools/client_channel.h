@@ -1,5 +1,5 @@
-// The connection settings every tomeserve-cli subcommand shares (--target, TLS, --timeout) and the channel
-// built from them. Plaintext unless a TLS flag is given.
+// The connection settings every tomeserve-cli subcommand shares (--target, TLS, --token-file, --timeout) and
+// the channel built from them. Plaintext unless a TLS flag is given.
 #pragma once
 
 #include <chrono>
@@ -19,6 +19,7 @@ struct ConnectionOptions {
   std::string tls_ca, tls_cert, tls_key;  // PEM file paths; empty = unset
   std::string tls_server_name;            // overrides the name checked against the server certificate
   std::optional<double> timeout_s;        // unset: the subcommand's default deadline
+  std::string token;                      // bearer token from --token-file; empty = none
 
   bool UsesTls() const { return !tls_ca.empty() || !tls_cert.empty() || !tls_key.empty(); }
 };
@@ -30,9 +31,9 @@ absl::StatusOr<ConnectionOptions> ParseConnectionOptions(const CliArgs& args);
 // channel accepts responses up to 256 MiB (several large images in one GenerateResponse).
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ConnectionOptions& options);
 
-// Sets the call's deadline: options.timeout_s when given, else `fallback`. Every call gets one, so the CLI
-// never waits forever on a stuck server.
-void SetDeadline(grpc::ClientContext& context, const ConnectionOptions& options,
-                 std::chrono::seconds fallback);
+// Sets the call's deadline (options.timeout_s when given, else `fallback`: every call gets one, so the CLI
+// never waits forever on a stuck server) and its "authorization: Bearer" metadata when a token is set.
+void PrepareContext(grpc::ClientContext& context, const ConnectionOptions& options,
+                    std::chrono::seconds fallback);
 
 }  // namespace tomeserve::tools

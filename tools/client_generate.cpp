@@ -92,7 +92,7 @@ int GenerateCommand(const ConnectionOptions& connection, const CliArgs& args) {
   auto stub = v1::ImageGenerator::NewStub(*channel);
 
   grpc::ClientContext context;
-  SetDeadline(context, connection, kGenerateDeadline);
+  PrepareContext(context, connection, kGenerateDeadline);
   ProgressLine progress(::isatty(STDERR_FILENO) && !args.Has("quiet"));
   const auto t0 = std::chrono::steady_clock::now();
   std::unique_ptr<grpc::ClientReader<v1::GenerateEvent>> reader = stub->GenerateStream(&context, *request);

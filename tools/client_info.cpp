@@ -81,7 +81,7 @@ int ListModelsCommand(const ConnectionOptions& connection, const CliArgs& /*args
   if (!channel.ok()) return LocalError(channel.status());
   auto stub = v1::ImageGenerator::NewStub(*channel);
   grpc::ClientContext context;
-  SetDeadline(context, connection, kInfoDeadline);
+  PrepareContext(context, connection, kInfoDeadline);
   v1::ListModelsResponse response;
   grpc::Status status = stub->ListModels(&context, v1::ListModelsRequest(), &response);
   if (!status.ok()) return RpcError(status);
@@ -99,7 +99,7 @@ int HealthCommand(const ConnectionOptions& connection, const CliArgs& args) {
   if (!channel.ok()) return LocalError(channel.status());
   grpc::GenericStub stub(*channel);
   grpc::ClientContext context;
-  SetDeadline(context, connection, kInfoDeadline);
+  PrepareContext(context, connection, kInfoDeadline);
   const std::string request_bytes = EncodeHealthRequest(args.Get("service").value_or(""));
   grpc::Slice slice(request_bytes);
   grpc::ByteBuffer request(&slice, 1);

@@ -24,7 +24,7 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: tomeserve-cli --target HOST:PORT [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]\n"
-    "                     [--tls-server-name NAME] [--timeout S] COMMAND [flags]\n"
+    "                     [--tls-server-name NAME] [--token-file FILE] [--timeout S] COMMAND [flags]\n"
     "commands:\n"
     "  generate --prompt TEXT [--negative-prompt TEXT] [--width W] [--height H] [--steps N] [--guidance G]\n"
     "           [--seed S] [--num-images N] [--scheduler pndm|ddim|euler|euler_a|dpmpp_2m|dpmpp_2m_karras]\n"
@@ -50,10 +50,12 @@ constexpr char kUsage[] =
     "  --tls-ca FILE        PEM roots that sign the server certificate (TLS; default: the system's roots)\n"
     "  --tls-cert/--tls-key client certificate and key (mTLS)\n"
     "  --tls-server-name    the name to check the server certificate against (when --target is an address)\n"
+    "  --token-file FILE    send the bearer token in FILE (its first line) as \"authorization: Bearer\"\n"
+    "                       metadata, for servers started with --auth-token-file\n"
     "  --timeout S          the call's deadline in seconds (default: generate 600, list-models/health 10)\n";
 
-const std::set<std::string> kConnectionFlags = {"target",  "tls-ca",          "tls-cert",
-                                                "tls-key", "tls-server-name", "timeout"};
+const std::set<std::string> kConnectionFlags = {"target",          "tls-ca",  "tls-cert",  "tls-key",
+                                                "tls-server-name", "timeout", "token-file"};
 
 std::set<std::string> Union(const std::set<std::string>& a, const std::set<std::string>& b) {
   std::set<std::string> out = a;
