@@ -25,10 +25,20 @@ inline constexpr absl::string_view kOutOfMemoryPayload = "tomeserve/oom";
 absl::Status OutOfMemoryError(absl::string_view message);
 bool IsOutOfMemory(const absl::Status& status);
 
+// A device that can no longer be trusted is INTERNAL carrying kDeviceFatalPayload: CUDA runtime failures
+// (illegal memory access, device-side assert, launch failure, ECC or driver errors) are sticky, so every later
+// call on that device would fail too. The server takes the device's worker out of service.
+inline constexpr absl::string_view kDeviceFatalPayload = "tomeserve/device-fatal";
+absl::Status DeviceFatalError(absl::string_view message);
+bool IsDeviceFatal(const absl::Status& status);
+// Whether a torch error message reports a CUDA runtime failure ("CUDA error: ...", "device-side assert", ...).
+bool LooksDeviceFatal(absl::string_view message);
+
 // Runs `fn` (returning absl::Status or absl::StatusOr<T>) and maps exceptions:
-//   c10::OutOfMemoryError -> OutOfMemoryError() (RESOURCE_EXHAUSTED marked as OOM; the server splits the
-//     batch and counts it),
-//   other c10::Error / std::exception -> INTERNAL, prefixed with `what`.
+//   c10::OutOfMemoryError -> OutOfMemoryError() (RESOURCE_EXHAUSTED marked as OOM; the server evicts and
+//     retries, and counts it),
+//   a c10::Error that LooksDeviceFatal -> DeviceFatalError(),
+//   other c10::Error / std::exception -> INTERNAL, prefixed with `what` (a request-level failure).
 template <typename Fn>
 auto GuardTorch(absl::string_view what, Fn&& fn) -> decltype(fn()) {
   try {
@@ -36,7 +46,9 @@ auto GuardTorch(absl::string_view what, Fn&& fn) -> decltype(fn()) {
   } catch (const c10::OutOfMemoryError& e) {
     return OutOfMemoryError(absl::StrCat(what, ": out of memory: ", FirstLine(e.what_without_backtrace())));
   } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat(what, ": ", FirstLine(e.what_without_backtrace())));
+    const absl::string_view message = FirstLine(e.what_without_backtrace());
+    if (LooksDeviceFatal(message)) return DeviceFatalError(absl::StrCat(what, ": ", message));
+    return absl::InternalError(absl::StrCat(what, ": ", message));
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat(what, ": ", FirstLine(e.what())));
   }

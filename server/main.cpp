@@ -2,7 +2,8 @@
 // parse the configuration -> start gRPC (health NOT_SERVING, reflection on) -> load and warm up every model
 // on every device -> health SERVING. SIGTERM/SIGINT: health NOT_SERVING, wait --shutdown-grace, stop accepting,
 // let in-flight calls finish within --drain-timeout (then cancel them), stop the scheduler and workers, exit 0.
-// Exit codes: 0 after a drain, 1 on a startup failure (model folder, port, TLS files), 2 on a usage error.
+// Exit codes: 0 after a drain, 1 on a startup failure (model folder, port, TLS files), 2 on a usage error, 3 when
+// no worker is left in service (device-fatal errors or hung steps; health turns NOT_SERVING first).
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -13,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
@@ -42,6 +44,9 @@ namespace {
 
 constexpr int kStartupFailure = 1;
 constexpr int kUsageError = 2;
+constexpr int kNoWorkerLeft = 3;
+// grpc.health.v1 service name for liveness probes.
+constexpr std::string_view kLivenessService = "liveness";
 
 // %* in a pattern: the message as the inside of a JSON string.
 class JsonMessageFlag final : public spdlog::custom_flag_formatter {
@@ -238,6 +243,9 @@ int Run(int argc, char** argv) {
   // The overall status ("") and the service's own name, both NOT_SERVING until the models are warm.
   health->SetServingStatus(v1::ImageGenerator::service_full_name(), false);
   health->SetServingStatus(false);
+  // Liveness (a Kubernetes livenessProbe's gRPC service name) is SERVING from the start, through loading and
+  // draining; only a worker leaving service (the process should be restarted) turns it NOT_SERVING.
+  health->SetServingStatus(std::string(kLivenessService), true);
   spdlog::info("listening on {} (port {}), loading {} model(s) on {}", o.listen, port, o.models.size(),
                absl::StrJoin(*devices, ","));
   if (!o.port_file.empty()) {
@@ -270,6 +278,17 @@ int Run(int argc, char** argv) {
     }
   }).detach();
 
+  // Workers that left service (a device-fatal error or a stuck step). Liveness fails at the first: the process
+  // should be restarted; with none left the server exits.
+  std::atomic<int> out_of_service{0};
+  absl::Notification none_left;
+  const int num_workers = static_cast<int>(devices->size());
+  auto on_out_of_service = [&, health](const std::string& device, const absl::Status& why) {
+    health->SetServingStatus(std::string(kLivenessService), false);
+    spdlog::error("{} left service: {}; liveness is NOT_SERVING", device, std::string(why.message()));
+    if (out_of_service.fetch_add(1) + 1 == num_workers) none_left.Notify();
+  };
+
   std::vector<std::unique_ptr<Worker>> workers;
   for (const std::string& device : *devices) {
     absl::StatusOr<std::unique_ptr<Worker>> worker =
@@ -281,7 +300,11 @@ int Run(int argc, char** argv) {
                         .max_batch_cost = o.max_batch_cost,
                         .inject_oom_above_batch = o.inject_oom_above_batch,
                         .warmup_steps = o.warmup_steps,
-                        .stop_warmup = [signal_state] { return signal_state->stop.HasBeenNotified(); }},
+                        .stop_warmup = [signal_state] { return signal_state->stop.HasBeenNotified(); },
+                        .inject_fault = o.inject_fault,
+                        .inject_fault_at_step = o.inject_fault_at_step,
+                        .step_timeout_seconds = o.step_timeout_seconds,
+                        .on_out_of_service = on_out_of_service},
                        metrics->get(), &step_times);
     if (!worker.ok()) {
       server->Shutdown();
@@ -300,12 +323,36 @@ int Run(int argc, char** argv) {
     for (auto& w : workers) w->Start(&scheduler);
     health->SetServingStatus(true);
     spdlog::info("serving on port {} with {} worker(s), {} batching", port, workers.size(), o.batching);
-    stop.WaitForNotification();
+    // The watchdog: a step past its limit takes its worker out of service (on this thread).
+    std::thread watchdog([&] {
+      while (!stop.WaitForNotificationWithTimeout(absl::Milliseconds(250)) && !none_left.HasBeenNotified()) {
+        for (auto& w : workers) {
+          if (w->in_service()) w->CheckStuck(absl::Now());
+        }
+      }
+    });
+    while (!stop.WaitForNotificationWithTimeout(absl::Milliseconds(100)) && !none_left.HasBeenNotified()) {
+    }
+    watchdog.join();
+    if (none_left.HasBeenNotified()) {
+      // Nothing can serve: answer what is queued (UNAVAILABLE), let the answers go out, and exit non-zero so
+      // the orchestrator restarts the process. Worker threads may be stuck in a kernel: no joins, no
+      // destructors.
+      health->SetServingStatus(false);
+      spdlog::error("no worker is left in service: exiting with {}", kNoWorkerLeft);
+      scheduler.Stop();
+      server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      spdlog::default_logger()->flush();
+      std::fflush(nullptr);
+      std::_Exit(kNoWorkerLeft);
+    }
   }
 
   // Drain. Health turns NOT_SERVING first; during --shutdown-grace the server still accepts and runs calls so
   // that a load balancer polling health moves traffic away before the listener closes.
   health->SetServingStatus(false);
+  // Draining is not a reason to restart: liveness stays as it was (SERVING unless a worker left service).
+  health->SetServingStatus(std::string(kLivenessService), out_of_service.load() == 0);
   if (o.shutdown_grace > absl::ZeroDuration()) {
     spdlog::info("NOT_SERVING; closing the listener in {}", absl::FormatDuration(o.shutdown_grace));
     absl::SleepFor(o.shutdown_grace);
@@ -315,6 +362,13 @@ int Run(int argc, char** argv) {
   server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(o.drain_timeout));
   scheduler.Stop();
   for (auto& w : workers) w->Join();
+  if (out_of_service.load() > 0) {
+    // A worker that left service may still be stuck in a kernel on a detached thread: skip destructors.
+    spdlog::error("stopped with {} worker(s) out of service", out_of_service.load());
+    spdlog::default_logger()->flush();
+    std::fflush(nullptr);
+    std::_Exit(kNoWorkerLeft);
+  }
   spdlog::info("stopped");
   return 0;
 }

@@ -11,6 +11,7 @@
 #include "absl/flags/reflection.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
@@ -81,6 +82,12 @@ ABSL_FLAG(std::string, auth_token_file, "",
 ABSL_FLAG(int32_t, inject_oom_above_batch, -1,
           "TESTING AID: fail every UNet batch of more than N images with an injected out-of-memory error (0 "
           "fails every batch, single images included; the warm-up is never affected; -1 = off).");
+ABSL_FLAG(std::string, inject_worker_fault, "",
+          "TESTING AID: KIND@N makes every worker fail its Nth denoising step: request (a request-level error), "
+          "fatal (a device-fatal error) or stuck (the step never returns). Empty: off.");
+ABSL_FLAG(double, step_timeout_seconds, 0,
+          "The watchdog takes a worker out of service when one denoising step runs longer than this (a hung "
+          "device); 0 = 50x the worker's last step, at least 120 s.");
 ABSL_FLAG(std::string, port_file, "", "After startup, write the bound gRPC port to this file.");
 ABSL_FLAG(int32_t, warmup_steps, 2, "Denoising steps of the warm-up run per model and device at startup.");
 ABSL_FLAG(std::string, config, "", "YAML or JSON file of flag values (keys are flag names).");
@@ -292,6 +299,16 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   o.tls_key = absl::GetFlag(FLAGS_tls_key);
   o.tls_client_ca = absl::GetFlag(FLAGS_tls_client_ca);
   o.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
+  o.step_timeout_seconds = absl::GetFlag(FLAGS_step_timeout_seconds);
+  if (const std::string fault = absl::GetFlag(FLAGS_inject_worker_fault); !fault.empty()) {
+    std::pair<std::string, std::string> parts = absl::StrSplit(fault, absl::MaxSplits('@', 1));
+    if (!(parts.first == "request" || parts.first == "fatal" || parts.first == "stuck") ||
+        !absl::SimpleAtoi(parts.second, &o.inject_fault_at_step) || o.inject_fault_at_step < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("--inject-worker-fault is \"", fault,
+                                                     "\"; allowed: request@N, fatal@N or stuck@N with N >= 1"));
+    }
+    o.inject_fault = parts.first;
+  }
   o.inject_oom_above_batch = absl::GetFlag(FLAGS_inject_oom_above_batch);
   o.port_file = absl::GetFlag(FLAGS_port_file);
   o.warmup_steps = absl::GetFlag(FLAGS_warmup_steps);
@@ -329,6 +346,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
            Check(o.tls_client_ca.empty() || !o.tls_cert.empty(), "tls_client_ca", "only with --tls-cert"),
            Check(o.inject_oom_above_batch >= -1, "inject_oom_above_batch", ">= 0, or -1 (off)"),
            Check(o.warmup_steps >= 1, "warmup_steps", ">= 1"),
+           Check(o.step_timeout_seconds >= 0, "step_timeout_seconds", ">= 0 seconds (0 = automatic)"),
        }) {
     if (!s.ok()) return s;
   }

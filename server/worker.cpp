@@ -8,15 +8,18 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <deque>
 #include <map>
 #include <optional>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "pipeline/denoise_batch.h"
 #include "pipeline/device.h"
@@ -183,6 +186,13 @@ struct Worker::Impl {
   absl::flat_hash_map<tome::TokenMerging, std::shared_ptr<tome::TokenMergingHooks>> hooks_by_setting;
   double last_step_seconds = 0;
   std::unique_ptr<PhaseClock> clock;  // created on the worker thread (CUDA events belong to its device)
+  int64_t steps_run = 0;              // steps started over the worker's life (fault injection counts them)
+
+  // Shared with the watchdog (any thread).
+  std::atomic<bool> in_service{true};
+  absl::Mutex watch_mu;
+  absl::Time step_deadline ABSL_GUARDED_BY(watch_mu) = absl::InfiniteFuture();  // of the step running now
+  std::vector<std::shared_ptr<Job>> step_jobs ABSL_GUARDED_BY(watch_mu);        // the calls in that step
 
   void Loop(Scheduler* scheduler);
   RunningView View() const;
@@ -199,6 +209,9 @@ struct Worker::Impl {
   void EmptyCache() const;
   double Backlog() const;
   void ReportGauges() const;
+  absl::Status InjectedFault();
+  // First caller wins: fails `calls` with UNAVAILABLE, marks the worker out of service, tells main.
+  void TakeOutOfService(const absl::Status& why, const std::vector<std::shared_ptr<Job>>& calls);
 };
 
 absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& options, Metrics* metrics,
@@ -292,7 +305,31 @@ void Worker::Start(Scheduler* scheduler) {
 }
 
 void Worker::Join() {
-  if (thread_.joinable()) thread_.join();
+  if (!thread_.joinable()) return;
+  if (impl_->in_service.load()) {
+    thread_.join();
+  } else {
+    thread_.detach();  // possibly stuck in a kernel forever; main exits without it
+  }
+}
+
+bool Worker::in_service() const { return impl_->in_service.load(); }
+
+bool Worker::CheckStuck(absl::Time now) {
+  std::vector<std::shared_ptr<Job>> calls;
+  absl::Time deadline;
+  {
+    absl::MutexLock lock(&impl_->watch_mu);
+    if (now <= impl_->step_deadline) return false;
+    deadline = impl_->step_deadline;
+    calls = impl_->step_jobs;
+  }
+  impl_->TakeOutOfService(
+      absl::DeadlineExceededError(absl::StrCat("a denoising step ran past its limit (",
+                                               absl::FormatDuration(now - deadline),
+                                               " over; --step-timeout-seconds): the device looks hung")),
+      calls);
+  return true;
 }
 
 void Worker::Impl::Loop(Scheduler* scheduler) {
@@ -304,7 +341,7 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
 #endif
   clock = std::make_unique<PhaseClock>(target.device);
   metrics->SetWorkerHealthy(options.device, true);
-  while (true) {
+  while (in_service.load()) {
     try {
       Readmit();
       // Blocks only when nothing is running; empty then means the scheduler stopped.
@@ -316,6 +353,7 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
       for (const std::shared_ptr<Job>& job : admitted) Start(job);
       RetireStopped();
       Step();
+      if (!in_service.load()) break;
       NotifyProgress();
       RetireDone();
     } catch (const std::exception& e) {
@@ -332,10 +370,40 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
       hooks_by_setting.clear();
       oom_cap = INT_MAX;
     }
-    scheduler->ReportBacklog(options.index, Backlog());
+    scheduler->ReportBacklog(options.index, in_service.load() ? Backlog() : 0);
     ReportGauges();
   }
   metrics->SetWorkerHealthy(options.device, false);
+  if (!in_service.load()) {
+    // Calls the watchdog or a fatal error already failed: nothing else of this batch is delivered.
+    for (auto& run : jobs) End(*run, absl::UnavailableError(absl::StrCat(options.device, " is out of service")));
+    jobs.clear();
+    parked.clear();
+  }
+}
+
+void Worker::Impl::TakeOutOfService(const absl::Status& why, const std::vector<std::shared_ptr<Job>>& calls) {
+  if (in_service.exchange(false) == false) return;
+  metrics->SetWorkerHealthy(options.device, false);
+  spdlog::error("worker {} on {} is out of service: {}", options.index, options.device, std::string(why.message()));
+  const absl::Status unavailable = absl::UnavailableError(
+      absl::StrCat(options.device, " failed and is out of service (", why.message(),
+                   "); retry: another replica, or this server once restarted, will serve the call"));
+  for (const auto& job : calls) job->Finish(unavailable);
+  if (options.on_out_of_service) options.on_out_of_service(options.device, why);
+}
+
+absl::Status Worker::Impl::InjectedFault() {
+  if (options.inject_fault_at_step <= 0 || steps_run != options.inject_fault_at_step) return absl::OkStatus();
+  const std::string at = absl::StrCat(" (--inject-worker-fault ", options.inject_fault, "@",
+                                      options.inject_fault_at_step, ")");
+  if (options.inject_fault == "request") return absl::InternalError(absl::StrCat("injected request-level error", at));
+  if (options.inject_fault == "fatal") {
+    return pipeline::DeviceFatalError(absl::StrCat("injected CUDA error: an illegal memory access", at));
+  }
+  // "stuck": the step never returns, like a hung kernel; the watchdog must notice.
+  spdlog::warn("worker {} on {}: injected stuck step{}", options.index, options.device, at);
+  while (true) absl::SleepFor(absl::Milliseconds(100));
 }
 
 void Worker::Impl::ReportGauges() const {
@@ -498,16 +566,32 @@ void Worker::Impl::Step() {
       if (id >= 0 && batch->sample(id).active()) tome_rows += batch->sample(id).rows_per_call() * run->tome.ratio;
     }
   }
+  {
+    // The watchdog's view of this step: its deadline and the calls to fail if it never returns.
+    const double limit = options.step_timeout_seconds > 0 ? options.step_timeout_seconds
+                                                          : std::max(120.0, 50.0 * last_step_seconds);
+    absl::MutexLock lock(&watch_mu);
+    step_deadline = absl::Now() + absl::Seconds(limit);
+    step_jobs.clear();
+    for (const auto& run : jobs) step_jobs.push_back(run->job);
+  }
+  ++steps_run;
   clock->Start();
-  absl::Status status;
-  if (options.inject_oom_above_batch >= 0 && images > options.inject_oom_above_batch) {
+  absl::Status status = InjectedFault();
+  if (status.ok() && options.inject_oom_above_batch >= 0 && images > options.inject_oom_above_batch) {
     // Marked exactly like a real c10::OutOfMemoryError (pipeline::GuardTorch), so it takes the same path.
     status = pipeline::OutOfMemoryError(absl::StrCat("injected out of memory (--inject-oom-above-batch ",
                                                      options.inject_oom_above_batch, ") for a batch of ", images));
-  } else {
+  } else if (status.ok()) {
     status = batch->Step();
   }
   const double seconds = clock->Stop();
+  {
+    absl::MutexLock lock(&watch_mu);
+    step_deadline = absl::InfiniteFuture();
+    step_jobs.clear();
+  }
+  if (!in_service.load()) return;  // the watchdog gave up on this step; its calls are failed
   if (status.ok()) {
     last_step_seconds = seconds;
     step_times->Observe(batch->latent_height() * batch->latent_width(), rows, tome_rows, seconds);
@@ -527,7 +611,14 @@ void Worker::Impl::Step() {
     Evict(status, images);
     return;
   }
-  // Any other error fails every call in the batch (a failed scheduler step leaves the batch unusable).
+  if (pipeline::IsDeviceFatal(status)) {
+    std::vector<std::shared_ptr<Job>> calls;
+    for (const auto& run : jobs) calls.push_back(run->job);
+    TakeOutOfService(status, calls);
+    return;
+  }
+  // A request-level error fails every call in the batch (a failed scheduler step leaves the batch unusable);
+  // the worker goes on with the next batch.
   spdlog::error("step failed on {}: {}", options.device, std::string(status.message()));
   for (auto& run : jobs) End(*run, status);
   parked.clear();

@@ -9,6 +9,9 @@
 // with its state kept (parked, re-admitted first, oldest first) and the step is retried; the worker's image cap
 // drops to what fitted until its batch drains. No step is recomputed. A sample that fails alone fails its call
 // with RESOURCE_EXHAUSTED. An OOM while decoding frees the cache and retries that one image once.
+// Other errors: a request-level one fails the calls in the batch and the worker goes on; a device-fatal one
+// (pipeline::IsDeviceFatal: sticky CUDA errors) or a step the watchdog finds stuck takes the worker out of
+// service: its calls fail with UNAVAILABLE, health and metrics say so, and main exits when no worker is left.
 //
 // This header is torch-free (the pipeline lives behind Impl in worker.cpp, the only server TU that includes
 // torch headers), so main and the service compile without torch.
@@ -22,6 +25,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "server/metrics.h"
 #include "server/model_catalog.h"
 #include "server/options.h"
@@ -55,6 +59,17 @@ struct WorkerOptions {
   int warmup_steps = 2;
   // Polled between warm-up steps (any thread's signal): true stops the warm-up early (the server is exiting).
   std::function<bool()> stop_warmup;
+  // TESTING AID: at the worker's Nth denoising step (1-based, counted over its life; 0 = off) inject `fault`:
+  // "request" (a request-level error: that batch's calls fail, the next batch is served), "fatal" (a
+  // device-fatal error) or "stuck" (the step never returns; the watchdog must notice).
+  std::string inject_fault;
+  int inject_fault_at_step = 0;
+  // How long one step may run before the watchdog takes the worker out of service; 0: 50x the last step, at
+  // least 120 s.
+  double step_timeout_seconds = 0;
+  // Called once, on the worker's or the watchdog's thread, when the worker leaves service for good (a
+  // device-fatal error or a stuck step). Its calls have been failed with UNAVAILABLE by then.
+  std::function<void(const std::string& device, const absl::Status& why)> on_out_of_service;
 };
 
 // 16 rows of 64x64 latents: 8 guided 512x512 images.
@@ -73,10 +88,16 @@ class Worker {
   // The cost budget in use (rows x latent pixels).
   int64_t batch_cost_budget() const;
 
-  // Starts the thread: it admits from `scheduler` until the scheduler is stopped and its batch is empty.
-  // Every job it admits, it finishes.
+  // Starts the thread: it admits from `scheduler` until the scheduler is stopped and its batch is empty, or
+  // until the worker leaves service. Every job it admits is finished (by it, or by the watchdog).
   void Start(Scheduler* scheduler);
+  // Joins the thread; a worker out of service may be stuck in a kernel: its thread is detached instead.
   void Join();
+
+  // Watchdog (any thread): when the current step has run past its limit, fails the worker's calls with
+  // UNAVAILABLE, takes it out of service and returns true.
+  bool CheckStuck(absl::Time now);
+  bool in_service() const;
 
   struct Impl;
 

@@ -42,6 +42,20 @@ TEST(OptionsTest, Defaults) {
   EXPECT_EQ(o.shutdown_grace, absl::ZeroDuration());
   EXPECT_EQ(o.max_connection_age, absl::ZeroDuration());  // off
   EXPECT_EQ(o.inject_oom_above_batch, -1);                // off
+  EXPECT_EQ(o.batching, "step");
+  EXPECT_EQ(o.max_batch_cost, 0);  // derived per device
+  EXPECT_EQ(o.adaptive_tome_max_ratio, 0);
+  EXPECT_TRUE(o.inject_fault.empty());
+  EXPECT_TRUE(o.auth_token_file.empty());
+}
+
+TEST(OptionsTest, WorkerFaultInjection) {
+  absl::StatusOr<CommandLine> c =
+      ParseCommandLine({"--model", "/m", "--inject-worker-fault", "stuck@7", "--step-timeout-seconds", "2"}, Env({}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->options.inject_fault, "stuck");
+  EXPECT_EQ(c->options.inject_fault_at_step, 7);
+  EXPECT_EQ(c->options.step_timeout_seconds, 2);
 }
 
 TEST(OptionsTest, ShutdownGraceAndConnectionAge) {
@@ -140,6 +154,13 @@ TEST(OptionsTest, UsageErrorsNameTheProblem) {
       {{"--model", "/m", "--max-connection-age", "-1"}, "--max-connection-age"},
       {{"--model", "/m", "--shutdown-grace", "-1"}, "--shutdown-grace"},
       {{"--model", "/m", "--inject-oom-above-batch", "-2"}, "--inject-oom-above-batch"},
+      {{"--model", "/m", "--batching", "continuous"}, "--batching"},
+      {{"--model", "/m", "--max-batch-cost", "-1"}, "--max-batch-cost"},
+      {{"--model", "/m", "--adaptive-tome-max-ratio", "0.9"}, "--adaptive-tome-max-ratio"},
+      {{"--model", "/m", "--default-latency-target-seconds", "-1"}, "--default-latency-target-seconds"},
+      {{"--model", "/m", "--inject-worker-fault", "melt@3"}, "--inject-worker-fault"},
+      {{"--model", "/m", "--inject-worker-fault", "fatal@0"}, "--inject-worker-fault"},
+      {{"--model", "/m", "--step-timeout-seconds", "-1"}, "--step-timeout-seconds"},
   };
   for (const auto& [args, needle] : cases) {
     absl::StatusOr<CommandLine> c = ParseCommandLine(args, Env({}));
