@@ -1,8 +1,13 @@
-// A minimal HTTP/1.x endpoint for Prometheus scrapes: GET /metrics answers with `body()`, anything else 404.
-// prometheus-cpp's own Exposer (civetweb) cannot start its threads in this process: libtorch's static TLS is
-// larger than civetweb's fixed thread stack, so pthread_create fails with EINVAL. One thread, one connection
-// at a time (scrapes are rare and small): 2 s send/receive timeouts and 10 s per connection, so a stuck
-// scraper cannot hold the endpoint or the exit; requests over 8 KiB are refused.
+// A minimal HTTP/1.x endpoint for Prometheus scrapes: GET or HEAD /metrics answers with `body()`, another path
+// 404, another method 405, a request over 8 KiB 431. prometheus-cpp's own Exposer (civetweb) cannot start its
+// threads in this process: libtorch's static TLS is larger than civetweb's fixed thread stack, so
+// pthread_create fails with EINVAL.
+//
+// One thread runs one poll() loop over the listener and every connection (non-blocking sockets), so a slow,
+// partial or idle client never blocks a scrape: each connection must deliver its request within 5 s and is
+// closed 10 s after it was accepted whatever it does; at most 64 are open (at the cap a new connection
+// replaces the oldest one still waiting for its request); accept errors (EMFILE, ...) back off from 50 ms to
+// 1 s instead of spinning.
 #pragma once
 
 #include <atomic>
@@ -26,7 +31,6 @@ class MetricsHttpServer {
  private:
   MetricsHttpServer(int fd, int port, std::function<std::string()> body);
   void Run();
-  void Serve(int connection);
 
   const int fd_;
   const int port_;
