@@ -303,6 +303,7 @@ int Run(int argc, char** argv) {
                         .stop_warmup = [signal_state] { return signal_state->stop.HasBeenNotified(); },
                         .inject_fault = o.inject_fault,
                         .inject_fault_at_step = o.inject_fault_at_step,
+                        .inject_fault_every = o.inject_fault_every,
                         .step_timeout_seconds = o.step_timeout_seconds,
                         .on_out_of_service = on_out_of_service},
                        metrics->get(), &step_times);

@@ -84,7 +84,8 @@ ABSL_FLAG(int32_t, inject_oom_above_batch, -1,
           "fails every batch, single images included; the warm-up is never affected; -1 = off).");
 ABSL_FLAG(std::string, inject_worker_fault, "",
           "TESTING AID: KIND@N makes every worker fail its Nth denoising step: request (a request-level error), "
-          "fatal (a device-fatal error) or stuck (the step never returns). Empty: off.");
+          "fatal (a device-fatal error) or stuck (the step never returns); request%N fails every Nth step (soak "
+          "tests). Empty: off.");
 ABSL_FLAG(double, step_timeout_seconds, 0,
           "The watchdog takes a worker out of service when one denoising step runs longer than this (a hung "
           "device); 0 = 50x the worker's last step, at least 120 s.");
@@ -301,13 +302,15 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   o.auth_token_file = absl::GetFlag(FLAGS_auth_token_file);
   o.step_timeout_seconds = absl::GetFlag(FLAGS_step_timeout_seconds);
   if (const std::string fault = absl::GetFlag(FLAGS_inject_worker_fault); !fault.empty()) {
-    std::pair<std::string, std::string> parts = absl::StrSplit(fault, absl::MaxSplits('@', 1));
-    if (!(parts.first == "request" || parts.first == "fatal" || parts.first == "stuck") ||
-        !absl::SimpleAtoi(parts.second, &o.inject_fault_at_step) || o.inject_fault_at_step < 1) {
-      return absl::InvalidArgumentError(absl::StrCat("--inject-worker-fault is \"", fault,
-                                                     "\"; allowed: request@N, fatal@N or stuck@N with N >= 1"));
+    const bool every = absl::StrContains(fault, '%');
+    std::pair<std::string, std::string> parts = absl::StrSplit(fault, absl::MaxSplits(every ? '%' : '@', 1));
+    const bool kind_ok = parts.first == "request" || (!every && (parts.first == "fatal" || parts.first == "stuck"));
+    if (!kind_ok || !absl::SimpleAtoi(parts.second, &o.inject_fault_at_step) || o.inject_fault_at_step < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--inject-worker-fault is \"", fault, "\"; allowed: request@N, fatal@N, stuck@N or request%N, N >= 1"));
     }
     o.inject_fault = parts.first;
+    o.inject_fault_every = every;
   }
   o.inject_oom_above_batch = absl::GetFlag(FLAGS_inject_oom_above_batch);
   o.port_file = absl::GetFlag(FLAGS_port_file);

@@ -50,6 +50,7 @@ struct ServerOptions {
   int inject_oom_above_batch = -1;  // -1: off; N >= 0: fail UNet batches of more than N images
   std::string inject_fault;       // "", "request", "fatal" or "stuck" (--inject-worker-fault KIND@N)
   int inject_fault_at_step = 0;
+  bool inject_fault_every = false;  // request%N: every Nth step
   double step_timeout_seconds = 0;  // 0 = automatic
   std::string port_file;
   int warmup_steps = 2;

@@ -394,9 +394,10 @@ void Worker::Impl::TakeOutOfService(const absl::Status& why, const std::vector<s
 }
 
 absl::Status Worker::Impl::InjectedFault() {
-  if (options.inject_fault_at_step <= 0 || steps_run != options.inject_fault_at_step) return absl::OkStatus();
-  const std::string at = absl::StrCat(" (--inject-worker-fault ", options.inject_fault, "@",
-                                      options.inject_fault_at_step, ")");
+  const int64_t n = options.inject_fault_at_step;
+  if (n <= 0 || (options.inject_fault_every ? steps_run % n != 0 : steps_run != n)) return absl::OkStatus();
+  const std::string at = absl::StrCat(" (--inject-worker-fault ", options.inject_fault,
+                                      options.inject_fault_every ? "%" : "@", n, ")");
   if (options.inject_fault == "request") return absl::InternalError(absl::StrCat("injected request-level error", at));
   if (options.inject_fault == "fatal") {
     return pipeline::DeviceFatalError(absl::StrCat("injected CUDA error: an illegal memory access", at));

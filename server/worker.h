@@ -64,6 +64,7 @@ struct WorkerOptions {
   // device-fatal error) or "stuck" (the step never returns; the watchdog must notice).
   std::string inject_fault;
   int inject_fault_at_step = 0;
+  bool inject_fault_every = false;  // "request" at every multiple of inject_fault_at_step
   // How long one step may run before the watchdog takes the worker out of service; 0: 50x the last step, at
   // least 120 s.
   double step_timeout_seconds = 0;

@@ -56,6 +56,12 @@ TEST(OptionsTest, WorkerFaultInjection) {
   EXPECT_EQ(c->options.inject_fault, "stuck");
   EXPECT_EQ(c->options.inject_fault_at_step, 7);
   EXPECT_EQ(c->options.step_timeout_seconds, 2);
+  EXPECT_FALSE(c->options.inject_fault_every);
+  absl::StatusOr<CommandLine> every = ParseCommandLine({"--model", "/m", "--inject-worker-fault", "request%50"}, Env({}));
+  ASSERT_TRUE(every.ok()) << every.status();
+  EXPECT_TRUE(every->options.inject_fault_every);
+  EXPECT_EQ(every->options.inject_fault_at_step, 50);
+  EXPECT_FALSE(ParseCommandLine({"--model", "/m", "--inject-worker-fault", "fatal%5"}, Env({})).ok());
 }
 
 TEST(OptionsTest, ShutdownGraceAndConnectionAge) {
