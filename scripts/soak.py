@@ -182,7 +182,7 @@ def main():
     codes = Counter(outcomes.values())
     result = {"calls_sent": len(sent), "calls_planned": len(calls), "seconds": round(seconds, 1),
               "clients": args.clients, "codes": dict(codes), "lost": len(sent) - sum(codes.values()),
-              "evictions": len(re.findall(r"evicting the", log)), "injected_errors": log.count("injected request-level"),
+              "evictions": len(re.findall(r"evicting the", log)), "injected_errors": len(re.findall(r"step failed on \S+: injected request-level", log)),
               "warm": warm, "end": end, "problems": problems[:20], "problem_count": len(problems)}
     print(json.dumps(result, indent=1))
     if args.json:
@@ -199,7 +199,7 @@ def report(args, r):
         f"**soak, tiny model, CPU** — `scripts/soak.py --calls {args.calls} --clients {args.clients} "
         f"--seed {args.seed}`; {time.strftime('%Y-%m-%d')}",
         "",
-        "| calls | clients | seconds | statuses | lost | evictions (OOM) | injected errors | RSS warm → end (MiB) "
+        "| calls | clients | seconds | statuses | lost | evictions (OOM) | injected failing steps | RSS warm → end (MiB) "
         "| threads | open fds | problems |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {r['calls_sent']} | {r['clients']} | {r['seconds']} | {codes} | {r['lost']} | {r['evictions']} "
