@@ -32,6 +32,7 @@
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.pb.h"
 #include "server/auth.h"
+#include "server/device_probe.h"
 #include "server/metrics.h"
 #include "server/options.h"
 #include "server/scheduler.h"

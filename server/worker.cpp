@@ -1,11 +1,11 @@
-// The only server translation unit that includes torch headers (with main's model loading through it).
+// The device worker: one of the three server translation units that include torch headers (with
+// device_probe.cpp and phase_clock.cpp).
 #include "server/worker.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/core/InferenceMode.h>
 #include <spdlog/spdlog.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <atomic>
@@ -25,118 +25,23 @@
 #include "pipeline/device.h"
 #include "pipeline/stable_diffusion.h"
 #include "pipeline/torch_status.h"
+#include "server/device_probe.h"
 #include "server/image_output.h"
+#include "server/phase_clock.h"
 #include "tome/tome_hooks.h"
 
 #ifdef TOMESERVE_HAVE_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #endif
-#include <unistd.h>
-
-#include <fstream>
 
 namespace tomeserve::server {
-
-absl::StatusOr<std::vector<std::string>> ResolveDevices(const std::string& spec) {
-  std::vector<std::string> devices;
-  if (spec == "auto") {
-    const int n = at::globalContext().hasCUDA() ? static_cast<int>(at::getNumGPUs()) : 0;
-    for (int i = 0; i < n; ++i) devices.push_back(absl::StrCat("cuda:", i));
-    if (devices.empty()) devices.push_back("cpu");
-    return devices;
-  }
-  for (absl::string_view d : absl::StrSplit(spec, ',', absl::SkipEmpty())) {
-    absl::StatusOr<c10::Device> device = pipeline::ParseDevice(d);
-    if (!device.ok())
-      return absl::InvalidArgumentError(absl::StrCat("--devices: ", device.status().message()));
-    const std::string name = device->str();
-    if (std::find(devices.begin(), devices.end(), name) != devices.end()) {
-      return absl::InvalidArgumentError(absl::StrCat("--devices: ", name, " is listed twice"));
-    }
-    devices.push_back(name);
-  }
-  if (devices.empty()) return absl::InvalidArgumentError("--devices: empty");
-  return devices;
-}
-
-RuntimeVersions GetRuntimeVersions() {
-  RuntimeVersions v{.torch = TORCH_VERSION, .cuda = "none"};
-#ifdef TOMESERVE_HAVE_CUDA
-  v.cuda = absl::StrCat(CUDART_VERSION / 1000, ".", CUDART_VERSION % 1000 / 10);
-#endif
-  return v;
-}
-
-std::string DeviceProductName(const std::string& device) {
-#ifdef TOMESERVE_HAVE_CUDA
-  absl::StatusOr<c10::Device> d = pipeline::ParseDevice(device);
-  cudaDeviceProp props;
-  if (d.ok() && d->is_cuda() && cudaGetDeviceProperties(&props, d->index()) == cudaSuccess) return props.name;
-#endif
-  return device;
-}
 
 namespace {
 
 double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
-
-// Seconds of the work queued on the worker's stream between Start() and Stop(): CUDA events on a CUDA device
-// (device time, so queued UNet work is not charged to a later phase; Stop() waits for the work), the host
-// clock on the CPU. Worker thread only.
-class PhaseClock {
- public:
-  explicit PhaseClock(const c10::Device& device) : cuda_(device.is_cuda()) {
-#ifdef TOMESERVE_HAVE_CUDA
-    if (cuda_) cuda_ = cudaEventCreate(&start_) == cudaSuccess && cudaEventCreate(&stop_) == cudaSuccess;
-#endif
-  }
-  ~PhaseClock() {
-#ifdef TOMESERVE_HAVE_CUDA
-    if (start_ != nullptr) cudaEventDestroy(start_);
-    if (stop_ != nullptr) cudaEventDestroy(stop_);
-#endif
-  }
-  PhaseClock(const PhaseClock&) = delete;
-  PhaseClock& operator=(const PhaseClock&) = delete;
-
-  void Start() {
-    host_start_ = std::chrono::steady_clock::now();
-#ifdef TOMESERVE_HAVE_CUDA
-    if (cuda_) cudaEventRecord(start_, c10::cuda::getCurrentCUDAStream().stream());
-#endif
-  }
-  double Stop() {
-#ifdef TOMESERVE_HAVE_CUDA
-    if (cuda_) {
-      float ms = 0;
-      if (cudaEventRecord(stop_, c10::cuda::getCurrentCUDAStream().stream()) == cudaSuccess &&
-          cudaEventSynchronize(stop_) == cudaSuccess && cudaEventElapsedTime(&ms, start_, stop_) == cudaSuccess) {
-        return ms / 1000.0;
-      }
-    }
-#endif
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - host_start_).count();
-  }
-
- private:
-  bool cuda_;
-  std::chrono::steady_clock::time_point host_start_;
-#ifdef TOMESERVE_HAVE_CUDA
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
-#endif
-};
-
-// Resident set size of this process in bytes (0 when unknown).
-double ResidentBytes() {
-  std::ifstream statm("/proc/self/statm");
-  long pages = 0, resident = 0;
-  if (!(statm >> pages >> resident)) return 0;
-  return static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE));
-}
 
 // One admitted call on this worker (worker thread only).
 struct RunningJob {
@@ -409,18 +314,7 @@ absl::Status Worker::Impl::InjectedFault() {
 
 void Worker::Impl::ReportGauges() const {
   metrics->SetRunningSamples(options.device, batch != nullptr ? batch->active_samples() : 0);
-#ifdef TOMESERVE_HAVE_CUDA
-  if (target.device.is_cuda()) {
-    const c10::CachingDeviceAllocator::DeviceStats stats =
-        c10::cuda::CUDACachingAllocator::getDeviceStats(target.device.index());
-    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
-    metrics->SetDeviceMemory(options.device, "allocated", static_cast<double>(stats.allocated_bytes[all].current));
-    metrics->SetDeviceMemory(options.device, "reserved", static_cast<double>(stats.reserved_bytes[all].current));
-    metrics->SetDeviceMemory(options.device, "peak", static_cast<double>(stats.allocated_bytes[all].peak));
-    return;
-  }
-#endif
-  metrics->SetDeviceMemory(options.device, "rss", ResidentBytes());
+  for (const MemoryReading& m : ReadDeviceMemory(target.device)) metrics->SetDeviceMemory(options.device, m.kind, m.bytes);
 }
 
 RunningView Worker::Impl::View() const {

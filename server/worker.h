@@ -13,8 +13,8 @@
 // (pipeline::IsDeviceFatal: sticky CUDA errors) or a step the watchdog finds stuck takes the worker out of
 // service: its calls fail with UNAVAILABLE, health and metrics say so, and main exits when no worker is left.
 //
-// This header is torch-free (the pipeline lives behind Impl in worker.cpp, the only server TU that includes
-// torch headers), so main and the service compile without torch.
+// This header is torch-free (the pipeline lives behind Impl in worker.cpp), so main and the service compile
+// without torch.
 #pragma once
 
 #include <cstdint>
@@ -33,17 +33,6 @@
 #include "server/step_time_model.h"
 
 namespace tomeserve::server {
-
-// "auto" -> every CUDA device ("cuda:0", ...) or {"cpu"}; "cpu"; "cuda:0,cuda:1". Checks that devices exist.
-absl::StatusOr<std::vector<std::string>> ResolveDevices(const std::string& spec);
-
-// For tomeserve_build_info: the libtorch version, the CUDA runtime version it was built with ("none" without
-// CUDA), and a device's name ("cpu", or the CUDA device's product name).
-struct RuntimeVersions {
-  std::string torch, cuda;
-};
-RuntimeVersions GetRuntimeVersions();
-std::string DeviceProductName(const std::string& device);
 
 struct WorkerOptions {
   int index = 0;       // this worker's number (Scheduler::ReportBacklog)
