@@ -18,7 +18,7 @@ Checks (the exit status is 1 when one fails, with the reason):
 - OK answers match their request: request_id, image count, seeds (seed + i), PNG data;
 - the server logs one line per call it saw, and none twice;
 - from the end of warm-up (the first 5% of calls) to the end: resident memory grows < 5%, threads and open file
-  descriptors do not grow (a few gRPC pool threads of slack).
+  descriptors do not grow (6 threads of slack for gRPC's pool).
 """
 import argparse
 import asyncio
@@ -39,7 +39,7 @@ from tomeserve_server import proto, start_server  # noqa: E402
 
 SCHEDULERS = ["PNDM", "DDIM", "EULER", "EULER_ANCESTRAL", "DPMPP_2M_KARRAS"]
 ALLOWED = {"OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL"}
-THREAD_SLACK = 4
+THREAD_SLACK = 6  # gRPC's callback executor grows and shrinks its pool with load
 
 
 def plan(seed, n):
