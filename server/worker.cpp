@@ -62,6 +62,16 @@ struct RunningJob {
   }
 };
 
+// A sample that finished denoising at this step boundary, waiting to be decoded.
+struct FinishedSample {
+  RunningJob* run;
+  int image;
+  at::Tensor latents;
+};
+
+// Images decoded in one VAE call at a step boundary.
+constexpr size_t kDecodeChunk = 4;
+
 // A sample evicted after an out-of-memory error, state intact, waiting to rejoin.
 struct Parked {
   RunningJob* run;
@@ -108,7 +118,7 @@ struct Worker::Impl {
   void Evict(const absl::Status& oom, int active);
   void NotifyProgress();
   void RetireDone();
-  void Decode(RunningJob& run, int image, const at::Tensor& latents);
+  void DecodeChunk(const std::vector<FinishedSample>& chunk);
   void End(RunningJob& run, const absl::StatusOr<GenerationResult>& result);
   void DropEnded();
   void EmptyCache() const;
@@ -577,15 +587,24 @@ void Worker::Impl::NotifyProgress() {
 }
 
 void Worker::Impl::RetireDone() {
+  // Every sample that finished at this boundary leaves the batch; their images are decoded together in chunks
+  // of kDecodeChunk (one VAE call each), so the batch-mates wait for a few short decodes, not a long one.
+  std::vector<FinishedSample> finished;
   for (auto& run : jobs) {
     if (run->ended) continue;
-    for (int i = 0; i < static_cast<int>(run->sample_ids.size()) && !run->ended; ++i) {
+    for (int i = 0; i < static_cast<int>(run->sample_ids.size()); ++i) {
       const int id = run->sample_ids[i];
       if (id < 0 || !batch->sample(id).done()) continue;
       std::optional<pipeline::DenoiseBatch::Sample> s = batch->Remove(id);
       run->sample_ids[i] = -1;
-      Decode(*run, i, s->latents);
+      finished.push_back({run.get(), i, s->latents});
     }
+  }
+  for (size_t first = 0; first < finished.size(); first += kDecodeChunk) {
+    const size_t last = std::min(finished.size(), first + kDecodeChunk);
+    DecodeChunk(std::vector<FinishedSample>(finished.begin() + first, finished.begin() + last));
+  }
+  for (auto& run : jobs) {
     if (run->ended || run->images_left() > 0) continue;
     GenerationResult result = std::move(run->result);
     for (auto& img : run->images) result.images.push_back(*std::move(img));
@@ -608,38 +627,62 @@ void Worker::Impl::RetireDone() {
   }
 }
 
-void Worker::Impl::Decode(RunningJob& run, int image, const at::Tensor& latents) {
+void Worker::Impl::DecodeChunk(const std::vector<FinishedSample>& chunk) {
+  std::vector<FinishedSample> live;
+  for (const FinishedSample& f : chunk) {
+    if (!f.run->ended) live.push_back(f);
+  }
+  if (live.empty()) return;
   clock->Start();
-  absl::StatusOr<std::vector<at::Tensor>> rgb = run.model->Decode(latents);
+  absl::StatusOr<std::vector<at::Tensor>> rgb = pipeline::GuardTorch("batching latents", [&]() {
+    std::vector<at::Tensor> latents;
+    for (const FinishedSample& f : live) latents.push_back(f.latents);
+    return live.front().run->model->Decode(at::cat(latents));
+  });
   if (!rgb.ok() && pipeline::IsOutOfMemory(rgb.status())) {
-    // The latents are kept: free the cache and decode this one image again; the denoise is not rerun.
-    spdlog::warn("out of memory decoding on {}; retrying after freeing the cache", options.device);
-    metrics->CountOom(tome::Canonical(run.tome).ratio, batch_width, batch_height);
+    // The latents are kept: free the cache and decode the images one at a time; the denoise is not rerun.
+    spdlog::warn("out of memory decoding {} image(s) on {}; retrying one at a time after freeing the cache",
+                 live.size(), options.device);
+    metrics->CountOom(tome::Canonical(live.front().run->tome).ratio, batch_width, batch_height);
     EmptyCache();
-    rgb = run.model->Decode(latents);
+    std::vector<at::Tensor> one_by_one;
+    for (const FinishedSample& f : live) {
+      absl::StatusOr<std::vector<at::Tensor>> one = f.run->model->Decode(f.latents);
+      if (!one.ok()) {
+        rgb = one.status();
+        break;
+      }
+      one_by_one.push_back((*one)[0]);
+    }
+    if (one_by_one.size() == live.size()) rgb = std::move(one_by_one);
   }
   if (!rgb.ok()) {
-    End(run, rgb.status());
+    for (const FinishedSample& f : live) End(*f.run, rgb.status());
     return;
   }
   const double decode_seconds = clock->Stop();
-  absl::StatusOr<at::Tensor> pixels =
-      pipeline::GuardTorch("copying the image", [&]() -> absl::StatusOr<at::Tensor> {
-        return (*rgb)[0].to(at::kCPU).contiguous();
-      });
-  if (!pixels.ok()) {
-    End(run, pixels.status());
-    return;
+  for (size_t k = 0; k < live.size(); ++k) {
+    RunningJob& run = *live[k].run;
+    if (run.ended) continue;
+    absl::StatusOr<at::Tensor> pixels =
+        pipeline::GuardTorch("copying the image", [&]() -> absl::StatusOr<at::Tensor> {
+          return (*rgb)[k].to(at::kCPU).contiguous();
+        });
+    if (!pixels.ok()) {
+      End(run, pixels.status());
+      continue;
+    }
+    absl::StatusOr<EncodedImage> encoded =
+        EncodeImage(run.job->request(), run.tome, pixels->data_ptr<uint8_t>(), static_cast<int>(pixels->size(1)),
+                    static_cast<int>(pixels->size(0)), live[k].image);
+    if (!encoded.ok()) {
+      End(run, encoded.status());
+      continue;
+    }
+    run.images[live[k].image] = *std::move(encoded);
+    // Each image of the chunk is charged its share of the chunk's decode.
+    run.result.decoding_seconds += decode_seconds / static_cast<double>(live.size());
   }
-  absl::StatusOr<EncodedImage> encoded =
-      EncodeImage(run.job->request(), run.tome, pixels->data_ptr<uint8_t>(), static_cast<int>(pixels->size(1)),
-                  static_cast<int>(pixels->size(0)), image);
-  if (!encoded.ok()) {
-    End(run, encoded.status());
-    return;
-  }
-  run.images[image] = *std::move(encoded);
-  run.result.decoding_seconds += decode_seconds;
 }
 
 double Worker::Impl::Backlog() const {

@@ -3,7 +3,7 @@
 //   admit   parked samples first (see OOM), then what Scheduler::Admit hands out (text encoding + noise, once)
 //   retire  cancelled or expired calls leave at once (their other samples too)
 //   step    one UNet call for every active sample, each at its own step (mixed ToMe groups inside the blocks)
-//   retire  finished samples: decoded one image at a time, encoded, and a call is finished with its last image
+//   retire  finished samples: decoded in chunks of 4 per boundary, encoded; a call finishes with its last image
 // Out of memory (real, or injected for tests with --inject-oom-above-batch; told apart by
 // pipeline::IsOutOfMemory): the CUDA cache is freed, the most recently admitted half of the samples is evicted
 // with its state kept (parked, re-admitted first, oldest first) and the step is retried; the worker's image cap
