@@ -27,8 +27,20 @@
 namespace tomeserve::tools {
 namespace {
 
+constexpr char kUsage[] =
+    "usage: tomeserve-bench --model DIR [--mode unet|generate|merge] [--width W] [--height H] [--batch B]\n"
+    "                       [--steps N] [--scheduler K] [--device cpu|cuda:N] [--dtype fp32|fp16|bf16]\n"
+    "                       [--threads N] [--warmup N] [--reps N] [--tome-ratio R]\n"
+    "Times one configuration of the C++ pipeline and prints one JSON object (median and every repetition, in\n"
+    "seconds) for scripts/bench.py, which runs it side by side with diffusers.\n"
+    "  unet      one UNet forward on [2B, 4, H/8, W/8] (batch B with classifier-free guidance), random inputs\n"
+    "  generate  text encoding + N steps + VAE decode for B prompts, guidance 7.5\n"
+    "  merge     Token Merging's own work on the first transformer block's input: plan + merge + unmerge\n"
+    "Defaults: --mode unet, 512x512, batch 1, 4 steps, the model's scheduler, cpu, fp32, 1 warm-up, 3 reps,\n"
+    "no Token Merging (--tome-ratio R > 0 applies it with tomesd's other defaults). Usage errors exit 2.\n";
+
 int Fail(const absl::Status& s, int code) {
-  std::fprintf(stderr, "tomeserve-bench: %s\n", std::string(s.message()).c_str());
+  std::fprintf(stderr, "tomeserve-bench: %s (see --help)\n", std::string(s.message()).c_str());
   return code;
 }
 
@@ -39,6 +51,11 @@ void Sync(const c10::Device& device) {
 }  // namespace
 
 int BenchMain(const std::vector<std::string>& raw) {
+  const auto asks = [&raw](const char* flag) { return std::find(raw.begin(), raw.end(), flag) != raw.end(); };
+  if (asks("--help") || asks("-h")) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
   absl::StatusOr<CliArgs> a = CliArgs::Parse(raw,
                                              {"model", "mode", "width", "height", "batch", "steps", "scheduler",
                                               "device", "dtype", "threads", "warmup", "reps", "tome-ratio"},
