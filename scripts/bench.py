@@ -85,16 +85,37 @@ def time_python(args, mode, size, tome_ratio=0.0):
 time_python.cache = {}
 
 
-def time_cpp(args, mode, size, tome_ratio=0.0):
-    cmd = [str(Path(args.bin) / "tomeserve-bench"), "--model", args.model, "--mode", mode, "--width", str(size),
-           "--height", str(size), "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
-           "--dtype", args.dtype, "--threads", str(args.threads), "--warmup", str(args.warmup), "--reps",
-           str(args.reps), "--tome-ratio", str(tome_ratio)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"tomeserve-bench failed: {r.stderr.strip()}")
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    return out["median_s"], out["times_s"]
+class CppSession:
+    """One tomeserve-bench --stdin process per (variant): the model is loaded once, configurations go one per line."""
+
+    def __init__(self, args, variant):
+        flags = [] if variant == "plain" else ["--" + v for v in variant.split("+")]
+        cmd = [str(Path(args.bin) / "tomeserve-bench"), "--model", args.model, "--device", args.device, "--dtype",
+               args.dtype, "--threads", str(args.threads), "--stdin", *flags]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, args, mode, size, tome_ratio):
+        line = (f"--mode {mode} --width {size} --height {size} --batch {args.batch} --steps {args.steps} "
+                f"--warmup {args.warmup} --reps {args.reps} --tome-ratio {tome_ratio}\n")
+        self.proc.stdin.write(line)
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        if not reply:
+            sys.exit(f"tomeserve-bench exited with status {self.proc.wait()}")
+        out = json.loads(reply)
+        if "error" in out:
+            print(f"tomeserve-bench: {mode} {size} ratio {tome_ratio}: {out['error']}", file=sys.stderr)
+            return None, []
+        return out["median_s"], out["times_s"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def fmt(value, digits=4):
+    """A table cell: the value, or "failed" where tomeserve-bench reported an error (out of memory, say)."""
+    return "failed" if value is None else f"{value:.{digits}f}"
 
 
 def write_section(doc, section, text):
@@ -126,6 +147,9 @@ def main():
     p.add_argument("--section", default=None)
     p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
     p.add_argument("--bin", default=str(REPO / "build" / "bin"))
+    p.add_argument("--cpp-variants", default="plain",
+                   help="comma-separated tomeserve-bench variants, each a column: plain, channels-last, "
+                        "cudnn-benchmark, or several joined by '+' (default: plain)")
     args = p.parse_args()
 
     import torch
@@ -133,18 +157,25 @@ def main():
 
     torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.tome_ratios.split(",")] if args.tome_ratios else [0.0]
+    variants = args.cpp_variants.split(",")
+    sessions = {v: CppSession(args, v) for v in variants}
     rows = []
     for mode in args.modes.split(","):
         for size in [int(s) for s in args.sizes.split(",")]:
             for ratio in ratios:
                 if mode == "merge" and ratio <= 0:
                     continue  # nothing to time
-                cpp, cpp_all = time_cpp(args, mode, size, ratio)
+                cpps = {v: sessions[v].run(args, mode, size, ratio) for v in variants}
                 py, py_all = time_python(args, mode, size, ratio)
-                rows.append((mode, size, ratio, cpp, py, cpp / py))
-                print(f"{args.label} {mode} {size} ratio {ratio}: tomeserve {cpp:.4f}s diffusers {py:.4f}s "
-                      f"ratio {cpp / py:.2f} (tomeserve {['%.4f' % t for t in cpp_all]}, "
+                cpp = cpps[variants[0]][0]
+                rows.append((mode, size, ratio, cpp, py, cpp / py if cpp else None,
+                             [cpps[v][0] for v in variants[1:]]))
+                extra = "".join(f" {v} {fmt(cpps[v][0])}s" for v in variants[1:])
+                print(f"{args.label} {mode} {size} ratio {ratio}: tomeserve {fmt(cpp)}s diffusers {py:.4f}s "
+                      f"ratio {fmt(cpp / py if cpp else None, 2)}{extra} (tomeserve {cpps[variants[0]][1]}, "
                       f"diffusers {['%.4f' % t for t in py_all]})", flush=True)
+    for session in sessions.values():
+        session.close()
 
     if args.device.startswith("cuda"):
         machine = f"{torch.cuda.get_device_name()}, driver via torch {torch.__version__} (CUDA {torch.version.cuda})"
@@ -159,20 +190,27 @@ def main():
         f"{', tomesd 0.1.3' if args.tome_ratios else ''}; {time.strftime('%Y-%m-%d')}",
         "",
     ]
+    extra_head = "".join(f" tomeserve {v} (s) |" for v in variants[1:])
+    extra_rule = " --- |" * (len(variants) - 1)
+    if len(variants) > 1:
+        lines[0] += f"; tomeserve variants: {', '.join(variants[1:])} (tomeserve-bench switches)"
     if args.tome_ratios:
-        base = {(m, sz): (c, p) for m, sz, r, c, p, _ in rows if r == 0}
+        base = {(m, sz): (c, p) for m, sz, r, c, p, _, _ in rows if r == 0}
         lines += ["| mode | size | ToMe ratio | tomeserve (s) | diffusers+tomesd (s) | tomeserve / diffusers "
-                  "| tomeserve speed-up vs ratio 0 | diffusers speed-up vs ratio 0 |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for mode, size, ratio, cpp, py, rel in rows:
+                  "| tomeserve speed-up vs ratio 0 | diffusers speed-up vs ratio 0 |" + extra_head,
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |" + extra_rule]
+        for mode, size, ratio, cpp, py, rel, more in rows:
             c0, p0 = base.get((mode, size), (None, None))
-            up = (f"{c0 / cpp:.2f}x | {p0 / py:.2f}x" if c0 else "– | –")
-            lines.append(f"| {mode} | {size}x{size} | {ratio:g} | {cpp:.4f} | {py:.4f} | {rel:.2f} | {up} |")
+            up = (f"{c0 / cpp:.2f}x | {p0 / py:.2f}x" if c0 and cpp else "– | –")
+            cells = "".join(f" {fmt(m)} |" for m in more)
+            lines.append(f"| {mode} | {size}x{size} | {ratio:g} | {fmt(cpp)} | {py:.4f} | {fmt(rel, 2)} | {up} |"
+                         + cells)
     else:
-        lines += ["| mode | size | tomeserve (s) | diffusers (s) | tomeserve / diffusers |",
-                  "| --- | --- | --- | --- | --- |"]
-        for mode, size, ratio, cpp, py, rel in rows:
-            lines.append(f"| {mode} | {size}x{size} | {cpp:.4f} | {py:.4f} | {rel:.2f} |")
+        lines += ["| mode | size | tomeserve (s) | diffusers (s) | tomeserve / diffusers |" + extra_head,
+                  "| --- | --- | --- | --- | --- |" + extra_rule]
+        for mode, size, ratio, cpp, py, rel, more in rows:
+            cells = "".join(f" {fmt(m)} |" for m in more)
+            lines.append(f"| {mode} | {size}x{size} | {fmt(cpp)} | {py:.4f} | {fmt(rel, 2)} |" + cells)
     text = "\n".join(lines)
     print(text)
     if args.section:

@@ -1,21 +1,51 @@
 #!/usr/bin/env bash
-# Prepares what scripts/gpu-bench.sh needs on a GPU machine that has torch but none of our apt packages and no
-# network: the built test and benchmark binaries with the non-torch, non-glibc shared libraries they load
-# (.devbuild/), and the reference wheels torch's image lacks (.whl/). Both folders are git-ignored.
-#   BUILD_DIR=build
+# Prepares what scripts/gpu-bench.sh needs on a GPU machine that has torch 2.11 + CUDA but none of our apt
+# packages (no gRPC, no abseil) and no network. Everything lands in two git-ignored folders that the device call
+# carries (64 MiB limit on all that travels, working tree included; this script checks the size):
+#   .devbuild/bin    stripped test binaries with *_CUDA tests, tomeserve-bench/-gen, tomeserve, tomeserve-cli
+#   .devbuild/lib    the shared libraries they load that are neither glibc/libstdc++ (the GPU image has newer
+#                    ones) nor torch/CUDA (they come from the GPU image's torch wheel), stripped
+#   .devbuild/refs   the reference outputs of the C++ parity tests, computed here by diffusers/transformers
+#   .devbuild/models.sha256  checksums of the test models' weights: the GPU machine regenerates the models
+#                    (deterministic per seed) and checks them against these before trusting the carried refs
+#   .devbuild/cache  the CLIP BPE file the model generator builds the tokenizer from
+#   .whl             diffusers and tomesd wheels (the GPU image has torch and transformers, not these)
+#   BUILD_DIR=build  GPU_CARRY_LIMIT_MIB=60
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 build="${BUILD_DIR:-build}"
-rm -rf .devbuild && mkdir -p .devbuild/bin .devbuild/lib .whl
-for b in "$build"/bin/*_test "$build"/bin/tomeserve-bench "$build"/bin/tomeserve-gen; do
-  [ -x "$b" ] && cp "$b" .devbuild/bin/
+limit_mib="${GPU_CARRY_LIMIT_MIB:-60}"
+rm -rf .devbuild .whl && mkdir -p .devbuild/bin .devbuild/lib .devbuild/refs .devbuild/cache .whl
+
+bins=(pipeline_load_test scheduler_test unet_test vae_test tome_test step_batch_test
+      tomeserve-bench tomeserve-gen tomeserve tomeserve-cli)
+for b in "${bins[@]}"; do
+  [ -x "$build/bin/$b" ] || { echo "gpu-prepare: $build/bin/$b is missing (build first)" >&2; exit 1; }
+  strip --strip-unneeded -o ".devbuild/bin/$b" "$build/bin/$b"
 done
-# Shared libraries from the system (absl, pcre2, utf8proc, spdlog, fmt, png, ...) but not glibc/libstdc++,
-# which the GPU image has, nor torch/CUDA, which come from its torch.
-ldd .devbuild/bin/* 2>/dev/null | awk '/=> \/(usr\/)?lib/ {print $3}' | sort -u |
-  grep -vE '/(libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s|ld-linux)[.-]' |
-  grep -vE 'torch|cuda|nvidia|libcu|libnv' | xargs -r -I{} cp -L {} .devbuild/lib/
+
+# ldd lists the transitive closure, so copying every resolved library outside the exclusions is enough.
+ldd .devbuild/bin/* 2>/dev/null | awk '/=> \// {print $3}' | sort -u |
+  grep -vE '/(libc|libm|libdl|librt|libpthread|libutil|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so' |
+  grep -vE 'torch|/cuda|nvidia|libcu|libnv|libgomp' |
+  while read -r lib; do strip --strip-unneeded -o ".devbuild/lib/$(basename "$lib")" "$lib"; done
+if ldd .devbuild/bin/* | grep -q "not found"; then
+  echo "gpu-prepare: unresolved libraries:" >&2; ldd .devbuild/bin/* | grep "not found" | sort -u >&2; exit 1
+fi
+
+td="$build/testdata"
+for f in "$td"/refs/*.safetensors; do cp "$f" .devbuild/refs/; done
+(cd "$td" && sha256sum tiny/*/*.safetensors sd15/text_encoder/*.safetensors sd15/vae/*.safetensors) \
+  > .devbuild/models.sha256
+cp "$build/cache/bpe_simple_vocab_16e6.txt.gz" .devbuild/cache/
+
 .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 tomesd==0.1.3
-du -sh .devbuild .whl
+
+tracked_kib=$(git ls-files -z | xargs -0 du -ck 2>/dev/null | tail -1 | cut -f1)
+carried_kib=$(du -sk .devbuild .whl | awk '{s += $1} END {print s}')
+total_mib=$(((tracked_kib + carried_kib) / 1024))
+du -sh .devbuild/bin .devbuild/lib .devbuild/refs .whl
+echo "gpu-prepare: ${total_mib} MiB travels (working tree + .devbuild + .whl; limit ${limit_mib} MiB)"
+if ((total_mib > limit_mib)); then echo "gpu-prepare: over the limit" >&2; exit 1; fi

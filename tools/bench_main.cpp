@@ -1,8 +1,6 @@
-// tomeserve-bench: times the C++ pipeline (one configuration per run) and prints one JSON object, so that
-// scripts/bench.py can run it side by side with diffusers on the same machine and thread count.
-//   tomeserve-bench --model DIR --mode unet|generate|merge [--width W --height H] [--batch B] [--steps N]
-//                   [--scheduler K] [--device D] [--dtype T] [--threads N] [--warmup N] [--reps N]
-//                   [--tome-ratio R]
+// tomeserve-bench: times the C++ pipeline and prints one JSON object per configuration, so that scripts/bench.py
+// can run it side by side with diffusers on the same machine and thread count. With --stdin the model is loaded
+// once and configurations arrive one per line (bench.py keeps one process per model/device/dtype).
 // unet: one UNet forward on [2B, 4, H/8, W/8] (batch B with classifier-free guidance), random inputs.
 // generate: text encoding + N steps + VAE decode for B prompts, guidance 7.5.
 // merge: Token Merging's own work for the first transformer block alone: plan (partition, similarity, matching)
@@ -10,14 +8,22 @@
 // --tome-ratio R > 0 applies Token Merging with tomesd's other defaults (unet, generate, merge).
 // Reports the median and every repetition in seconds. Not a test: nothing here passes or fails on time.
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/cuda.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <set>
+#include <tuple>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "pipeline/stable_diffusion.h"
 #include "pipeline/torch_status.h"
 #include "tome/merge.h"
@@ -28,14 +34,18 @@ namespace tomeserve::tools {
 namespace {
 
 constexpr char kUsage[] =
-    "usage: tomeserve-bench --model DIR [--mode unet|generate|merge] [--width W] [--height H] [--batch B]\n"
-    "                       [--steps N] [--scheduler K] [--device cpu|cuda:N] [--dtype fp32|fp16|bf16]\n"
-    "                       [--threads N] [--warmup N] [--reps N] [--tome-ratio R]\n"
-    "Times one configuration of the C++ pipeline and prints one JSON object (median and every repetition, in\n"
-    "seconds) for scripts/bench.py, which runs it side by side with diffusers.\n"
+    "usage: tomeserve-bench --model DIR [--device cpu|cuda:N] [--dtype fp32|fp16|bf16] [--threads N]\n"
+    "                       [--channels-last] [--cudnn-benchmark] [--stdin | CONFIGURATION]\n"
+    "CONFIGURATION: [--mode unet|generate|merge] [--width W] [--height H] [--batch B] [--steps N]\n"
+    "               [--scheduler K] [--warmup N] [--reps N] [--tome-ratio R]\n"
+    "Times the C++ pipeline and prints one JSON object per configuration (median and every repetition, in\n"
+    "seconds) for scripts/bench.py, which runs it side by side with diffusers. With --stdin the model is loaded\n"
+    "once and every line read from stdin is one CONFIGURATION (an empty line or end of input stops).\n"
     "  unet      one UNet forward on [2B, 4, H/8, W/8] (batch B with classifier-free guidance), random inputs\n"
     "  generate  text encoding + N steps + VAE decode for B prompts, guidance 7.5\n"
     "  merge     Token Merging's own work on the first transformer block's input: plan + merge + unmerge\n"
+    "--channels-last stores the UNet's and VAE's 4-d weights channels-last (convolutions then run NHWC);\n"
+    "--cudnn-benchmark lets cuDNN time its algorithms per shape (CUDA). Both are experiments for the GPU table.\n"
     "Defaults: --mode unet, 512x512, batch 1, 4 steps, the model's scheduler, cpu, fp32, 1 warm-up, 3 reps,\n"
     "no Token Merging (--tome-ratio R > 0 applies it with tomesd's other defaults). Usage errors exit 2.\n";
 
@@ -48,6 +58,125 @@ void Sync(const c10::Device& device) {
   if (device.is_cuda()) torch::cuda::synchronize(device.index());
 }
 
+const std::set<std::string> kSessionFlags = {"model", "device", "dtype", "threads"};
+const std::set<std::string> kSessionSwitches = {"channels-last", "cudnn-benchmark", "stdin"};
+const std::set<std::string> kConfigFlags = {"mode",   "width", "height", "batch",     "steps",
+                                            "scheduler", "warmup", "reps", "tome-ratio"};
+
+// One timed configuration; every field validated.
+struct Config {
+  std::string mode;
+  int64_t width, height, batch, steps, warmup, reps;
+  double tome_ratio;
+  std::optional<pipeline::SchedulerKind> scheduler;
+};
+
+absl::StatusOr<Config> ParseConfig(const CliArgs& a) {
+  Config c;
+  c.mode = a.Get("mode").value_or("unet");
+  if (c.mode != "unet" && c.mode != "generate" && c.mode != "merge") {
+    return absl::InvalidArgumentError("--mode: unet, generate or merge");
+  }
+  const std::pair<const char*, int64_t*> ints[] = {{"width", &c.width}, {"height", &c.height}, {"batch", &c.batch},
+                                                  {"steps", &c.steps}, {"warmup", &c.warmup}, {"reps", &c.reps}};
+  const std::map<std::string, std::tuple<int64_t, int64_t, int64_t>> ranges = {
+      {"width", {512, 8, 8192}}, {"height", {512, 8, 8192}}, {"batch", {1, 1, 64}},
+      {"steps", {4, 1, 1000}},   {"warmup", {1, 0, 100}},     {"reps", {3, 1, 1000}}};
+  for (const auto& [name, field] : ints) {
+    const auto& [fallback, lo, hi] = ranges.at(name);
+    absl::StatusOr<int64_t> v = a.GetInt(name, fallback, lo, hi);
+    if (!v.ok()) return v.status();
+    *field = *v;
+  }
+  absl::StatusOr<double> ratio = a.GetDouble("tome-ratio", 0, 0, 1);
+  if (!ratio.ok()) return ratio.status();
+  c.tome_ratio = *ratio;
+  if (auto k = a.Get("scheduler")) {
+    absl::StatusOr<pipeline::SchedulerKind> parsed = pipeline::ParseSchedulerKind(*k);
+    if (!parsed.ok()) return parsed.status();
+    c.scheduler = *parsed;
+  }
+  return c;
+}
+
+// Stores every 4-d parameter of `module` channels-last (conv weights; the only 4-d parameters in the UNet/VAE).
+void ToChannelsLast(const torch::nn::Module& module) {
+  for (const at::Tensor& p : module.parameters()) {
+    if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
+  }
+}
+
+// Runs `c` on the loaded model; returns the per-repetition seconds (warm-ups excluded).
+absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Config& c, const c10::Device& device,
+                                         at::ScalarType dtype) {
+  const tome::TokenMerging tome_settings{.ratio = c.tome_ratio};
+  std::shared_ptr<const tome::TokenMergingHooks> hooks;
+  if (tome::IsActive(tome_settings)) {
+    auto created = tome::TokenMergingHooks::Create(tome_settings);
+    if (!created.ok()) return created.status();
+    hooks = *created;
+  }
+  std::vector<double> times;
+  absl::Status status = pipeline::GuardTorch("benchmark", [&]() -> absl::Status {
+    c10::InferenceMode inference;
+    const auto options = at::TensorOptions().dtype(dtype).device(device);
+    const int64_t rows = 2 * c.batch, scale = sd.vae_scale();
+    const int64_t lh = c.height / scale, lw = c.width / scale;
+    const at::Tensor sample = at::randn({rows, sd.unet().config().in_channels, lh, lw}, options);
+    const at::Tensor context = at::randn({rows, 77, sd.text_encoder().config().hidden_size}, options);
+    const at::Tensor t = at::scalar_tensor(500.0, at::kFloat);
+    const at::Tensor block_input = at::randn({rows, lh * lw, sd.unet().config().block_out_channels.at(0)}, options);
+    for (int64_t i = 0; i < c.warmup + c.reps; ++i) {
+      Sync(device);
+      const auto t0 = std::chrono::steady_clock::now();
+      if (c.mode == "unet") {
+        auto hook = hooks ? hooks->ForCall({}) : nullptr;
+        (void)sd.unet().forward(sample, t, context, hook.get());
+      } else if (c.mode == "merge") {
+        auto hook = hooks ? hooks->ForCall({}) : nullptr;
+        if (hook) {
+          const pipeline::BlockTokenOps ops =
+              hook->ForBlock({"down_blocks.0.attentions.0.transformer_blocks.0", lh, lw}, block_input);
+          if (ops.attn) (void)ops.attn->Unmerge(ops.attn->Merge(block_input));
+        }
+      } else {
+        std::vector<pipeline::SampleSpec> samples;
+        for (int64_t b = 0; b < c.batch; ++b) {
+          samples.push_back({.prompt = "a photo of an astronaut riding a horse on mars", .seed = uint64_t(b)});
+        }
+        auto images = sd.Generate({.width = static_cast<int>(c.width), .height = static_cast<int>(c.height),
+                                   .num_inference_steps = static_cast<int>(c.steps),
+                                   .scheduler = c.scheduler.value_or(sd.default_scheduler()), .hooks = hooks},
+                                  std::move(samples));
+        if (!images.ok()) return images.status();
+      }
+      Sync(device);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (i >= c.warmup) times.push_back(s);
+    }
+    return absl::OkStatus();
+  });
+  if (!status.ok()) return status;
+  return times;
+}
+
+void PrintResult(const Config& c, const std::vector<double>& times, const c10::Device& device, at::ScalarType dtype,
+                 bool channels_last, bool cudnn_benchmark) {
+  std::vector<double> sorted = times;
+  std::sort(sorted.begin(), sorted.end());
+  const size_t n = sorted.size();
+  const double median = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
+  std::printf(
+      "{\"impl\": \"tomeserve\", \"mode\": \"%s\", \"width\": %lld, \"height\": %lld, \"batch\": %lld, "
+      "\"steps\": %lld, \"tome_ratio\": %g, \"device\": \"%s\", \"dtype\": \"%s\", \"threads\": %d, "
+      "\"channels_last\": %s, \"cudnn_benchmark\": %s, \"median_s\": %.6f, \"times_s\": [%s]}\n",
+      c.mode.c_str(), static_cast<long long>(c.width), static_cast<long long>(c.height),
+      static_cast<long long>(c.batch), static_cast<long long>(c.steps), c.tome_ratio, device.str().c_str(),
+      pipeline::ComputeDTypeName(dtype).c_str(), at::get_num_threads(), channels_last ? "true" : "false",
+      cudnn_benchmark ? "true" : "false", median, absl::StrJoin(times, ", ").c_str());
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int BenchMain(const std::vector<std::string>& raw) {
@@ -56,105 +185,64 @@ int BenchMain(const std::vector<std::string>& raw) {
     std::fputs(kUsage, stdout);
     return 0;
   }
-  absl::StatusOr<CliArgs> a = CliArgs::Parse(raw,
-                                             {"model", "mode", "width", "height", "batch", "steps", "scheduler",
-                                              "device", "dtype", "threads", "warmup", "reps", "tome-ratio"},
-                                             {});
+  std::set<std::string> value_flags = kSessionFlags;
+  value_flags.insert(kConfigFlags.begin(), kConfigFlags.end());
+  absl::StatusOr<CliArgs> a = CliArgs::Parse(raw, value_flags, kSessionSwitches);
   if (!a.ok()) return Fail(a.status(), 2);
+  const bool from_stdin = a->Has("stdin");
+  if (from_stdin) {
+    for (const std::string& flag : kConfigFlags) {
+      if (a->Has(flag)) {
+        return Fail(absl::InvalidArgumentError(absl::StrCat("--", flag, " goes on the stdin lines with --stdin")), 2);
+      }
+    }
+  }
+  absl::StatusOr<Config> first = ParseConfig(*a);  // validated up front even with --stdin (all defaults then)
+  if (!first.ok()) return Fail(first.status(), 2);
   auto model = a->Required("model");
-  auto width = a->GetInt("width", 512, 8, 8192);
-  auto height = a->GetInt("height", 512, 8, 8192);
-  auto batch = a->GetInt("batch", 1, 1, 64);
-  auto steps = a->GetInt("steps", 4, 1, 1000);
+  if (!model.ok()) return Fail(model.status(), 2);
   auto threads = a->GetInt("threads", 0, 0, 1024);
-  auto warmup = a->GetInt("warmup", 1, 0, 100);
-  auto reps = a->GetInt("reps", 3, 1, 1000);
-  auto tome_ratio = a->GetDouble("tome-ratio", 0, 0, 1);
-  for (const absl::Status& s : {model.status(), width.status(), height.status(), batch.status(), steps.status(),
-                                threads.status(), warmup.status(), reps.status(), tome_ratio.status()}) {
-    if (!s.ok()) return Fail(s, 2);
-  }
-  const std::string mode = a->Get("mode").value_or("unet");
-  if (mode != "unet" && mode != "generate" && mode != "merge") {
-    return Fail(absl::InvalidArgumentError("--mode: unet, generate or merge"), 2);
-  }
-  const tome::TokenMerging tome_settings{.ratio = *tome_ratio};
-  std::shared_ptr<const tome::TokenMergingHooks> hooks;
-  if (tome::IsActive(tome_settings)) {
-    auto created = tome::TokenMergingHooks::Create(tome_settings);
-    if (!created.ok()) return Fail(created.status(), 2);
-    hooks = *created;
-  }
+  if (!threads.ok()) return Fail(threads.status(), 2);
   auto device = pipeline::ParseDevice(a->Get("device").value_or("cpu"));
   if (!device.ok()) return Fail(device.status(), 2);
   auto dtype = pipeline::ParseComputeDType(a->Get("dtype").value_or("fp32"));
   if (!dtype.ok()) return Fail(dtype.status(), 2);
   if (*threads > 0) at::set_num_threads(static_cast<int>(*threads));
+  const bool channels_last = a->Has("channels-last"), cudnn_benchmark = a->Has("cudnn-benchmark");
+  if (cudnn_benchmark) at::globalContext().setBenchmarkCuDNN(true);
 
   auto sd = pipeline::StableDiffusion::Create({*model, {*device, *dtype}});
   if (!sd.ok()) return Fail(sd.status(), 1);
-  pipeline::SchedulerKind kind = (*sd)->default_scheduler();
-  if (auto k = a->Get("scheduler")) {
-    auto parsed = pipeline::ParseSchedulerKind(*k);
-    if (!parsed.ok()) return Fail(parsed.status(), 2);
-    kind = *parsed;
+  if (channels_last) {
+    c10::InferenceMode inference;
+    ToChannelsLast((*sd)->unet());
+    ToChannelsLast((*sd)->vae());
   }
 
-  std::vector<double> times;
-  absl::Status status = pipeline::GuardTorch("benchmark", [&]() -> absl::Status {
-    at::NoGradGuard no_grad;
-    const auto options = at::TensorOptions().dtype(*dtype).device(*device);
-    const int64_t rows = 2 * *batch;
-    const int64_t scale = (*sd)->vae_scale();
-    at::Tensor sample = at::randn({rows, (*sd)->unet().config().in_channels, *height / scale, *width / scale}, options);
-    at::Tensor context = at::randn({rows, 77, (*sd)->text_encoder().config().hidden_size}, options);
-    at::Tensor t = at::scalar_tensor(500.0, at::kFloat);
-    const int64_t tokens = (*height / scale) * (*width / scale);
-    at::Tensor block_input = at::randn({rows, tokens, (*sd)->unet().config().block_out_channels.at(0)}, options);
-    for (int64_t i = 0; i < *warmup + *reps; ++i) {
-      Sync(*device);
-      auto t0 = std::chrono::steady_clock::now();
-      if (mode == "unet") {
-        auto hook = hooks ? hooks->ForCall({}) : nullptr;
-        (void)(*sd)->unet().forward(sample, t, context, hook.get());
-      } else if (mode == "merge") {
-        auto hook = hooks ? hooks->ForCall({}) : nullptr;
-        if (hook) {
-          const pipeline::BlockTokenOps ops =
-              hook->ForBlock({"down_blocks.0.attentions.0.transformer_blocks.0", *height / scale, *width / scale},
-                             block_input);
-          if (ops.attn) (void)ops.attn->Unmerge(ops.attn->Merge(block_input));
-        }
-      } else {
-        std::vector<pipeline::SampleSpec> samples;
-        for (int64_t b = 0; b < *batch; ++b) {
-          samples.push_back({.prompt = "a photo of an astronaut riding a horse on mars", .seed = uint64_t(b)});
-        }
-        auto images = (*sd)->Generate({.width = static_cast<int>(*width), .height = static_cast<int>(*height),
-                                       .num_inference_steps = static_cast<int>(*steps), .scheduler = kind,
-                                       .hooks = hooks},
-                                      std::move(samples));
-        if (!images.ok()) return images.status();
-      }
-      Sync(*device);
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (i >= *warmup) times.push_back(s);
+  if (!from_stdin) {
+    absl::StatusOr<std::vector<double>> times = Time(**sd, *first, *device, *dtype);
+    if (!times.ok()) return Fail(times.status(), 1);
+    PrintResult(*first, *times, *device, *dtype, channels_last, cudnn_benchmark);
+    return 0;
+  }
+  int exit_code = 0;
+  for (std::string line; std::getline(std::cin, line) && !line.empty();) {
+    const std::vector<std::string> words = absl::StrSplit(line, ' ', absl::SkipEmpty());
+    absl::StatusOr<CliArgs> args = CliArgs::Parse(words, kConfigFlags, {});
+    absl::StatusOr<Config> config = args.ok() ? ParseConfig(*args) : absl::StatusOr<Config>(args.status());
+    if (!config.ok()) return Fail(config.status(), 2);
+    absl::StatusOr<std::vector<double>> times = Time(**sd, *config, *device, *dtype);
+    if (!times.ok()) {
+      // One failed configuration (an out-of-memory size, say) is reported and the session goes on.
+      std::printf("{\"impl\": \"tomeserve\", \"error\": \"%s\"}\n",
+                  absl::CHexEscape(times.status().ToString()).c_str());
+      std::fflush(stdout);
+      exit_code = 1;
+      continue;
     }
-    return absl::OkStatus();
-  });
-  if (!status.ok()) return Fail(status, 1);
-  std::vector<double> sorted = times;
-  std::sort(sorted.begin(), sorted.end());
-  const double median = sorted.size() % 2 ? sorted[sorted.size() / 2]
-                                          : 0.5 * (sorted[sorted.size() / 2 - 1] + sorted[sorted.size() / 2]);
-  std::printf(
-      "{\"impl\": \"tomeserve\", \"mode\": \"%s\", \"width\": %lld, \"height\": %lld, \"batch\": %lld, "
-      "\"steps\": %lld, \"tome_ratio\": %g, \"device\": \"%s\", \"dtype\": \"%s\", \"threads\": %d, \"median_s\": %.6f, "
-      "\"times_s\": [%s]}\n",
-      mode.c_str(), static_cast<long long>(*width), static_cast<long long>(*height), static_cast<long long>(*batch),
-      static_cast<long long>(*steps), *tome_ratio, device->str().c_str(), pipeline::ComputeDTypeName(*dtype).c_str(),
-      at::get_num_threads(), median, absl::StrJoin(times, ", ").c_str());
-  return 0;
+    PrintResult(*config, *times, *device, *dtype, channels_last, cudnn_benchmark);
+  }
+  return exit_code;
 }
 
 }  // namespace tomeserve::tools
