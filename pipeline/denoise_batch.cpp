@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "pipeline/device.h"
 #include "pipeline/stable_diffusion.h"
 #include "pipeline/torch_status.h"
 
@@ -115,7 +116,7 @@ absl::Status DenoiseBatch::Step() {
     for (size_t g = 0; g < group_factory.size(); ++g) {
       HookGroup group;
       if (group_factory.size() > 1) {
-        group.rows = at::tensor(group_rows[g], at::TensorOptions().dtype(at::kLong)).to(device);
+        group.rows = ToDeviceAsync(at::tensor(group_rows[g], at::TensorOptions().dtype(at::kLong)), device);
       }
       if (group_factory[g] != nullptr) {
         UNetCallInfo call{.call_index = calls_done_};

@@ -39,6 +39,12 @@ absl::StatusOr<c10::ScalarType> ParseComputeDType(absl::string_view text) {
   return absl::InvalidArgumentError(absl::StrCat("dtype \"", text, "\": expected fp32, fp16 or bf16"));
 }
 
+at::Tensor ToDeviceAsync(const at::Tensor& host, const c10::Device& device) {
+  if (host.device() == device) return host;
+  if (!device.is_cuda() || !host.device().is_cpu()) return host.to(device);
+  return host.pin_memory().to(device, /*non_blocking=*/true);
+}
+
 std::string ComputeDTypeName(c10::ScalarType dtype) {
   switch (dtype) {
     case c10::kFloat: return "fp32";

@@ -4,6 +4,7 @@
 #include <string>
 #include "absl/strings/string_view.h"
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
@@ -22,5 +23,12 @@ absl::StatusOr<c10::Device> ParseDevice(absl::string_view text);
 // "fp32" | "fp16" | "bf16" (also "float32", "float16", "bfloat16").
 absl::StatusOr<c10::ScalarType> ParseComputeDType(absl::string_view text);
 std::string ComputeDTypeName(c10::ScalarType dtype);
+
+// `host` (a CPU tensor) on `device`, without making the host wait. On CUDA it is copied through pinned memory
+// with a non-blocking copy on the current stream: a plain .to() from pageable memory waits for the stream to
+// drain, so the CPU stops queueing the rest of a step ahead of the GPU (and stream capture is impossible). The
+// pinned buffer outlives the copy (the caching host allocator records the stream before reusing it). Returns
+// `host` itself when `device` is the CPU.
+at::Tensor ToDeviceAsync(const at::Tensor& host, const c10::Device& device);
 
 }  // namespace tomeserve::pipeline

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "absl/status/status.h"
+#include "pipeline/device.h"
 #include "pipeline/scheduler.h"
 
 namespace tomeserve::pipeline::scheduler_internal {
@@ -120,10 +121,10 @@ class EulerState final : public SamplerState {
     at::Tensor prev = sample + derivative * F32(c.dt);
     if (euler_.stochastic()) {
       // diffusers' randn_tensor with a CPU generator: drawn on the CPU in the model output's dtype, then
-      // moved.
-      const at::Tensor noise =
-          at::randn(model_output.sizes(), *noise_gen, at::TensorOptions().dtype(model_output.scalar_type()))
-              .to(model_output.device());
+      // moved (without waiting for the stream).
+      const at::Tensor noise = ToDeviceAsync(
+          at::randn(model_output.sizes(), *noise_gen, at::TensorOptions().dtype(model_output.scalar_type())),
+          model_output.device());
       prev = prev + noise * F32(c.sigma_up);
     }
     return prev.to(model_output.scalar_type());

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "pipeline/device.h"
 #include "pipeline/load_weights.h"
 #include "pipeline/torch_status.h"
 #include "pipeline/weight_store.h"
@@ -89,7 +90,7 @@ at::Tensor UNet2DConditionModelImpl::TimestepFeatures(const at::Tensor& timestep
   at::Tensor t = timesteps.dim() == 0 ? timesteps.unsqueeze(0) : timesteps;
   TORCH_CHECK(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == batch),
               "UNet: timesteps must be 0-dim, [1] or [", batch, "], got ", t.sizes());
-  t = t.to(device).expand({batch});
+  t = ToDeviceAsync(t, device).expand({batch});
   // diffusers' get_timestep_embedding, op for op (fp32, max_period 10000, scale 1).
   const int64_t dim = config_.block_out_channels[0];
   const int64_t half = dim / 2;

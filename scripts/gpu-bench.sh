@@ -10,6 +10,7 @@
 #   5. scripts/bench.py side by side with diffusers + tomesd (sd15, fp16) into $OUT/benchmarks.md
 # Everything is logged to $OUT/gpu.log; $OUT/benchmarks.md is docs/benchmarks.md with the GPU sections added.
 #   GPU_BENCH_BUDGET=420  GPU_BENCH_REPS=10
+#   GPU_BENCH_PHASES="tests serve bench"   (a follow-up run can pick; "bench-short" = headline + UNet batch 1)
 # Dry run on a CPU machine (plumbing only): PATH=.venv/bin:$PATH GPU_DEVICE=cpu GPU_BENCH_MODEL=build/testdata/tiny
 set -uo pipefail
 out="${OUT:-/tmp/gpu-out}"
@@ -22,6 +23,8 @@ reps="${GPU_BENCH_REPS:-10}"
 log() { echo "[gpu-bench +$((SECONDS))s] $*"; }
 left() { echo $((budget - SECONDS)); }
 status=0
+phases="${GPU_BENCH_PHASES:-tests serve bench}"
+want() { [[ " $phases " == *" $1 "* ]]; }
 
 log "1. environment"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -69,6 +72,7 @@ python3 scripts/reference_schedulers.py --model $td/tiny --out $td/refs_cuda/sch
   >/dev/null || status=1
 log "models ready ($(du -sh $td/sd15 | cut -f1) sd15)"
 
+if want tests; then
 log "3. CUDA tests"
 export TOMESERVE_TINY_MODEL=$td/tiny TOMESERVE_TINY_LEGACY_MODEL=$td/tiny_legacy TOMESERVE_SD15_MODEL=$td/sd15 \
   TOMESERVE_REF_DIR=$td/refs TOMESERVE_TEST_TOKENIZER_DIR=$td/tiny/tokenizer
@@ -83,8 +87,11 @@ run_test() {  # NAME [ENV=VALUE ...]
 }
 for t in pipeline_load_test scheduler_test unet_test vae_test tome_test; do run_test $t; done
 run_test scheduler_test TOMESERVE_REF_DIR=$td/refs_cuda
+run_test step_batch_test
 rm -f "$out/test.log.tmp"
+fi
 
+if want serve; then
 log "4. served requests"
 export BIN="$launchers"
 timeout 150 bash scripts/gpu-serve.sh tiny $td/tiny 256 20 "$out" || { status=1; log "tiny serve failed"; }
@@ -94,6 +101,7 @@ if ((serve_limit > 60)); then
   timeout "$serve_limit" bash scripts/gpu-serve.sh sd15 $td/sd15 512 25 "$out" || { status=1; log "sd15 serve failed"; }
 else
   log "sd15 serve skipped (budget)"
+fi
 fi
 
 log "5. benchmark ($(left) s left)"
@@ -108,18 +116,22 @@ bench() {  # SECONDS ARGS...: one bench.py run, cut off after SECONDS
   local rc="${PIPESTATUS[0]}"
   [ "$rc" -eq 0 ] || log "bench.py $* ended with status $rc"
 }
+if want bench || want bench-short; then
 # The headline: SD 1.5 512², 50 steps, batch 1, end to end (text encoding, denoising, VAE decode).
 bench 70 --label "sd15 end to end, $card" --sizes 512 --modes generate --steps 50 --reps 3 --warmup 1 \
   --cpp-variants plain,cudnn-benchmark --section gpu-sd15-e2e-fp16
 # The seed's table: UNet at 512/768/1024, batch 1 and 4, vanilla vs ToMe 0.5 (cuDNN benchmark as a variant).
-for b in 1 4; do
+for b in 1 $(want bench && echo 4); do
   bench 70 --label "sd15 UNet batch $b, $card" --sizes 512,768,1024 --modes unet --tome-ratios 0,0.5 --batch $b \
     --reps "$reps" --warmup 3 --cpp-variants plain,cudnn-benchmark,channels-last --section gpu-sd15-unet-b$b-fp16
 done
+fi
+if want bench; then
 # The merge machinery alone, and ToMe end to end at 1024².
 bench 40 --label "sd15 ToMe merge, $card" --sizes 512,1024 --modes merge --tome-ratios 0,0.3,0.5,0.6 \
   --reps "$reps" --warmup 3 --section gpu-sd15-merge-fp16
 bench 60 --label "sd15 ToMe end to end 1024, $card" --sizes 1024 --modes generate --tome-ratios 0,0.5 --steps 25 \
   --reps 2 --warmup 1 --section gpu-sd15-e2e1024-fp16
+fi
 log "done, status $status"
 exit $status

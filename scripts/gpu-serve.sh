@@ -59,7 +59,7 @@ text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout
 keep = ("tomeserve_requests_total", "tomeserve_oom_total", "tomeserve_unet_rows_sum", "tomeserve_worker_healthy",
         "tomeserve_unet_step_seconds_sum", "tomeserve_unet_step_seconds_count", "tomeserve_batch_size_sum",
         "tomeserve_batch_size_count", "tomeserve_device_memory_bytes", "tomeserve_phase_seconds_sum",
-        "tomeserve_build_info")
+        "tomeserve_build_info", "tomeserve_worker_seconds_total")
 for line in text.splitlines():
     if line.startswith(keep):
         print(line)

@@ -104,6 +104,9 @@ struct Metrics::Impl {
       r, "tomeserve_device_memory_bytes",
       "Device memory: CUDA caching allocator allocated/reserved/peak bytes; process resident set (rss) on CPU");
   Family<Gauge>& healthy = GaugeFamily(r, "tomeserve_worker_healthy", "1 while the device's worker serves, else 0");
+  Family<Counter>& worker_seconds = CounterFamily(
+      r, "tomeserve_worker_seconds_total",
+      "Host seconds the device's worker thread spent per part of its loop while it had work (idle waits excluded)");
   Family<Counter>& oom = CounterFamily(
       r, "tomeserve_oom_total", "Out-of-memory errors (denoising steps and decodes) by ToMe ratio and resolution");
   Family<Counter>& evictions = CounterFamily(
@@ -221,6 +224,10 @@ void Metrics::CountOom(double tome_ratio, int width, int height) {
   if (!impl_) return;
   impl_->oom.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
       .Increment();
+}
+
+void Metrics::AddWorkerSeconds(const std::string& device, const std::string& part, double seconds) {
+  if (impl_) impl_->worker_seconds.Add({{"device", device}, {"part", part}}).Increment(seconds);
 }
 
 void Metrics::CountEvictions(int samples) {

@@ -17,6 +17,8 @@
 //   tomeserve_inflight_requests                                         gauges
 //   tomeserve_device_memory_bytes{device,kind=allocated|reserved|peak|rss}  CUDA caching allocator; RSS on CPU
 //   tomeserve_worker_healthy{device}                                    1 while the worker serves
+//   tomeserve_worker_seconds_total{device,part=admit|step|retire|bookkeeping}  where the worker thread's time
+//                                                                       goes while it has work (host clock)
 //   tomeserve_oom_total{tome_ratio,resolution}                          out-of-memory errors (steps and decodes)
 //   tomeserve_oom_evictions_total                                       samples evicted after an OOM (state kept)
 //   tomeserve_slo_decisions_total{tome_ratio,target_met}                SLO controller choices (predicted)
@@ -61,6 +63,7 @@ class Metrics {
   void AddInflight(int delta);
   void SetDeviceMemory(const std::string& device, const std::string& kind, double bytes);
   void SetWorkerHealthy(const std::string& device, bool healthy);
+  void AddWorkerSeconds(const std::string& device, const std::string& part, double seconds);
   void CountOom(double tome_ratio, int width, int height);
   void CountEvictions(int samples);
   void CountSloDecision(double chosen_ratio, bool target_met);

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <climits>
 #include <deque>
+#include <future>
 #include <map>
 #include <optional>
 
@@ -102,12 +103,20 @@ struct Worker::Impl {
   std::unique_ptr<PhaseClock> clock;  // created on the worker thread (CUDA events belong to its device)
   int64_t steps_run = 0;              // steps started over the worker's life (fault injection counts them)
 
+  // Handed from Start() (main thread) to the worker thread waiting after its warm-up.
+  absl::Mutex start_mu;
+  enum class Go { kWait, kRun, kAbandon } go ABSL_GUARDED_BY(start_mu) = Go::kWait;
+  Scheduler* scheduler ABSL_GUARDED_BY(start_mu) = nullptr;
+
   // Shared with the watchdog (any thread).
   std::atomic<bool> in_service{true};
   absl::Mutex watch_mu;
   absl::Time step_deadline ABSL_GUARDED_BY(watch_mu) = absl::InfiniteFuture();  // of the step running now
   std::vector<std::shared_ptr<Job>> step_jobs ABSL_GUARDED_BY(watch_mu);        // the calls in that step
 
+  // The thread's whole life: load + warm up (result to `loaded`), wait for Start(), then Loop().
+  void Run(std::promise<absl::Status>* loaded);
+  absl::Status Load();
   void Loop(Scheduler* scheduler);
   RunningView View() const;
   void Start(const std::shared_ptr<Job>& job);
@@ -140,10 +149,28 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
   absl::StatusOr<c10::ScalarType> scalar = pipeline::ParseComputeDType(dtype);
   if (!scalar.ok()) return absl::InvalidArgumentError(absl::StrCat("--dtype: ", scalar.status().message()));
   impl->target = {*device, *scalar};
+  // Loading and the warm-up run on the worker's own thread and stream, as serving does: the warm-up's cached
+  // blocks belong to the stream that reuses them, and only that thread ever runs CPU kernels (a second thread
+  // with its own OpenMP team oversubscribes the cores, and libgomp then sleeps between parallel regions).
+  std::unique_ptr<Worker> worker(new Worker(std::move(impl)));
+  std::promise<absl::Status> loaded;
+  std::future<absl::Status> result = loaded.get_future();
+  Impl* raw = worker->impl_.get();
+  worker->thread_ = std::thread([raw, &loaded] { raw->Run(&loaded); });
+  if (absl::Status s = result.get(); !s.ok()) {
+    worker->thread_.join();  // Run returns right after reporting a failed load
+    return s;
+  }
+  spdlog::info("worker {} on {}: batch budget {} rows x latent pixels, at most {} images", options.index,
+               options.device, raw->budget, options.max_batch_images);
+  return worker;
+}
+
+absl::Status Worker::Impl::Load() {
   for (const ModelSpec& spec : options.models) {
     const absl::Time t0 = absl::Now();
     absl::StatusOr<std::unique_ptr<pipeline::StableDiffusion>> sd =
-        pipeline::StableDiffusion::Create({.model_dir = spec.dir, .target = impl->target});
+        pipeline::StableDiffusion::Create({.model_dir = spec.dir, .target = target});
     if (!sd.ok()) {
       return absl::Status(sd.status().code(), absl::StrCat("model \"", spec.name, "\" (", spec.dir, ") on ",
                                                            options.device, ": ", sd.status().message()));
@@ -165,33 +192,51 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& opti
                }
                last = now;
              },
-         .cancelled = [&options](int) { return options.stop_warmup && options.stop_warmup(); }});
+         .cancelled = [this](int) { return options.stop_warmup && options.stop_warmup(); }});
     if (!images.ok()) {
       return absl::Status(images.status().code(),
                           absl::StrCat("model \"", spec.name, "\" (", spec.dir,
                                        "): warm-up failed: ", images.status().message()));
     }
-    spdlog::info("loaded model {} from {} on {} ({}) in {:.2f}s", spec.name, spec.dir, options.device, dtype,
-                 Seconds(absl::Now() - t0));
-    impl->models[spec.name] = *std::move(sd);
+    spdlog::info("loaded model {} from {} on {} ({}) in {:.2f}s", spec.name, spec.dir, options.device,
+                 pipeline::ComputeDTypeName(target.dtype), Seconds(absl::Now() - t0));
+    models[spec.name] = *std::move(sd);
   }
-  impl->budget = options.max_batch_cost > 0 ? options.max_batch_cost : kCpuBatchCost;
+  budget = options.max_batch_cost > 0 ? options.max_batch_cost : kCpuBatchCost;
 #ifdef TOMESERVE_HAVE_CUDA
-  if (options.max_batch_cost <= 0 && device->is_cuda()) {
+  if (options.max_batch_cost <= 0 && target.device.is_cuda()) {
     // What is left after the weights, at a conservative 256 KiB of activations per row x latent pixel in 16-bit
     // (twice that in fp32; SD 1.5 with SDPA needs well under it), 80% of it. The OOM path corrects a guess that
     // is too high.
     size_t free_bytes = 0, total_bytes = 0;
-    c10::cuda::CUDAGuard guard(device->index());
+    c10::cuda::CUDAGuard guard(target.device.index());
     if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
-      const double per = (*scalar == at::kFloat ? 2.0 : 1.0) * 256 * 1024;
-      impl->budget = std::max<int64_t>(64 * 64 * 2, static_cast<int64_t>(0.8 * free_bytes / per));
+      const double per = (target.dtype == at::kFloat ? 2.0 : 1.0) * 256 * 1024;
+      budget = std::max<int64_t>(64 * 64 * 2, static_cast<int64_t>(0.8 * free_bytes / per));
     }
   }
 #endif
-  spdlog::info("worker {} on {}: batch budget {} rows x latent pixels, at most {} images", options.index,
-               options.device, impl->budget, options.max_batch_images);
-  return std::unique_ptr<Worker>(new Worker(std::move(impl)));
+  return absl::OkStatus();
+}
+
+void Worker::Impl::Run(std::promise<absl::Status>* loaded) {
+  c10::InferenceMode inference;
+#ifdef TOMESERVE_HAVE_CUDA
+  // This worker's own stream (and current device) for everything it runs, the warm-up included.
+  std::optional<c10::cuda::CUDAStreamGuard> stream;
+  if (target.device.is_cuda()) stream.emplace(c10::cuda::getStreamFromPool(false, target.device.index()));
+#endif
+  absl::Status status = pipeline::GuardTorch("loading", [this] { return Load(); });
+  const bool ok = status.ok();
+  loaded->set_value(std::move(status));  // `loaded` dies with Create() from here on
+  if (!ok) return;
+  Scheduler* to_serve = nullptr;
+  {
+    absl::MutexLock lock(&start_mu);
+    start_mu.Await(absl::Condition(+[](Go* g) { return *g != Go::kWait; }, &go));
+    if (go == Go::kRun) to_serve = scheduler;
+  }
+  if (to_serve != nullptr) Loop(to_serve);
 }
 
 Worker::Worker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -215,10 +260,16 @@ std::vector<ModelDescription> Worker::Describe() const {
 int64_t Worker::batch_cost_budget() const { return impl_->budget; }
 
 void Worker::Start(Scheduler* scheduler) {
-  thread_ = std::thread([this, scheduler] { impl_->Loop(scheduler); });
+  absl::MutexLock lock(&impl_->start_mu);
+  impl_->scheduler = scheduler;
+  impl_->go = Impl::Go::kRun;
 }
 
 void Worker::Join() {
+  {
+    absl::MutexLock lock(&impl_->start_mu);
+    if (impl_->go == Impl::Go::kWait) impl_->go = Impl::Go::kAbandon;  // never started: the thread just exits
+  }
   if (!thread_.joinable()) return;
   if (impl_->in_service.load()) {
     thread_.join();
@@ -247,29 +298,37 @@ bool Worker::CheckStuck(absl::Time now) {
 }
 
 void Worker::Impl::Loop(Scheduler* scheduler) {
-  c10::InferenceMode inference;
-#ifdef TOMESERVE_HAVE_CUDA
-  // This worker's own stream (and current device) for everything it runs.
-  std::optional<c10::cuda::CUDAStreamGuard> stream;
-  if (target.device.is_cuda()) stream.emplace(c10::cuda::getStreamFromPool(false, target.device.index()));
-#endif
   clock = std::make_unique<PhaseClock>(target.device);
   metrics->SetWorkerHealthy(options.device, true);
+  // Host time per part of the loop while there is work (tomeserve_worker_seconds_total): the UNet call is
+  // "step"; anything large elsewhere is overhead that keeps the device waiting.
+  auto mark = std::chrono::steady_clock::now();
+  const auto charge = [&](const char* part) {
+    const auto now = std::chrono::steady_clock::now();
+    metrics->AddWorkerSeconds(options.device, part, std::chrono::duration<double>(now - mark).count());
+    mark = now;
+  };
   while (in_service.load()) {
     try {
       Readmit();
+      const bool was_idle = jobs.empty();
       // Blocks only when nothing is running; empty then means the scheduler stopped.
       std::vector<std::shared_ptr<Job>> admitted = scheduler->Admit(View());
       if (admitted.empty() && jobs.empty()) {
         if (scheduler->stopped()) break;
+        mark = std::chrono::steady_clock::now();
         continue;
       }
+      if (was_idle) mark = std::chrono::steady_clock::now();  // the wait for work is not the worker's time
       for (const std::shared_ptr<Job>& job : admitted) Start(job);
       RetireStopped();
+      charge("admit");
       Step();
+      charge("step");
       if (!in_service.load()) break;
       NotifyProgress();
       RetireDone();
+      charge("retire");
     } catch (const std::exception& e) {
       // The pipeline reports torch errors as statuses; this is the last line for anything else (every admitted
       // job must be finished, or its call would hang).
@@ -286,6 +345,7 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
     }
     scheduler->ReportBacklog(options.index, in_service.load() ? Backlog() : 0);
     ReportGauges();
+    charge("bookkeeping");
   }
   metrics->SetWorkerHealthy(options.device, false);
   if (!in_service.load()) {

@@ -111,8 +111,10 @@ class SchedulerParity : public ::testing::Test {
         EXPECT_EQ((*schedule)->timesteps()[i], want_ts[i]) << i;
       }
     }
-    EXPECT_EQ(static_cast<float>((*schedule)->init_noise_sigma()),
-              Ref(c.key + "/init_noise_sigma").item<float>());
+    // Within 4 float ulps, not exact: sigmas come from vectorised CPU log/exp, whose last bit depends on the
+    // machine's SIMD width (seen on the GPU machine's CPU against references written on an AVX2 one).
+    EXPECT_FLOAT_EQ(static_cast<float>((*schedule)->init_noise_sigma()),
+                    Ref(c.key + "/init_noise_sigma").item<float>());
 
     const at::ScalarType dtype = c.dtype == "fp16" ? at::kHalf : at::kFloat;
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(c.noise_seed);

@@ -8,6 +8,11 @@
 // group, final latents relative L2 <= 1e-5, images <= 1 level of 255. A row run in the same layout is
 // bit-identical (the single-group layout checks that exactly).
 #include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/cuda.h>
+#ifdef TOMESERVE_HAVE_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include <cstdio>
 #include <map>
@@ -208,6 +213,45 @@ TEST_F(StepBatchTest, RejectsASampleOfAnotherSize) {
   EXPECT_FALSE(batch.Remove(3).has_value());
   EXPECT_TRUE(batch.Done());
   EXPECT_TRUE(batch.Step().ok());  // an empty batch steps as a no-op
+}
+
+// No host synchronisation inside a denoising step: with CUDA's sync debug mode set to error, any operation that
+// makes the host wait for the device (a blocking copy from pageable memory, .item() on a device tensor) throws,
+// and the step returns that error. Mixed ToMe settings (random partitions drawn on the CPU, groups by index),
+// guidance on and off, per-row timesteps, Euler ancestral (noise drawn on the CPU every step).
+TEST(StepBatchCudaTest, StepsDoNotSynchronizeTheHost_CUDA) {
+#ifndef TOMESERVE_HAVE_CUDA
+  GTEST_SKIP() << "built without c10_cuda";
+#else
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (EnvPath("TOMESERVE_TINY_MODEL").empty()) GTEST_SKIP() << "TOMESERVE_TINY_MODEL not set";
+  c10::InferenceMode inference;
+  auto sd = pipeline::StableDiffusion::Create({EnvPath("TOMESERVE_TINY_MODEL"), {c10::Device("cuda:0"), c10::kHalf}});
+  ASSERT_TRUE(sd.ok()) << sd.status();
+  const auto random = Hooks({.ratio = 0.5, .max_downsample = 2});
+  const auto fixed = Hooks({.ratio = 0.3, .max_downsample = 1, .use_rand = false, .merge_mlp = true});
+  const std::vector<SampleSpec> specs = {
+      {.prompt = "a", .seed = 1, .guidance_scale = 7.5, .num_inference_steps = 6, .scheduler = SchedulerKind::kPndm,
+       .hooks = random},
+      {.prompt = "b", .seed = 2, .guidance_scale = 1.0, .num_inference_steps = 6,
+       .scheduler = SchedulerKind::kEulerAncestral},
+      {.prompt = "c", .seed = 3, .guidance_scale = 5.0, .num_inference_steps = 5, .scheduler = SchedulerKind::kDdim,
+       .hooks = fixed},
+      {.prompt = "d", .seed = 4, .guidance_scale = 4.0, .num_inference_steps = 6,
+       .scheduler = SchedulerKind::kDpmpp2mKarras, .hooks = random, .hook_seed = 9}};
+  DenoiseBatch batch(**sd, 8, 8);
+  for (const SampleSpec& spec : specs) {
+    auto prepared = (*sd)->PrepareSamples({.width = 64, .height = 64}, {spec});
+    ASSERT_TRUE(prepared.ok()) << prepared.status();
+    ASSERT_TRUE(batch.Add(std::move((*prepared)[0])).ok());
+  }
+  ASSERT_TRUE(batch.Step().ok());  // the first call initialises cuBLAS/cuDNN handles and caches (those may wait)
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+  absl::Status status;
+  for (int i = 0; i < 3 && status.ok(); ++i) status = batch.Step();
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+  EXPECT_TRUE(status.ok()) << status;
+#endif
 }
 
 }  // namespace

@@ -4,6 +4,8 @@
 #include <optional>
 #include <tuple>
 
+#include "pipeline/device.h"
+
 namespace tomeserve::tome {
 
 std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, const GridSpec& grid, int64_t r,
@@ -30,9 +32,11 @@ std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, cons
   }
 
   // Mark the dst of every whole cell with -1 in a grid of zeros; the right/bottom remainder stays src (0).
-  at::Tensor choice = dst_choice.defined()
-                          ? dst_choice.to(metric.device(), at::kLong).reshape({-1, hsy, wsx, 1})
-                          : at::zeros({1, hsy, wsx, 1}, long_opts);
+  // Drawn on the CPU; copied without making the host wait for the stream.
+  at::Tensor choice =
+      dst_choice.defined()
+          ? pipeline::ToDeviceAsync(dst_choice.to(at::kLong), metric.device()).reshape({-1, hsy, wsx, 1})
+          : at::zeros({1, hsy, wsx, 1}, long_opts);
   const int64_t rows = choice.size(0);
   at::Tensor cells = at::zeros({rows, hsy, wsx, cell}, long_opts).scatter_(3, choice, -1);
   cells = cells.view({rows, hsy, wsx, grid.sy, grid.sx}).transpose(2, 3).reshape({rows, hsy * grid.sy, wsx * grid.sx});
