@@ -134,7 +134,10 @@ absl::Status SafetensorsFile::Parse() {
   std::vector<Pending> pending;
   pending.reserve(doc.size());
 
-  for (auto& [name, entry] : doc.items()) {
+  for (auto& item : doc.items()) {
+    // Named, not a structured binding: lambdas below capture it (clang before 16 cannot capture bindings).
+    const std::string& name = item.key();
+    const nlohmann::json& entry = item.value();
     if (name == "__metadata__") {
       if (!entry.is_object()) return absl::InvalidArgumentError(absl::StrCat(where, ": __metadata__ is not an object"));
       for (auto& [k, v] : entry.items()) {

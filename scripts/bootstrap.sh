@@ -16,6 +16,11 @@ apt_packages=(
   prometheus  # the observability test runs a real Prometheus (and promtool) on 127.0.0.1
 )
 
+# Tools only some scripts need ask for their packages here, so there is one install path
+# (scripts/fuzz.sh: TOMESERVE_EXTRA_APT="clang libclang-rt-14-dev").
+read -ra extra_packages <<<"${TOMESERVE_EXTRA_APT:-}"
+apt_packages+=("${extra_packages[@]}")
+
 step() { printf '[bootstrap] %s\n' "$*" >&2; }
 timed() { local t0=$SECONDS; "$@"; step "  done in $((SECONDS - t0)) s"; }
 

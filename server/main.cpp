@@ -220,6 +220,7 @@ int Run(int argc, char** argv) {
     signal_state->auth = *std::move(auth);
   }
   ImageGeneratorService service(limits, &scheduler, metrics->get(), signal_state->auth.get());
+  service.set_log_prompts(o.log_prompts);
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = Credentials(o);
   if (!credentials.ok()) return Fail(credentials.status());
@@ -234,8 +235,20 @@ int Run(int argc, char** argv) {
     // Clients behind a Kubernetes Service keep one connection to one pod; GOAWAY after this age makes them
     // reconnect (and spread over new replicas). Calls in flight on the old connection get the drain timeout.
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, ChannelArgMs(o.max_connection_age));
-    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, ChannelArgMs(o.drain_timeout));
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, ChannelArgMs(o.max_connection_age_grace));
   }
+  // Transport limits: an oversized message is refused (RESOURCE_EXHAUSTED) before it is parsed; one connection
+  // cannot open unbounded streams; dead peers are found by pings; clients that ping too often are sent away.
+  builder.SetMaxReceiveMessageSize(o.max_request_bytes);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, o.max_concurrent_streams);
+  if (o.keepalive_time > absl::ZeroDuration()) {
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, ChannelArgMs(o.keepalive_time));
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ChannelArgMs(o.keepalive_timeout));
+  }
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             ChannelArgMs(o.min_client_ping_interval));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 2);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0)

@@ -12,6 +12,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
@@ -61,6 +62,24 @@ ABSL_FLAG(double, max_connection_age, 0,
           "Seconds after which a client connection is asked to go away (GOAWAY; in-flight calls get "
           "--drain-timeout to finish), so clients behind a Kubernetes Service reconnect and spread over new "
           "replicas; 0 = never.");
+ABSL_FLAG(double, max_connection_age_grace, 600,
+          "Seconds that calls in flight on a connection aged out by --max-connection-age get to finish before "
+          "it closes (longer than the slowest call, or they are cut off).");
+ABSL_FLAG(int32_t, max_request_bytes, 64 * 1024,
+          "Largest request message in bytes; gRPC refuses a larger one with RESOURCE_EXHAUSTED before it is "
+          "parsed.");
+ABSL_FLAG(int32_t, max_concurrent_streams, 32,
+          "Most calls in flight on one client connection (HTTP/2 MAX_CONCURRENT_STREAMS); the client holds "
+          "further calls until one ends.");
+ABSL_FLAG(double, keepalive_time, 60,
+          "Seconds without traffic after which the server pings a client connection to find dead peers "
+          "(0 = never).");
+ABSL_FLAG(double, keepalive_timeout, 20, "Seconds the server waits for a ping's answer before closing.");
+ABSL_FLAG(double, min_client_ping_interval, 10,
+          "Shortest interval of client keepalive pings the server accepts; a client pinging faster is sent "
+          "GOAWAY (too_many_pings) after 2 strikes.");
+ABSL_FLAG(bool, log_prompts, false,
+          "Include prompts and negative prompts in the per-call log line (off: prompts are never logged).");
 ABSL_FLAG(int32_t, max_prompt_bytes, 4096, "Longest prompt / negative prompt in bytes.");
 ABSL_FLAG(int32_t, max_prompt_tokens, 77,
           "Longest prompt in CLIP tokens including start/end (at most 77; "
@@ -114,7 +133,8 @@ std::map<std::string, absl::CommandLineFlag*> OwnFlags() {
 absl::Status SetFlag(absl::CommandLineFlag* flag, const std::string& value, const std::string& where) {
   std::string error;
   if (!flag->ParseFrom(value, &error)) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ": invalid value \"", value, "\": ", error));
+    // Escaped: a value from a file or the environment may hold newlines; usage errors are one line.
+    return absl::InvalidArgumentError(absl::StrCat(where, ": invalid value \"", absl::CHexEscape(value), "\": ", error));
   }
   return absl::OkStatus();
 }
@@ -153,30 +173,35 @@ absl::Status AddModels(const std::vector<std::string>& texts, const std::string&
   return absl::OkStatus();
 }
 
-absl::Status ApplyConfigFile(const std::string& path,
-                             const std::map<std::string, absl::CommandLineFlag*>& flags,
-                             std::vector<std::string>* models) {
-  YAML::Node root;
-  try {
-    root = YAML::LoadFile(path);
-  } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat("--config ", path, ": ", e.what()));
-  }
-  if (root.IsNull()) return absl::OkStatus();
-  if (!root.IsMap())
-    return absl::InvalidArgumentError(absl::StrCat("--config ", path, ": expected a mapping"));
+// One line (yaml-cpp's messages carry a "line L, column C" position).
+std::string YamlError(const std::string& path, const YAML::Exception& e) {
+  std::string what = e.what();
+  std::replace(what.begin(), what.end(), '\n', ' ');
+  return absl::StrCat("--config ", path, ": ", what);
+}
+
+absl::Status ApplyConfigEntries(const std::string& path, const YAML::Node& root,
+                                const std::map<std::string, absl::CommandLineFlag*>& flags,
+                                std::vector<std::string>* models) {
   for (const auto& kv : root) {
-    const std::string key = Canonical(kv.first.as<std::string>());
-    const std::string where = absl::StrCat("--config ", path, ": key ", kv.first.as<std::string>());
+    const std::string raw_key = kv.first.as<std::string>();
+    const std::string key = Canonical(raw_key);
+    const std::string where = absl::StrCat("--config ", path, ": key ", absl::CHexEscape(raw_key));
     const YAML::Node& value = kv.second;
     if (key == "model" || key == "models") {
       if (value.IsScalar()) {
         models->push_back(value.as<std::string>());
       } else if (value.IsSequence()) {
-        for (const auto& v : value) models->push_back(v.as<std::string>());
+        for (const auto& v : value) {
+          if (!v.IsScalar()) return absl::InvalidArgumentError(absl::StrCat(where, ": expected DIR or NAME=DIR items"));
+          models->push_back(v.as<std::string>());
+        }
       } else if (value.IsMap()) {
-        for (const auto& v : value)
+        for (const auto& v : value) {
+          if (!v.first.IsScalar() || !v.second.IsScalar())
+            return absl::InvalidArgumentError(absl::StrCat(where, ": expected NAME: DIR entries"));
           models->push_back(v.first.as<std::string>() + "=" + v.second.as<std::string>());
+        }
       }
       continue;
     }
@@ -189,6 +214,21 @@ absl::Status ApplyConfigFile(const std::string& path,
     if (absl::Status s = SetFlag(it->second, value.as<std::string>(), where); !s.ok()) return s;
   }
   return absl::OkStatus();
+}
+
+absl::Status ApplyConfigFile(const std::string& path,
+                             const std::map<std::string, absl::CommandLineFlag*>& flags,
+                             std::vector<std::string>* models) {
+  // Any yaml-cpp exception (a malformed file, a key or value of the wrong kind) is a usage error; found by
+  // tests/fuzz/fuzz_config.cpp (a list item that is itself a mapping used to escape as an exception).
+  try {
+    YAML::Node root = YAML::LoadFile(path);
+    if (root.IsNull()) return absl::OkStatus();
+    if (!root.IsMap()) return absl::InvalidArgumentError(absl::StrCat("--config ", path, ": expected a mapping"));
+    return ApplyConfigEntries(path, root, flags, models);
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(YamlError(path, e));
+  }
 }
 
 absl::Status Check(bool ok, absl::string_view flag, absl::string_view allowed) {
@@ -225,9 +265,15 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
     }
     std::string name = arg.substr(2), value;
     const size_t eq = name.find('=');
+    const auto bool_flag = [&flags](const std::string& n) {
+      auto it = flags.find(Canonical(n));
+      return it != flags.end() && it->second->IsOfType<bool>();
+    };
     if (eq != std::string::npos) {
       value = name.substr(eq + 1);
       name = name.substr(0, eq);
+    } else if (bool_flag(name)) {
+      value = "true";  // a bare switch (--log-prompts); --log-prompts=false turns it off
     } else if (i + 1 < args.size()) {
       value = args[++i];
     } else {
@@ -289,6 +335,13 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   const double drain = absl::GetFlag(FLAGS_drain_timeout);
   const double grace = absl::GetFlag(FLAGS_shutdown_grace);
   const double connection_age = absl::GetFlag(FLAGS_max_connection_age);
+  const double connection_age_grace = absl::GetFlag(FLAGS_max_connection_age_grace);
+  const double keepalive_time = absl::GetFlag(FLAGS_keepalive_time);
+  const double keepalive_timeout = absl::GetFlag(FLAGS_keepalive_timeout);
+  const double min_ping = absl::GetFlag(FLAGS_min_client_ping_interval);
+  o.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  o.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  o.log_prompts = absl::GetFlag(FLAGS_log_prompts);
   o.max_prompt_bytes = absl::GetFlag(FLAGS_max_prompt_bytes);
   o.max_prompt_tokens = absl::GetFlag(FLAGS_max_prompt_tokens);
   o.max_side = absl::GetFlag(FLAGS_max_side);
@@ -335,6 +388,18 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
            Check(grace >= 0 && grace <= 3600, "shutdown_grace", "[0, 3600] seconds"),
            Check(connection_age >= 0 && connection_age <= 1e6, "max_connection_age",
                  "[0, 1000000] seconds (0 = never)"),
+           Check(connection_age_grace >= 0 && connection_age_grace <= 1e6, "max_connection_age_grace",
+                 "[0, 1000000] seconds"),
+           // Two prompts of --max-prompt-bytes and the other fields must fit.
+           Check(o.max_request_bytes >= 2 * o.max_prompt_bytes + 1024 && o.max_request_bytes <= 64 << 20,
+                 "max_request_bytes",
+                 absl::StrCat("[2 * max_prompt_bytes + 1024 = ", 2 * int64_t{o.max_prompt_bytes} + 1024,
+                              ", 67108864]")),
+           Check(o.max_concurrent_streams >= 1 && o.max_concurrent_streams <= 65536, "max_concurrent_streams",
+                 "[1, 65536]"),
+           Check(keepalive_time >= 0 && keepalive_time <= 86400, "keepalive_time", "[0, 86400] seconds (0 = never)"),
+           Check(keepalive_timeout >= 1 && keepalive_timeout <= 3600, "keepalive_timeout", "[1, 3600] seconds"),
+           Check(min_ping >= 0 && min_ping <= 3600, "min_client_ping_interval", "[0, 3600] seconds"),
            Check(o.max_prompt_bytes >= 1, "max_prompt_bytes", ">= 1"),
            Check(o.max_prompt_tokens >= 3 && o.max_prompt_tokens <= 77, "max_prompt_tokens", "[3, 77]"),
            Check(o.max_side >= 64 && o.max_side <= 16384, "max_side", "[64, 16384]"),
@@ -356,6 +421,10 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   o.drain_timeout = absl::Seconds(drain);
   o.shutdown_grace = absl::Seconds(grace);
   o.max_connection_age = absl::Seconds(connection_age);
+  o.max_connection_age_grace = absl::Seconds(connection_age_grace);
+  o.keepalive_time = absl::Seconds(keepalive_time);
+  o.keepalive_timeout = absl::Seconds(keepalive_timeout);
+  o.min_client_ping_interval = absl::Seconds(min_ping);
   return result;
 }
 

@@ -38,6 +38,14 @@ struct ServerOptions {
   absl::Duration drain_timeout = absl::Seconds(30);
   absl::Duration shutdown_grace = absl::ZeroDuration();
   absl::Duration max_connection_age = absl::ZeroDuration();  // zero: connections are never aged out
+  absl::Duration max_connection_age_grace = absl::Seconds(600);
+  // Transport limits (gRPC channel arguments): they protect the process from what validation never sees.
+  int max_request_bytes = 64 * 1024;
+  int max_concurrent_streams = 32;
+  absl::Duration keepalive_time = absl::Seconds(60);  // zero: the server never pings
+  absl::Duration keepalive_timeout = absl::Seconds(20);
+  absl::Duration min_client_ping_interval = absl::Seconds(10);
+  bool log_prompts = false;
   int max_prompt_bytes = 4096;
   int max_prompt_tokens = 77;
   int max_side = 1024;

@@ -6,6 +6,7 @@
 #include <deque>
 #include <optional>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -30,6 +31,7 @@ struct ImageGeneratorService::Context {
   Scheduler* scheduler;
   Metrics* metrics;
   TokenAuth* auth;  // null: no authentication
+  bool log_prompts = false;
   RandomSource random = RandomSource::Default();
   std::atomic<const ModelCatalog*> catalog{nullptr};
   std::unique_ptr<ModelCatalog> catalog_storage;
@@ -79,7 +81,14 @@ struct ImageGeneratorService::Context {
     }
     if (result.ok() && result->slo.applied) metrics->CountSloDecision(ratio, result->slo.target_met);
     const std::string id = job != nullptr ? job->request().request_id : request.request_id();
-    const std::string key = job != nullptr ? ToString(job->key()) : "-";
+    std::string key = job != nullptr ? ToString(job->key()) : "-";
+    if (log_prompts) {
+      // Escaped, so a prompt cannot break the one-line-per-call format; at most 256 bytes each.
+      const auto quoted = [](const std::string& text) {
+        return absl::StrCat("\"", absl::CHexEscape(text.substr(0, 256)), text.size() > 256 ? "...\"" : "\"");
+      };
+      absl::StrAppend(&key, " prompt=", quoted(request.prompt()), " negative_prompt=", quoted(request.negative_prompt()));
+    }
     if (result.ok()) {
       spdlog::info(
           "{} id={} {} ratio={} images={} batch_size={} queue={:.3f}s text={:.3f}s denoise={:.3f}s "
@@ -250,6 +259,8 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
 };
 
 }  // namespace
+
+void ImageGeneratorService::set_log_prompts(bool on) { context_->log_prompts = on; }
 
 ImageGeneratorService::ImageGeneratorService(RequestLimits limits, Scheduler* scheduler, Metrics* metrics,
                                              TokenAuth* auth)

@@ -26,6 +26,10 @@ class ImageGeneratorService final : public v1::ImageGenerator::CallbackService {
   // `scheduler`, `metrics` and `auth` (null: no authentication) must outlive the gRPC server.
   ImageGeneratorService(RequestLimits limits, Scheduler* scheduler, Metrics* metrics, TokenAuth* auth = nullptr);
 
+  // Prompts in the per-call log line (--log-prompts); off by default: prompts are never logged. Call before
+  // the server starts.
+  void set_log_prompts(bool on);
+
   // Publishes the loaded models; called once, before health turns SERVING.
   void SetCatalog(ModelCatalog catalog);
 

@@ -47,6 +47,33 @@ TEST(OptionsTest, Defaults) {
   EXPECT_EQ(o.adaptive_tome_max_ratio, 0);
   EXPECT_TRUE(o.inject_fault.empty());
   EXPECT_TRUE(o.auth_token_file.empty());
+  EXPECT_EQ(o.max_connection_age_grace, absl::Seconds(600));
+  EXPECT_EQ(o.max_request_bytes, 64 * 1024);
+  EXPECT_EQ(o.max_concurrent_streams, 32);
+  EXPECT_EQ(o.keepalive_time, absl::Seconds(60));
+  EXPECT_EQ(o.keepalive_timeout, absl::Seconds(20));
+  EXPECT_EQ(o.min_client_ping_interval, absl::Seconds(10));
+  EXPECT_FALSE(o.log_prompts);  // prompts are never logged unless asked for
+}
+
+TEST(OptionsTest, TransportLimits) {
+  absl::StatusOr<CommandLine> c = ParseCommandLine(
+      {"--model", "/m", "--max-request-bytes", "20000", "--max-prompt-bytes", "8000", "--max-concurrent-streams",
+       "4", "--keepalive-time", "0", "--min-client-ping-interval", "1", "--max-connection-age-grace", "900",
+       "--log-prompts"},
+      Env({}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->options.max_request_bytes, 20000);
+  EXPECT_EQ(c->options.max_concurrent_streams, 4);
+  EXPECT_EQ(c->options.keepalive_time, absl::ZeroDuration());  // the server never pings
+  EXPECT_EQ(c->options.min_client_ping_interval, absl::Seconds(1));
+  EXPECT_EQ(c->options.max_connection_age_grace, absl::Seconds(900));
+  EXPECT_TRUE(c->options.log_prompts);
+  // The message limit must hold two prompts of --max-prompt-bytes and the rest of the request.
+  absl::StatusOr<CommandLine> small =
+      ParseCommandLine({"--model", "/m", "--max-request-bytes", "9000", "--max-prompt-bytes", "4096"}, Env({}));
+  EXPECT_EQ(small.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(small.status().message().find("9216"), absl::string_view::npos) << small.status();
 }
 
 TEST(OptionsTest, WorkerFaultInjection) {
@@ -167,6 +194,10 @@ TEST(OptionsTest, UsageErrorsNameTheProblem) {
       {{"--model", "/m", "--inject-worker-fault", "melt@3"}, "--inject-worker-fault"},
       {{"--model", "/m", "--inject-worker-fault", "fatal@0"}, "--inject-worker-fault"},
       {{"--model", "/m", "--step-timeout-seconds", "-1"}, "--step-timeout-seconds"},
+      {{"--model", "/m", "--max-concurrent-streams", "0"}, "--max-concurrent-streams"},
+      {{"--model", "/m", "--keepalive-timeout", "0"}, "--keepalive-timeout"},
+      {{"--model", "/m", "--min-client-ping-interval", "-1"}, "--min-client-ping-interval"},
+      {{"--model", "/m", "--max-connection-age-grace", "-5"}, "--max-connection-age-grace"},
   };
   for (const auto& [args, needle] : cases) {
     absl::StatusOr<CommandLine> c = ParseCommandLine(args, Env({}));
