@@ -94,15 +94,19 @@ class CppSession:
                args.dtype, "--threads", str(args.threads), "--stdin", *flags]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def run(self, args, mode, size, tome_ratio):
-        line = (f"--mode {mode} --width {size} --height {size} --batch {args.batch} --steps {args.steps} "
-                f"--warmup {args.warmup} --reps {args.reps} --tome-ratio {tome_ratio}\n")
+    def run_config(self, mode, size, batch, steps, warmup, reps, tome_ratio):
+        """tomeserve-bench's JSON for one configuration: median_s, times_s, peak_device_bytes; or error (+ oom)."""
+        line = (f"--mode {mode} --width {size} --height {size} --batch {batch} --steps {steps} "
+                f"--warmup {warmup} --reps {reps} --tome-ratio {tome_ratio}\n")
         self.proc.stdin.write(line)
         self.proc.stdin.flush()
         reply = self.proc.stdout.readline()
         if not reply:
             sys.exit(f"tomeserve-bench exited with status {self.proc.wait()}")
-        out = json.loads(reply)
+        return json.loads(reply)
+
+    def run(self, args, mode, size, tome_ratio):
+        out = self.run_config(mode, size, args.batch, args.steps, args.warmup, args.reps, tome_ratio)
         if "error" in out:
             print(f"tomeserve-bench: {mode} {size} ratio {tome_ratio}: {out['error']}", file=sys.stderr)
             return None, []

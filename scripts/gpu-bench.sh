@@ -10,7 +10,8 @@
 #   5. scripts/bench.py side by side with diffusers + tomesd (sd15, fp16) into $OUT/benchmarks.md
 # Everything is logged to $OUT/gpu.log; $OUT/benchmarks.md is docs/benchmarks.md with the GPU sections added.
 #   GPU_BENCH_BUDGET=420  GPU_BENCH_REPS=10
-#   GPU_BENCH_PHASES="tests serve bench"   (a follow-up run can pick; "bench-short" = headline + UNet batch 1)
+#   GPU_BENCH_PHASES="tests serve bench"   (a follow-up run can pick; "bench-short" = headline + UNet batch 1;
+#                                           "table" = the seed's grid, scripts/bench_table.py)
 # Dry run on a CPU machine (plumbing only): PATH=.venv/bin:$PATH GPU_DEVICE=cpu GPU_BENCH_MODEL=build/testdata/tiny
 set -uo pipefail
 out="${OUT:-/tmp/gpu-out}"
@@ -132,6 +133,18 @@ bench 40 --label "sd15 ToMe merge, $card" --sizes 512,1024 --modes merge --tome-
   --reps "$reps" --warmup 3 --section gpu-sd15-merge-fp16
 bench 60 --label "sd15 ToMe end to end 1024, $card" --sizes 1024 --modes generate --tome-ratios 0,0.5 --steps 25 \
   --reps 2 --warmup 1 --section gpu-sd15-e2e1024-fp16
+fi
+if want table; then
+# The seed's table (scripts/bench_table.py): generate at 25 steps over sizes x batches x ratios, both sides, with
+# peak memory and OOM cells; CSV and plot under $OUT.
+  if (($(left) > 60)); then
+    timeout $(($(left) - 20)) python3 scripts/bench_table.py --model $td/sd15 --label "sd15, $card" \
+      --sizes "${GPU_TABLE_SIZES:-512,768,1024}" --batches "${GPU_TABLE_BATCHES:-1,4,8}" --ratios 0,0.5 \
+      --steps 25 --device "$device" --dtype fp16 --reps 2 --warmup 1 --bin "$launchers" --csv "$out/table.csv" \
+      --plot "$out/table.png" --doc "$out/benchmarks.md" --section gpu-sd15-table-fp16 2>&1 | grep -v -i warn
+  else
+    log "table skipped (budget)"
+  fi
 fi
 log "done, status $status"
 exit $status

@@ -134,7 +134,8 @@ absl::Status SetFlag(absl::CommandLineFlag* flag, const std::string& value, cons
   std::string error;
   if (!flag->ParseFrom(value, &error)) {
     // Escaped: a value from a file or the environment may hold newlines; usage errors are one line.
-    return absl::InvalidArgumentError(absl::StrCat(where, ": invalid value \"", absl::CHexEscape(value), "\": ", error));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": invalid value \"", absl::CHexEscape(value), "\": ", error));
   }
   return absl::OkStatus();
 }
@@ -152,7 +153,8 @@ absl::StatusOr<ModelSpec> ParseModel(const std::string& text, const std::string&
     m.name = (p.has_filename() ? p.filename() : p.parent_path().filename()).string();
   }
   if (m.name.empty() || m.dir.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ": expected DIR or NAME=DIR, got \"", text, "\""));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": expected DIR or NAME=DIR, got \"", absl::CHexEscape(text), "\""));
   }
   return m;
 }
@@ -165,7 +167,8 @@ absl::Status AddModels(const std::vector<std::string>& texts, const std::string&
     for (const ModelSpec& other : *out) {
       if (other.name == m->name) {
         return absl::InvalidArgumentError(
-            absl::StrCat(where, ": two models are named \"", m->name, "\"; name them with NAME=DIR"));
+            absl::StrCat(where, ": two models are named \"", absl::CHexEscape(m->name),
+                         "\"; name them with NAME=DIR"));
       }
     }
     out->push_back(*m);
@@ -261,7 +264,8 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
       return result;
     }
     if (!absl::StartsWith(arg, "--") || arg.size() == 2) {
-      return absl::InvalidArgumentError(absl::StrCat("unexpected argument \"", arg, "\" (see --help)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unexpected argument \"", absl::CHexEscape(arg), "\" (see --help)"));
     }
     std::string name = arg.substr(2), value;
     const size_t eq = name.find('=');
@@ -360,7 +364,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
     const bool kind_ok = parts.first == "request" || (!every && (parts.first == "fatal" || parts.first == "stuck"));
     if (!kind_ok || !absl::SimpleAtoi(parts.second, &o.inject_fault_at_step) || o.inject_fault_at_step < 1) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "--inject-worker-fault is \"", fault, "\"; allowed: request@N, fatal@N, stuck@N or request%N, N >= 1"));
+          "--inject-worker-fault is \"", absl::CHexEscape(fault), "\"; allowed: request@N, fatal@N, stuck@N or request%N, N >= 1"));
     }
     o.inject_fault = parts.first;
     o.inject_fault_every = every;

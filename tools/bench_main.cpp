@@ -10,6 +10,9 @@
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/cuda.h>
+#ifdef TOMESERVE_HAVE_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -56,6 +59,22 @@ int Fail(const absl::Status& s, int code) {
 
 void Sync(const c10::Device& device) {
   if (device.is_cuda()) torch::cuda::synchronize(device.index());
+}
+
+// Peak bytes the CUDA caching allocator handed out since the last reset (-1 on the CPU or without c10_cuda).
+void ResetPeakMemory(const c10::Device& device) {
+#ifdef TOMESERVE_HAVE_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#endif
+}
+int64_t PeakMemory(const c10::Device& device) {
+#ifdef TOMESERVE_HAVE_CUDA
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+  }
+#endif
+  return -1;
 }
 
 const std::set<std::string> kSessionFlags = {"model", "device", "dtype", "threads"};
@@ -117,6 +136,7 @@ absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Co
     hooks = *created;
   }
   std::vector<double> times;
+  ResetPeakMemory(device);
   absl::Status status = pipeline::GuardTorch("benchmark", [&]() -> absl::Status {
     c10::InferenceMode inference;
     const auto options = at::TensorOptions().dtype(dtype).device(device);
@@ -169,11 +189,13 @@ void PrintResult(const Config& c, const std::vector<double>& times, const c10::D
   std::printf(
       "{\"impl\": \"tomeserve\", \"mode\": \"%s\", \"width\": %lld, \"height\": %lld, \"batch\": %lld, "
       "\"steps\": %lld, \"tome_ratio\": %g, \"device\": \"%s\", \"dtype\": \"%s\", \"threads\": %d, "
-      "\"channels_last\": %s, \"cudnn_benchmark\": %s, \"median_s\": %.6f, \"times_s\": [%s]}\n",
+      "\"channels_last\": %s, \"cudnn_benchmark\": %s, \"peak_device_bytes\": %lld, \"median_s\": %.6f, "
+      "\"times_s\": [%s]}\n",
       c.mode.c_str(), static_cast<long long>(c.width), static_cast<long long>(c.height),
       static_cast<long long>(c.batch), static_cast<long long>(c.steps), c.tome_ratio, device.str().c_str(),
       pipeline::ComputeDTypeName(dtype).c_str(), at::get_num_threads(), channels_last ? "true" : "false",
-      cudnn_benchmark ? "true" : "false", median, absl::StrJoin(times, ", ").c_str());
+      cudnn_benchmark ? "true" : "false", static_cast<long long>(PeakMemory(device)), median,
+      absl::StrJoin(times, ", ").c_str());
   std::fflush(stdout);
 }
 
@@ -233,11 +255,16 @@ int BenchMain(const std::vector<std::string>& raw) {
     if (!config.ok()) return Fail(config.status(), 2);
     absl::StatusOr<std::vector<double>> times = Time(**sd, *config, *device, *dtype);
     if (!times.ok()) {
-      // One failed configuration (an out-of-memory size, say) is reported and the session goes on.
-      std::printf("{\"impl\": \"tomeserve\", \"error\": \"%s\"}\n",
+      // A failed configuration is reported and the session goes on. Out of memory is a result (the seed's
+      // table marks such cells), not a broken run: it leaves the exit status alone.
+      const bool oom = pipeline::IsOutOfMemory(times.status());
+      std::printf("{\"impl\": \"tomeserve\", \"oom\": %s, \"error\": \"%s\"}\n", oom ? "true" : "false",
                   absl::CHexEscape(times.status().ToString()).c_str());
       std::fflush(stdout);
-      exit_code = 1;
+#ifdef TOMESERVE_HAVE_CUDA
+      if (device->is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
+      if (!oom) exit_code = 1;
       continue;
     }
     PrintResult(*config, *times, *device, *dtype, channels_last, cudnn_benchmark);

@@ -15,7 +15,8 @@ def test_binaries_answer_help(tool):
     assert "usage" in run.stdout.lower(), run.stdout[:300]
 
 
-@pytest.mark.parametrize("script", ["bench.py", "load.py", "load_open.py", "soak.py", "plot_ratios.py"])
+@pytest.mark.parametrize("script", ["bench.py", "bench_table.py", "load.py", "load_open.py", "soak.py",
+                                    "plot_ratios.py"])
 def test_scripts_answer_help(script):
     run = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
                          timeout=60)
