@@ -134,8 +134,10 @@ absl::Status SetFlag(absl::CommandLineFlag* flag, const std::string& value, cons
   std::string error;
   if (!flag->ParseFrom(value, &error)) {
     // Escaped: a value from a file or the environment may hold newlines; usage errors are one line.
+    // absl's message quotes the value again, raw.
+    const std::string reason = absl::StrReplaceAll(error, {{"\n", "\\n"}, {"\r", "\\r"}});
     return absl::InvalidArgumentError(
-        absl::StrCat(where, ": invalid value \"", absl::CHexEscape(value), "\": ", error));
+        absl::StrCat(where, ": invalid value \"", absl::CHexEscape(value), "\": ", reason));
   }
   return absl::OkStatus();
 }
