@@ -9,7 +9,9 @@
 # Leak checking is off (both keep process-lifetime allocations that LeakSanitizer would report at exit), and RSS
 # growth in the soak is not a finding (ASan's quarantine and TSan's shadow memory grow on purpose). Under TSan the
 # server runs one intra-op thread (OMP_NUM_THREADS=1): libgomp's uninstrumented pool would hide its
-# synchronisation from TSan.
+# synchronisation from TSan. Known limit of `thread` today: Debian's abseil is not built with TSan, so TSan cannot
+# see absl::Mutex and reports every access it guards (the first: Scheduler::Enqueue vs the housekeeping thread,
+# both under Scheduler::mu_); a TSan-built abseil is needed first (docs/reliability.md).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
