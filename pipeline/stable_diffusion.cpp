@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "pipeline/denoise_batch.h"
 #include "pipeline/model_config.h"
@@ -174,12 +175,21 @@ absl::StatusOr<std::vector<DenoiseBatch::Sample>> StableDiffusion::PrepareSample
     schedules.push_back(found);
   }
 
-  // Prompts first, then the negative prompts of the samples that use guidance: one text-encoder call.
+  // One text-encoder call for every distinct text: prompts first, then the negative prompts of the samples that
+  // use guidance. A request for N images of one prompt (and the usual empty negative prompt) encodes 2 texts,
+  // not 2N; samples with equal texts share read-only rows of the result.
   auto t0 = std::chrono::steady_clock::now();
   std::vector<std::string> texts;
-  for (const SampleSpec& s : specs) texts.push_back(s.prompt);
-  for (const SampleSpec& s : specs) {
-    if (s.guidance_scale > 1.0) texts.push_back(s.negative_prompt);
+  absl::flat_hash_map<std::string, int64_t> row_of_text;
+  const auto row_for = [&](const std::string& text) {
+    auto [it, added] = row_of_text.try_emplace(text, static_cast<int64_t>(texts.size()));
+    if (added) texts.push_back(text);
+    return it->second;
+  };
+  std::vector<int64_t> cond_row(specs.size()), uncond_row(specs.size(), -1);
+  for (size_t i = 0; i < specs.size(); ++i) cond_row[i] = row_for(specs[i].prompt);
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (specs[i].guidance_scale > 1.0) uncond_row[i] = row_for(specs[i].negative_prompt);
   }
   absl::StatusOr<at::Tensor> embeddings = EncodePrompts(texts);
   if (!embeddings.ok()) return embeddings.status();
@@ -187,11 +197,10 @@ absl::StatusOr<std::vector<DenoiseBatch::Sample>> StableDiffusion::PrepareSample
 
   return GuardTorch("preparing latents", [&]() -> absl::StatusOr<std::vector<DenoiseBatch::Sample>> {
     std::vector<DenoiseBatch::Sample> samples;
-    int64_t next_uncond = static_cast<int64_t>(specs.size());
     for (size_t i = 0; i < specs.size(); ++i) {
       DenoiseBatch::Sample s;
-      s.cond = embeddings->narrow(0, static_cast<int64_t>(i), 1);
-      if (specs[i].guidance_scale > 1.0) s.uncond = embeddings->narrow(0, next_uncond++, 1);
+      s.cond = embeddings->narrow(0, cond_row[i], 1);
+      if (uncond_row[i] >= 0) s.uncond = embeddings->narrow(0, uncond_row[i], 1);
       s.generator = at::make_generator<at::CPUGeneratorImpl>(specs[i].seed);
       const at::TensorOptions model_options = at::TensorOptions().dtype(options_.target.dtype).device(options_.target.device);
       at::Tensor initial;

@@ -205,6 +205,31 @@ TEST_F(StepBatchTest, SamplesJoiningAndLeavingEqualTheirSoloRuns) {
   }
 }
 
+// Distinct texts are encoded once per PrepareSamples call: samples with equal prompts (a request's N images) share
+// their rows, and each row is what the prompt alone encodes to.
+TEST_F(StepBatchTest, EqualPromptsAreEncodedOnce) {
+  std::vector<SampleSpec> specs = {{.prompt = "a red cube", .seed = 1},
+                                   {.prompt = "a red cube", .seed = 2},
+                                   {.prompt = "a blue ball", .negative_prompt = "blurry", .seed = 3},
+                                   {.prompt = "a red cube", .seed = 4, .guidance_scale = 1.0}};
+  auto prepared = sd_->PrepareSamples({.width = 64, .height = 64}, specs);
+  ASSERT_TRUE(prepared.ok()) << prepared.status();
+  const auto& s = *prepared;
+  ASSERT_EQ(s.size(), 4u);
+  EXPECT_TRUE(at::equal(s[0].cond, s[1].cond));
+  EXPECT_TRUE(at::equal(s[0].cond, s[3].cond));
+  EXPECT_TRUE(at::equal(s[0].uncond, s[1].uncond));  // the empty negative prompt, once
+  EXPECT_FALSE(s[3].uncond.defined());                // no guidance, no unconditional half
+  EXPECT_FALSE(at::equal(s[0].cond, s[2].cond));
+  EXPECT_FALSE(at::equal(s[0].uncond, s[2].uncond));
+  for (const auto& [text, got] : std::vector<std::pair<std::string, at::Tensor>>{
+           {"a red cube", s[0].cond}, {"a blue ball", s[2].cond}, {"blurry", s[2].uncond}, {"", s[0].uncond}}) {
+    auto alone = sd_->EncodePrompts({text});
+    ASSERT_TRUE(alone.ok());
+    EXPECT_LE(test::RelErr(got, *alone), 1e-6) << text;
+  }
+}
+
 TEST_F(StepBatchTest, RejectsASampleOfAnotherSize) {
   DenoiseBatch batch(*sd_, 8, 8);
   auto prepared = sd_->PrepareSamples({.width = 64, .height = 72}, {SampleSpec{.prompt = "a"}});
