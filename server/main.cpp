@@ -233,7 +233,7 @@ int Run(int argc, char** argv) {
   builder.AddListeningPort(o.listen, *credentials, &port);
   if (o.max_connection_age > absl::ZeroDuration()) {
     // Clients behind a Kubernetes Service keep one connection to one pod; GOAWAY after this age makes them
-    // reconnect (and spread over new replicas). Calls in flight on the old connection get the drain timeout.
+    // reconnect (and spread over new replicas). Calls in flight on the old connection get the age grace.
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, ChannelArgMs(o.max_connection_age));
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, ChannelArgMs(o.max_connection_age_grace));
   }

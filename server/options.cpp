@@ -60,8 +60,8 @@ ABSL_FLAG(double, shutdown_grace, 0,
           "balancers stop routing here first; calls still arrive and run meanwhile.");
 ABSL_FLAG(double, max_connection_age, 0,
           "Seconds after which a client connection is asked to go away (GOAWAY; in-flight calls get "
-          "--drain-timeout to finish), so clients behind a Kubernetes Service reconnect and spread over new "
-          "replicas; 0 = never.");
+          "--max-connection-age-grace to finish), so clients behind a Kubernetes Service reconnect and spread over "
+          "new replicas; 0 = never.");
 ABSL_FLAG(double, max_connection_age_grace, 600,
           "Seconds that calls in flight on a connection aged out by --max-connection-age get to finish before "
           "it closes (longer than the slowest call, or they are cut off).");
@@ -130,14 +130,17 @@ std::map<std::string, absl::CommandLineFlag*> OwnFlags() {
   return flags;
 }
 
+// Usage errors are one line: messages from libraries (absl's flag parser quotes the value raw; yaml-cpp) may
+// hold newlines from user text.
+std::string OneLine(absl::string_view message) {
+  return absl::StrReplaceAll(message, {{"\n", "\\n"}, {"\r", "\\r"}});
+}
+
 absl::Status SetFlag(absl::CommandLineFlag* flag, const std::string& value, const std::string& where) {
   std::string error;
   if (!flag->ParseFrom(value, &error)) {
-    // Escaped: a value from a file or the environment may hold newlines; usage errors are one line.
-    // absl's message quotes the value again, raw.
-    const std::string reason = absl::StrReplaceAll(error, {{"\n", "\\n"}, {"\r", "\\r"}});
     return absl::InvalidArgumentError(
-        absl::StrCat(where, ": invalid value \"", absl::CHexEscape(value), "\": ", reason));
+        absl::StrCat(where, ": invalid value \"", absl::CHexEscape(value), "\": ", OneLine(error)));
   }
   return absl::OkStatus();
 }
@@ -178,13 +181,6 @@ absl::Status AddModels(const std::vector<std::string>& texts, const std::string&
   return absl::OkStatus();
 }
 
-// One line (yaml-cpp's messages carry a "line L, column C" position).
-std::string YamlError(const std::string& path, const YAML::Exception& e) {
-  std::string what = e.what();
-  std::replace(what.begin(), what.end(), '\n', ' ');
-  return absl::StrCat("--config ", path, ": ", what);
-}
-
 absl::Status ApplyConfigEntries(const std::string& path, const YAML::Node& root,
                                 const std::map<std::string, absl::CommandLineFlag*>& flags,
                                 std::vector<std::string>* models) {
@@ -198,7 +194,9 @@ absl::Status ApplyConfigEntries(const std::string& path, const YAML::Node& root,
         models->push_back(value.as<std::string>());
       } else if (value.IsSequence()) {
         for (const auto& v : value) {
-          if (!v.IsScalar()) return absl::InvalidArgumentError(absl::StrCat(where, ": expected DIR or NAME=DIR items"));
+          if (!v.IsScalar()) {
+            return absl::InvalidArgumentError(absl::StrCat(where, ": expected DIR or NAME=DIR items"));
+          }
           models->push_back(v.as<std::string>());
         }
       } else if (value.IsMap()) {
@@ -232,7 +230,7 @@ absl::Status ApplyConfigFile(const std::string& path,
     if (!root.IsMap()) return absl::InvalidArgumentError(absl::StrCat("--config ", path, ": expected a mapping"));
     return ApplyConfigEntries(path, root, flags, models);
   } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(YamlError(path, e));
+    return absl::InvalidArgumentError(absl::StrCat("--config ", path, ": ", OneLine(e.what())));
   }
 }
 
@@ -365,8 +363,8 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
     std::pair<std::string, std::string> parts = absl::StrSplit(fault, absl::MaxSplits(every ? '%' : '@', 1));
     const bool kind_ok = parts.first == "request" || (!every && (parts.first == "fatal" || parts.first == "stuck"));
     if (!kind_ok || !absl::SimpleAtoi(parts.second, &o.inject_fault_at_step) || o.inject_fault_at_step < 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--inject-worker-fault is \"", absl::CHexEscape(fault), "\"; allowed: request@N, fatal@N, stuck@N or request%N, N >= 1"));
+      return absl::InvalidArgumentError(absl::StrCat("--inject-worker-fault is \"", absl::CHexEscape(fault),
+                                                     "\"; allowed: request@N, fatal@N, stuck@N or request%N, N >= 1"));
     }
     o.inject_fault = parts.first;
     o.inject_fault_every = every;

@@ -36,6 +36,15 @@ struct ImageGeneratorService::Context {
   std::atomic<const ModelCatalog*> catalog{nullptr};
   std::unique_ptr<ModelCatalog> catalog_storage;
 
+  // " prompt=\"...\" negative_prompt=\"...\"" for --log-prompts: escaped, so a prompt cannot break the
+  // one-line-per-call format, and at most 256 bytes each.
+  static std::string PromptsForLog(const v1::GenerateRequest& request) {
+    const auto quoted = [](const std::string& text) {
+      return absl::StrCat("\"", absl::CHexEscape(text.substr(0, 256)), text.size() > 256 ? "...\"" : "\"");
+    };
+    return absl::StrCat(" prompt=", quoted(request.prompt()), " negative_prompt=", quoted(request.negative_prompt()));
+  }
+
   // A call's cancellation (any gRPC thread): mark the job and let the scheduler drop it if it is still queued;
   // a running job leaves its batch at the next step boundary. `job` may be null (rejected before enqueue).
   void Cancel(Job* job) {
@@ -82,13 +91,7 @@ struct ImageGeneratorService::Context {
     if (result.ok() && result->slo.applied) metrics->CountSloDecision(ratio, result->slo.target_met);
     const std::string id = job != nullptr ? job->request().request_id : request.request_id();
     std::string key = job != nullptr ? ToString(job->key()) : "-";
-    if (log_prompts) {
-      // Escaped, so a prompt cannot break the one-line-per-call format; at most 256 bytes each.
-      const auto quoted = [](const std::string& text) {
-        return absl::StrCat("\"", absl::CHexEscape(text.substr(0, 256)), text.size() > 256 ? "...\"" : "\"");
-      };
-      absl::StrAppend(&key, " prompt=", quoted(request.prompt()), " negative_prompt=", quoted(request.negative_prompt()));
-    }
+    if (log_prompts) absl::StrAppend(&key, PromptsForLog(request));
     if (result.ok()) {
       spdlog::info(
           "{} id={} {} ratio={} images={} batch_size={} queue={:.3f}s text={:.3f}s denoise={:.3f}s "

@@ -206,7 +206,8 @@ TEST_F(StepBatchTest, SamplesJoiningAndLeavingEqualTheirSoloRuns) {
 }
 
 // Distinct texts are encoded once per PrepareSamples call: samples with equal prompts (a request's N images) share
-// their rows, and each row is what the prompt alone encodes to.
+// one row of one encoder output that holds only the distinct texts, and each row is what its text alone
+// encodes to.
 TEST_F(StepBatchTest, EqualPromptsAreEncodedOnce) {
   std::vector<SampleSpec> specs = {{.prompt = "a red cube", .seed = 1},
                                    {.prompt = "a red cube", .seed = 2},
@@ -216,10 +217,13 @@ TEST_F(StepBatchTest, EqualPromptsAreEncodedOnce) {
   ASSERT_TRUE(prepared.ok()) << prepared.status();
   const auto& s = *prepared;
   ASSERT_EQ(s.size(), 4u);
-  EXPECT_TRUE(at::equal(s[0].cond, s[1].cond));
-  EXPECT_TRUE(at::equal(s[0].cond, s[3].cond));
-  EXPECT_TRUE(at::equal(s[0].uncond, s[1].uncond));  // the empty negative prompt, once
-  EXPECT_FALSE(s[3].uncond.defined());                // no guidance, no unconditional half
+  // The same row, not equal copies: 4 distinct texts ("a red cube", "a blue ball", "", "blurry") were encoded,
+  // where one row per prompt and per negative prompt would be 7.
+  EXPECT_EQ(s[0].cond.data_ptr(), s[1].cond.data_ptr());
+  EXPECT_EQ(s[0].cond.data_ptr(), s[3].cond.data_ptr());
+  EXPECT_EQ(s[0].uncond.data_ptr(), s[1].uncond.data_ptr());  // the empty negative prompt, once
+  EXPECT_EQ(s[0].cond.storage().nbytes(), 4 * s[0].cond.nbytes());
+  EXPECT_FALSE(s[3].uncond.defined());  // no guidance, no unconditional half
   EXPECT_FALSE(at::equal(s[0].cond, s[2].cond));
   EXPECT_FALSE(at::equal(s[0].uncond, s[2].uncond));
   for (const auto& [text, got] : std::vector<std::pair<std::string, at::Tensor>>{

@@ -18,10 +18,8 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
-#include <map>
 #include <optional>
 #include <set>
-#include <tuple>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -96,16 +94,16 @@ absl::StatusOr<Config> ParseConfig(const CliArgs& a) {
   if (c.mode != "unet" && c.mode != "generate" && c.mode != "merge") {
     return absl::InvalidArgumentError("--mode: unet, generate or merge");
   }
-  const std::pair<const char*, int64_t*> ints[] = {{"width", &c.width}, {"height", &c.height}, {"batch", &c.batch},
-                                                  {"steps", &c.steps}, {"warmup", &c.warmup}, {"reps", &c.reps}};
-  const std::map<std::string, std::tuple<int64_t, int64_t, int64_t>> ranges = {
-      {"width", {512, 8, 8192}}, {"height", {512, 8, 8192}}, {"batch", {1, 1, 64}},
-      {"steps", {4, 1, 1000}},   {"warmup", {1, 0, 100}},     {"reps", {3, 1, 1000}}};
-  for (const auto& [name, field] : ints) {
-    const auto& [fallback, lo, hi] = ranges.at(name);
-    absl::StatusOr<int64_t> v = a.GetInt(name, fallback, lo, hi);
+  const struct {
+    const char* name;
+    int64_t* field;
+    int64_t fallback, lo, hi;
+  } ints[] = {{"width", &c.width, 512, 8, 8192}, {"height", &c.height, 512, 8, 8192}, {"batch", &c.batch, 1, 1, 64},
+              {"steps", &c.steps, 4, 1, 1000},   {"warmup", &c.warmup, 1, 0, 100},     {"reps", &c.reps, 3, 1, 1000}};
+  for (const auto& i : ints) {
+    absl::StatusOr<int64_t> v = a.GetInt(i.name, i.fallback, i.lo, i.hi);
     if (!v.ok()) return v.status();
-    *field = *v;
+    *i.field = *v;
   }
   absl::StatusOr<double> ratio = a.GetDouble("tome-ratio", 0, 0, 1);
   if (!ratio.ok()) return ratio.status();

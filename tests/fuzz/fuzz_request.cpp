@@ -3,27 +3,21 @@
 // TOMESERVE_FUZZ_TOKENIZER_DIR). Every input is a validated request or an error status, never a crash; an
 // accepted request is within the limits it was validated against.
 #include <cstdint>
-#include <cstdlib>
-#include <memory>
 
-#include "pipeline/clip_tokenizer.h"
 #include "server/request_convert.h"
+#include "tests/fuzz/fuzz_tokenizer_dir.h"
 #include "google/protobuf/stubs/logging.h"
 #include "tomeserve/v1/image_generator.pb.h"
 
 namespace ts = tomeserve;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static const ts::pipeline::ClipTokenizer* tokenizer = [] {
-    const char* dir = std::getenv("TOMESERVE_FUZZ_TOKENIZER_DIR");
-    auto loaded = ts::pipeline::ClipTokenizer::Load(dir != nullptr ? dir : "build/testdata/tiny/tokenizer");
-    if (!loaded.ok()) std::abort();  // a setup error, not a finding
-    return loaded->release();
-  }();
   static const ts::server::ModelCatalog* catalog = [] {
     auto* c = new ts::server::ModelCatalog{.default_model = "tiny"};
-    c->models.push_back({.name = "tiny", .native_width = 64, .native_height = 64, .tokenizer = tokenizer});
-    c->models.push_back({.name = "other", .native_width = 512, .native_height = 512, .tokenizer = tokenizer});
+    c->models.push_back(
+        {.name = "tiny", .native_width = 64, .native_height = 64, .tokenizer = &ts::fuzz::Tokenizer()});
+    c->models.push_back(
+        {.name = "other", .native_width = 512, .native_height = 512, .tokenizer = &ts::fuzz::Tokenizer()});
     return c;
   }();
   static const ts::server::RequestLimits limits;

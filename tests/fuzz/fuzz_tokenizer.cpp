@@ -4,20 +4,14 @@
 // points it at the tiny test model's).
 #include <cstdint>
 #include <cstdlib>
-#include <memory>
 #include <string_view>
 
-#include "pipeline/clip_tokenizer.h"
+#include "tests/fuzz/fuzz_tokenizer_dir.h"
 
 using tomeserve::pipeline::ClipTokenizer;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static const ClipTokenizer* tokenizer = [] {
-    const char* dir = std::getenv("TOMESERVE_FUZZ_TOKENIZER_DIR");
-    auto loaded = ClipTokenizer::Load(dir != nullptr ? dir : "build/testdata/tiny/tokenizer");
-    if (!loaded.ok()) std::abort();  // a setup error, not a finding: the script checks the folder first
-    return loaded->release();
-  }();
+  const ClipTokenizer* tokenizer = &tomeserve::fuzz::Tokenizer();
   const std::string_view text(reinterpret_cast<const char*>(data), size);
   for (int max_length : {ClipTokenizer::kMaxLength, 8}) {
     const auto ids = tokenizer->Encode(text, max_length);

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from conftest import binary
-from tomeserve_server import health_status, proto, running_server, start_server
+from tomeserve_server import health_status, proto, running_server, server_under_test
 
 pb, pb_grpc = proto()
 
@@ -38,8 +38,7 @@ def test_request_level_error_fails_only_its_batch(tiny_model):
 @pytest.mark.parametrize("fault,extra", [("fatal@2", []), ("stuck@2", ["--step-timeout-seconds", "1"])])
 def test_fatal_or_stuck_worker_fails_calls_and_exits_3(tiny_model, fault, extra):
     binary("tomeserve")
-    s = start_server(["--model", tiny_model, "--inject-worker-fault", fault, *extra])
-    try:
+    with server_under_test(["--model", tiny_model, "--inject-worker-fault", fault, *extra]) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
         assert health_status(s.channel, "liveness") == "SERVING"
         t0 = time.monotonic()
@@ -54,16 +53,11 @@ def test_fatal_or_stuck_worker_fails_calls_and_exits_3(tiny_model, fault, extra)
         assert "left service" in log and "no worker is left in service" in log, log
         if fault.startswith("stuck"):
             assert "ran past its limit" in log, log
-    finally:
-        s.channel.close()
-        if s.process.poll() is None:
-            s.process.kill()
 
 
 def test_liveness_stays_serving_while_draining(tiny_model):
     binary("tomeserve")
-    s = start_server(["--model", tiny_model, "--shutdown-grace", "3", "--drain-timeout", "30"])
-    try:
+    with server_under_test(["--model", tiny_model, "--shutdown-grace", "3", "--drain-timeout", "30"]) as s:
         assert health_status(s.channel, "liveness") == "SERVING"
         s.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -72,7 +66,3 @@ def test_liveness_stays_serving_while_draining(tiny_model):
         assert health_status(s.channel) == "NOT_SERVING"  # readiness drops ...
         assert health_status(s.channel, "liveness") == "SERVING"  # ... liveness does not
         assert s.process.wait(timeout=60) == 0
-    finally:
-        s.channel.close()
-        if s.process.poll() is None:
-            s.process.kill()

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from conftest import binary
-from tomeserve_server import health_status, proto, running_server, start_server
+from tomeserve_server import health_status, proto, running_server, server_under_test
 
 pb, pb_grpc = proto()
 
@@ -136,8 +136,8 @@ def test_cancelled_call_leaves_its_batch_the_other_continues(tiny_model):
 
 def test_sigterm_drains_in_flight_call(tiny_model):
     binary("tomeserve")
-    s = start_server(["--model", tiny_model, "--max-queue-delay-ms", "0", "--drain-timeout", "120"])
-    try:
+    args = ["--model", tiny_model, "--max-queue-delay-ms", "0", "--drain-timeout", "120"]
+    with server_under_test(args) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
         stream = stub.GenerateStream(request(num_inference_steps=40, request_id="inflight"), timeout=300)
         first_event(stream, "progress")
@@ -147,17 +147,12 @@ def test_sigterm_drains_in_flight_call(tiny_model):
         assert len(rest[-1].result.images) == 1
         assert s.process.wait(timeout=120) == 0
         assert "draining" in s.log()
-    finally:
-        s.channel.close()
-        if s.process.poll() is None:
-            s.process.kill()
 
 
 def test_drain_timeout_cancels_what_cannot_finish_and_exits_0(tiny_model):
     binary("tomeserve")
-    s = start_server(["--model", tiny_model, "--max-queue-delay-ms", "0", "--max-steps", str(LONG_STEPS),
-                      "--drain-timeout", "2"])
-    try:
+    args = ["--model", tiny_model, "--max-queue-delay-ms", "0", "--max-steps", str(LONG_STEPS), "--drain-timeout", "2"]
+    with server_under_test(args) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
         stream = stub.GenerateStream(request(num_inference_steps=LONG_STEPS, request_id="too-long"), timeout=300)
         first_event(stream, "progress")
@@ -171,18 +166,14 @@ def test_drain_timeout_cancels_what_cannot_finish_and_exits_0(tiny_model):
         assert s.process.wait(timeout=120) == 0
         assert time.monotonic() - started < 60
         assert "draining" in s.log()
-    finally:
-        s.channel.close()
-        if s.process.poll() is None:
-            s.process.kill()
 
 
 def test_shutdown_grace_reports_not_serving_while_still_answering(tiny_model):
     binary("tomeserve")
     # The grace (8 s) is well beyond the 6 s allowed for seeing NOT_SERVING, so the call below still finds the
     # listener open on a loaded machine.
-    s = start_server(["--model", tiny_model, "--max-queue-delay-ms", "0", "--shutdown-grace", "8"])
-    try:
+    args = ["--model", tiny_model, "--max-queue-delay-ms", "0", "--shutdown-grace", "8"]
+    with server_under_test(args) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
         s.process.send_signal(15)
         # A load balancer polling health sees NOT_SERVING while the listener is still open...
@@ -191,10 +182,6 @@ def test_shutdown_grace_reports_not_serving_while_still_answering(tiny_model):
         assert len(stub.Generate(request(request_id="in-grace"), timeout=60).images) == 1
         assert s.process.wait(timeout=120) == 0
         assert "closing the listener in" in s.log()
-    finally:
-        s.channel.close()
-        if s.process.poll() is None:
-            s.process.kill()
 
 
 def wait_for_health(channel, wanted, timeout=300):
@@ -220,8 +207,7 @@ def wait_for_health(channel, wanted, timeout=300):
 def test_health_not_serving_until_warm_then_serving(tiny_model):
     binary("tomeserve")
     # A longer warm-up keeps the server NOT_SERVING long enough to observe it.
-    s = start_server(["--model", tiny_model, "--warmup-steps", "150"], wait_serving=False)
-    try:
+    with server_under_test(["--model", tiny_model, "--warmup-steps", "150"], wait_serving=False) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
         # Only what was actually observed is asserted: a fast machine may be SERVING before the first check.
         first = wait_for_health(s.channel, ("NOT_SERVING", "SERVING"))[0]
@@ -236,19 +222,11 @@ def test_health_not_serving_until_warm_then_serving(tiny_model):
         assert seen in (["SERVING"], ["NOT_SERVING", "SERVING"]), seen
         assert len(stub.Generate(request(), timeout=60).images) == 1
         assert s.stop(timeout=120) == 0
-    finally:
-        s.channel.close()
-        if s.process.poll() is None:
-            s.process.kill()
 
 
 def test_sigterm_while_loading_exits_0(tiny_model):
     binary("tomeserve")
-    s = start_server(["--model", tiny_model, "--warmup-steps", str(LONG_STEPS)], wait_serving=False)
-    try:
+    args = ["--model", tiny_model, "--warmup-steps", str(LONG_STEPS)]
+    with server_under_test(args, wait_serving=False) as s:
         wait_for_health(s.channel, "NOT_SERVING")
         assert s.stop(timeout=300) == 0
-    finally:
-        s.channel.close()
-        if s.process.poll() is None:
-            s.process.kill()

@@ -222,6 +222,19 @@ def start_server(args: Sequence[str], *, metrics: bool = False, env: dict | None
 
 
 @contextlib.contextmanager
+def server_under_test(args: Sequence[str], **kw) -> Iterator[RunningServer]:
+    """start_server for tests that stop the server themselves (signals, injected faults) and check how it exits:
+    on leaving, the channel is closed and a process still running is killed."""
+    server = start_server(args, **kw)
+    try:
+        yield server
+    finally:
+        server.channel.close()
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+@contextlib.contextmanager
 def running_server(args: Sequence[str], *, metrics: bool = False, env: dict | None = None,
                    startup_timeout: float = 120.0, check_exit: bool = True,
                    channel_credentials: grpc.ChannelCredentials | None = None) -> Iterator[RunningServer]:
