@@ -25,10 +25,19 @@ if(NOT _torch_rc EQUAL 0)
   message(FATAL_ERROR "${TOMESERVE_PYTHON} cannot import torch; run scripts/bootstrap.sh first")
 endif()
 list(APPEND CMAKE_PREFIX_PATH ${_torch_prefix})
-# The CUDA wheel's TorchConfig looks for the CUDA toolkit; /usr/local/cuda is where Debian images keep it.
-if(NOT CMAKE_CUDA_COMPILER AND EXISTS /usr/local/cuda/bin/nvcc)
-  set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
-  set(CUDAToolkit_ROOT /usr/local/cuda)
+# The CUDA wheel's TorchConfig enables the CUDA language and looks for the toolkit: /usr/local/cuda where the
+# machine has one, else the toolkit scripts/bootstrap.sh made from NVIDIA's PyPI wheels next to the python.
+if(NOT CMAKE_CUDA_COMPILER)
+  get_filename_component(_venv ${TOMESERVE_PYTHON} DIRECTORY)
+  foreach(_root IN ITEMS /usr/local/cuda ${_venv}/../cuda-toolkit)
+    if(EXISTS ${_root}/bin/nvcc)
+      get_filename_component(_root ${_root} ABSOLUTE)
+      set(CMAKE_CUDA_COMPILER ${_root}/bin/nvcc)
+      set(CUDAToolkit_ROOT ${_root})
+      set(CUDA_TOOLKIT_ROOT_DIR ${_root} CACHE PATH "CUDA toolkit torch's CMake config uses")
+      break()
+    endif()
+  endforeach()
 endif()
 find_package(Torch REQUIRED CONFIG)
 

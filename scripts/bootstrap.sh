@@ -2,19 +2,35 @@
 # Installs everything tomeserve needs on a fresh Debian 12 machine: the C++ toolchain's libraries from apt and the
 # Python reference stack (plus libtorch, which ships inside the torch wheel) in .venv. Idempotent: a second run
 # only checks. Timings of each step go to stderr so install cost stays visible in CI logs.
+#   scripts/bootstrap.sh           everything: build, tests, benchmarks (developers, CI)
+#   scripts/bootstrap.sh --build   only what building the server needs (the Dockerfile's builder stage):
+#                                  build packages and requirements-build.txt (torch), no test stack
+# Where the machine has no CUDA toolkit (nvcc) but the torch wheel is a CUDA build, the toolkit pieces that
+# torch's CMake config needs (nvcc, nvvm, crt, cccl headers) come from NVIDIA's PyPI wheels
+# (requirements-cuda-toolkit.txt) and .venv/cuda-toolkit is made a toolkit root over them; cmake/ finds it.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+mode=all
+case "${1:-}" in
+  "") ;;
+  --build) mode=build ;;
+  *) echo "usage: scripts/bootstrap.sh [--build]" >&2; exit 2 ;;
+esac
 
 apt_packages=(
-  build-essential cmake ninja-build pkg-config
+  build-essential cmake ninja-build pkg-config ca-certificates
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev
-  libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libpng-dev libpcre2-dev libutf8proc-dev libyaml-cpp-dev
-  python3-venv unzip openssl
-  prometheus  # the observability test runs a real Prometheus (and promtool) on 127.0.0.1
+  python3-venv
 )
+if [ "$mode" = all ]; then
+  apt_packages+=(
+    libgtest-dev libgmock-dev libbenchmark-dev unzip openssl
+    prometheus  # the observability test runs a real Prometheus (and promtool) on 127.0.0.1
+  )
+fi
 
 # Tools only some scripts need ask for their packages here, so there is one install path
 # (scripts/fuzz.sh: TOMESERVE_EXTRA_APT="clang libclang-rt-14-dev").
@@ -48,26 +64,48 @@ else
   step "apt: all packages present"
 fi
 
-# The venv is keyed by the requirements file: a changed pin re-runs pip, an unchanged one costs nothing.
+# The venv is keyed by the requirements files: a changed pin re-runs pip, an unchanged one costs nothing.
 venv="$root/.venv"
-stamp="$venv/.requirements.sha256"
-want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+reqs=requirements.txt
+[ "$mode" = build ] && reqs=requirements-build.txt
+stamp="$venv/.${reqs%.txt}.sha256"
+want="$(cat requirements*.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ]; then
   step "venv: creating $venv"
   python3 -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  step "pip: installing requirements.txt (the CUDA torch wheel and its nvidia-* wheels are several GB)"
+  step "pip: installing $reqs (the CUDA torch wheel and its nvidia-* wheels are several GB)"
   timed "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-  timed "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt
+  timed "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$reqs"
   echo "$want" > "$stamp"
 else
-  step "pip: requirements unchanged"
+  step "pip: $reqs unchanged"
+fi
+
+# A CUDA torch wheel's CMake config enables the CUDA language, so building against it needs nvcc. Use the
+# machine's toolkit where there is one; otherwise make one from NVIDIA's wheels (same CUDA release as torch's).
+toolkit="$venv/cuda-toolkit"
+torch_cuda="$("$venv/bin/python" -c 'import torch; print(torch.version.cuda or "")')"
+if [ -n "$torch_cuda" ] && [ ! -x /usr/local/cuda/bin/nvcc ] && ! command -v nvcc >/dev/null \
+   && [ ! -x "$toolkit/bin/nvcc" ]; then
+  step "CUDA $torch_cuda toolkit from PyPI wheels into $toolkit (no nvcc on this machine)"
+  timed "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements-cuda-toolkit.txt
+  cu="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')"
+  # nvcc finds its pieces relative to its own folder (nvcc.profile: TOP = bin/..), so bin/ and nvvm/ stay in
+  # the wheel folder; FindCUDAToolkit wants lib64/ with unversioned names the wheels do not ship.
+  mkdir -p "$toolkit/lib64"
+  for d in bin nvvm include; do ln -sfn "$cu/$d" "$toolkit/$d"; done
+  for f in "$cu"/lib/*.so.* "$cu"/lib/*.a; do
+    name="$(basename "$f")"
+    ln -sfn "$f" "$toolkit/lib64/$name"
+    case "$name" in *.so.*) ln -sfn "$f" "$toolkit/lib64/${name%%.so.*}.so" ;; esac
+  done
 fi
 
 # The CLIP BPE merges ship inside open_clip's wheel; take the one data file, not the package and its deps.
 bpe="$root/build/cache/bpe_simple_vocab_16e6.txt.gz"
-if [ ! -s "$bpe" ]; then
+if [ "$mode" = all ] && [ ! -s "$bpe" ]; then
   step "fetching the CLIP BPE merges from the open-clip-torch wheel"
   tmp="$(mktemp -d)"
   "$venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
