@@ -1,29 +1,27 @@
-# tomeserve image: Debian 12, the server and CLI built against the system gRPC/protobuf/abseil and the libtorch
-# that ships inside the pinned torch wheel (requirements.txt: torch==2.11.0, the CUDA build on PyPI).
-#   docker build -t tomeserve .
+# tomeserve image: the server and CLI on Debian 12, built against Debian's gRPC/protobuf/abseil and the libtorch
+# inside the pinned torch wheel (requirements-build.txt: torch==2.11.0, the CUDA 13.0 build on PyPI).
+#   docker build -t tomeserve .            (scripts/image-test.sh builds and runs it with podman/buildah)
 #   docker run --gpus all -p 50051:50051 -p 9464:9464 -v /models/sd15:/models/sd15:ro tomeserve \
 #     --model sd15=/models/sd15
-# Models are mounted, never baked in or downloaded.
+# Models are mounted, never baked in or downloaded. Build arguments:
+#   PIP_CA_BUNDLE  CA bundle file for pip inside the build (a machine behind a TLS-inspecting proxy mounts its
+#                  own, e.g. -v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro); empty: certifi's
+#   BUILD_JOBS     parallel compile jobs (each libtorch translation unit needs ~1.5 GB of memory)
 
-# ---- build: toolchain, -dev packages, torch wheel in /opt/venv (the same path in both stages, so the RPATH to
-# libtorch that CMake writes into the binaries stays valid) ----
+# ---- build: the same install path as CI and developers (scripts/bootstrap.sh --build: Debian's -dev packages
+# and the torch wheel in /src/.venv; the CUDA compiler pieces torch's CMake config wants come from NVIDIA's
+# PyPI wheels, since the image has no CUDA toolkit). The result is assembled under /opt/tomeserve. ----
 FROM debian:12 AS build
-RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      build-essential cmake ninja-build pkg-config ca-certificates \
-      libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
-      libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev \
-      nlohmann-json3-dev libpng-dev libpcre2-dev libutf8proc-dev libyaml-cpp-dev \
-      python3-venv \
-    && rm -rf /var/lib/apt/lists/*
-# The CUDA build of torch's CMake config needs a CUDA 13.0 toolkit (nvcc, headers) at build time only; NVIDIA's
-# Debian 12 repository has it. The runtime stage uses the CUDA libraries from the nvidia-* wheels instead.
-ADD https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb /tmp/
-RUN dpkg -i /tmp/cuda-keyring_1.1-1_all.deb && apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends cuda-toolkit-13-0 \
-    && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install -q --no-cache-dir --disable-pip-version-check "torch==2.11.0"
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ARG PIP_CA_BUNDLE=""
+ARG BUILD_JOBS=2
 WORKDIR /src
+COPY scripts/bootstrap.sh scripts/runtime-packages.sh scripts/
+COPY requirements-build.txt requirements-cuda-toolkit.txt ./
+# bootstrap.sh runs apt-get itself (the one package list of the project); the lists are dropped with the stage.
+RUN if [ -n "${PIP_CA_BUNDLE}" ]; then export PIP_CERT="${PIP_CA_BUNDLE}"; fi \
+    && PIP_NO_CACHE_DIR=1 scripts/bootstrap.sh --build \
+    && rm -rf /var/lib/apt/lists/*
 COPY CMakeLists.txt ./
 COPY cmake cmake
 COPY pipeline pipeline
@@ -31,28 +29,51 @@ COPY tome tome
 COPY proto proto
 COPY server server
 COPY tools tools
+# Installed RUNPATH: libtorch and libcudart keep their wheel layout under lib/site-packages, so libtorch's own
+# $ORIGIN/../../nvidia/... RPATHs find cuDNN, cuBLAS, NCCL and the rest.
+ARG SITE=/src/.venv/lib/python3.11/site-packages
 RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DTOMESERVE_BUILD_TESTS=OFF \
-      -DTOMESERVE_PYTHON=/opt/venv/bin/python \
-    && cmake --build build --target tomeserve tomeserve-cli \
-    && strip build/bin/tomeserve build/bin/tomeserve-cli
+      '-DTOMESERVE_INSTALL_RPATH=$ORIGIN/../lib/site-packages/torch/lib;$ORIGIN/../lib/site-packages/nvidia/cu13/lib' \
+    && cmake --build build -j "${BUILD_JOBS}" --target tomeserve tomeserve-cli \
+    && cmake --install build --prefix /opt/tomeserve --strip \
+    && mkdir -p /opt/tomeserve/lib/site-packages/torch \
+    && cp -a "${SITE}/torch/lib" /opt/tomeserve/lib/site-packages/torch/ \
+    && rm -rf /opt/tomeserve/lib/site-packages/torch/lib/libtorch_python.so \
+              /opt/tomeserve/lib/site-packages/torch/lib/libshm* \
+    && for d in "${SITE}"/nvidia/*/lib; do \
+         rel="${d#"${SITE}"/}"; mkdir -p "/opt/tomeserve/lib/site-packages/${rel}"; \
+         find "$d" -maxdepth 1 -name '*.so*' ! -name 'libnvvm.so*' -exec cp -a {} "/opt/tomeserve/lib/site-packages/${rel}/" \; ; \
+       done \
+    && scripts/runtime-packages.sh /opt/tomeserve > /opt/tomeserve/runtime-packages.txt
 
-# ---- runtime: shared libraries only; libtorch and the CUDA libraries it loads (nvidia-* wheels) keep their
-# wheel layout, since libtorch_cuda.so finds them through $ORIGIN-relative RPATHs ----
-FROM debian:12-slim
-RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      ca-certificates libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 libspdlog1.10 libfmt9 \
-      libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libyaml-cpp0.7 libpng16-16 libpcre2-8-0 \
-      libutf8proc2 libssl3 libgomp1 \
+# ---- runtime: the installed tree plus the Debian runtime packages its libraries come from (the list is computed
+# from ldd in the build stage, so it cannot drift from what the binaries link). ----
+FROM debian:12
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+COPY --from=build /opt/tomeserve /opt/tomeserve
+# The packages and versions are those the build stage linked against (same Debian 12 release and mirror).
+RUN apt-get update \
+    && xargs -a /opt/tomeserve/runtime-packages.txt \
+         apt-get install -y -q --no-install-recommends \
     && rm -rf /var/lib/apt/lists/*
-ARG SITE=/opt/venv/lib/python3.11/site-packages
-COPY --from=build ${SITE}/torch/lib ${SITE}/torch/lib
-COPY --from=build ${SITE}/nvidia ${SITE}/nvidia
-COPY --from=build /src/build/bin/tomeserve /src/build/bin/tomeserve-cli /usr/local/bin/
-RUN useradd --system --uid 10001 tomeserve
-USER tomeserve
-# gRPC (health + reflection on the same port) and Prometheus /metrics.
+# Fails the build when any library of the server, the CLI or libtorch is not found inside the image, except the
+# GPU driver's libcuda.so.1, which the NVIDIA container runtime mounts from the node.
+RUN /opt/tomeserve/bin/tomeserve --help > /dev/null \
+    && /opt/tomeserve/bin/tomeserve-cli --help > /dev/null \
+    && libs="$(ldd /opt/tomeserve/bin/* /opt/tomeserve/lib/site-packages/torch/lib/*.so)" \
+    && if grep -F 'not found' <<<"${libs}" | grep -v -E '^\s*libcuda\.so\.1 '; then exit 1; fi
+# HOME=/tmp: the user has no home, and under Kubernetes' readOnlyRootFilesystem /tmp is the writable emptyDir
+# (CUDA's JIT cache and any library that writes under $HOME land there).
+ENV PATH=/opt/tomeserve/bin:$PATH HOME=/tmp \
+    TOMESERVE_LISTEN=0.0.0.0:50051 TOMESERVE_METRICS_LISTEN=0.0.0.0:9464 TOMESERVE_LOG_FORMAT=json
+# A numeric non-root user (Kubernetes' runAsNonRoot can check a number, not a name); no home, no shell.
+USER 10001:10001
+# gRPC (ImageGenerator, grpc.health.v1 and reflection on one port) and Prometheus /metrics.
 EXPOSE 50051 9464
-ENV TOMESERVE_LISTEN=0.0.0.0:50051 TOMESERVE_METRICS_LISTEN=0.0.0.0:9464 TOMESERVE_LOG_FORMAT=json
+# grpc.health.v1 overall status: SERVING once every model is loaded and warmed up, NOT_SERVING while draining.
+# A slow first start (model load and warm-up) is covered by the start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+  CMD ["/opt/tomeserve/bin/tomeserve-cli", "--target", "127.0.0.1:50051", "--timeout", "4", "health"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["/usr/local/bin/tomeserve"]
+ENTRYPOINT ["/opt/tomeserve/bin/tomeserve"]
 CMD ["--help"]
