@@ -9,9 +9,11 @@
 # Leak checking is off (both keep process-lifetime allocations that LeakSanitizer would report at exit), and RSS
 # growth in the soak is not a finding (ASan's quarantine and TSan's shadow memory grow on purpose). Under TSan the
 # server runs one intra-op thread (OMP_NUM_THREADS=1): libgomp's uninstrumented pool would hide its
-# synchronisation from TSan. Known limit of `thread` today: Debian's abseil is not built with TSan, so TSan cannot
-# see absl::Mutex and reports every access it guards (the first: Scheduler::Enqueue vs the housekeeping thread,
-# both under Scheduler::mu_); a TSan-built abseil is needed first (docs/reliability.md).
+# synchronisation from TSan. TSan must see every lock: Debian's abseil is not built with TSan, so absl::Mutex
+# (ours and gRPC's) would be invisible and every access it guards reported. `thread` therefore builds the same
+# abseil (Debian's source package of the installed version, its patches and CMake options) with -fsanitize=thread
+# into $build/abseil once, and runs everything with it first on LD_LIBRARY_PATH (same SONAMEs and ABI, so gRPC
+# and our binaries load the instrumented copy).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -34,11 +36,38 @@ case "$mode" in
     link="-fsanitize=thread"
     targets=(tomeserve tomeserve-cli server_scheduler_test server_convert_test)
     tests=(server_scheduler_test server_convert_test)
-    export TSAN_OPTIONS=halt_on_error=1:abort_on_error=1:second_deadlock_stack=1 ;;
+    export TSAN_OPTIONS="halt_on_error=1:abort_on_error=1:second_deadlock_stack=1:suppressions=$root/tests/tsan_suppressions.txt" ;;
   *) echo "sanitize.sh: mode is address or thread, got \"$mode\"" >&2; exit 2 ;;
 esac
 
 bash scripts/bootstrap.sh
+if [ "$mode" = thread ]; then
+  absl="$root/$build/abseil"
+  version="$(dpkg-query -W -f='${Version}' libabsl-dev)"
+  if [ "$(cat "$absl/.version" 2>/dev/null)" != "$version" ]; then
+    log "abseil $version from Debian's source package, built with TSan (once)"
+    src="$root/$build/abseil-src"
+    rm -rf "$src" "$absl" "$root/$build/abseil-build" && mkdir -p "$src/lists/partial"
+    # A private deb-src list and state folder: the machine's apt configuration is left as it is.
+    for suite in bookworm bookworm-updates; do echo "deb-src http://deb.debian.org/debian $suite main"; done \
+      >"$src/sources.list"
+    echo "deb-src http://deb.debian.org/debian-security bookworm-security main" >>"$src/sources.list"
+    apt_src=(-o "Dir::Etc::sourcelist=$src/sources.list" -o Dir::Etc::sourceparts=- -o "Dir::State::Lists=$src/lists")
+    apt-get "${apt_src[@]}" -q update >/dev/null
+    (cd "$src" && apt-get "${apt_src[@]}" -q source --download-only "abseil=$version" >/dev/null 2>&1)
+    # Applies Debian's patches. apt checked the files against the signed Sources index; dpkg-source's own check
+    # of the .dsc signature needs debian-keyring, so its "cannot verify" warning is dropped.
+    dpkg-source -x "$src"/abseil_*.dsc "$src/tree" >/dev/null 2>&1
+    # debian/rules' shared-library configuration (C++17, shared), plus the sanitizer.
+    cmake -S "$src/tree" -B "$root/$build/abseil-build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DCMAKE_CXX_STANDARD=17 -DBUILD_SHARED_LIBS=ON -DCMAKE_INSTALL_PREFIX="$absl" -DCMAKE_INSTALL_LIBDIR=lib \
+      -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_SHARED_LINKER_FLAGS="$link" >/dev/null
+    cmake --build "$root/$build/abseil-build" -j "${BUILD_JOBS:-2}" >/dev/null
+    cmake --install "$root/$build/abseil-build" >/dev/null
+    echo "$version" >"$absl/.version"
+  fi
+  export LD_LIBRARY_PATH="$absl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS="$flags" \
   -DCMAKE_EXE_LINKER_FLAGS="$link" -DTOMESERVE_ASAN_TESTS=OFF >/dev/null
 log "build ${targets[*]}"

@@ -57,7 +57,16 @@ def plan(seed, n):
     return calls
 
 
-def process_stats(pid):
+class ServerDied(RuntimeError):
+    pass
+
+
+def process_stats(server):
+    """RSS, threads and open files of the server; ServerDied (with the log's tail) when it is no longer running."""
+    if server.process.poll() is not None:
+        tail = "\n".join(server.log().splitlines()[-60:])
+        raise ServerDied(f"the server exited with {server.process.returncode} during the soak:\n{tail}")
+    pid = server.process.pid
     status = Path(f"/proc/{pid}/status").read_text()
     rss_kb = int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1))
     threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))
@@ -129,11 +138,11 @@ async def run(args, server, calls):
                 if code != "OK":
                     check_error(call, code, details, problems)
                 if len(outcomes) == warm and "warm" not in stats:
-                    stats["warm"] = process_stats(server.process.pid)
+                    stats["warm"] = process_stats(server)
 
         await asyncio.gather(*(client() for _ in range(args.clients)))
     await asyncio.sleep(1.0)  # let the server settle (gRPC closes idle transports)
-    stats["end"] = process_stats(server.process.pid)
+    stats["end"] = process_stats(server)
     return outcomes, problems, stats, time.monotonic() - t0
 
 
@@ -161,6 +170,9 @@ def main():
     try:
         outcomes, problems, stats, seconds = asyncio.run(run(args, server, calls))
         log = server.log()
+    except ServerDied as e:
+        print(f"soak: {e}", file=sys.stderr)
+        return 1
     finally:
         server.channel.close()
         exit_code = server.stop()
