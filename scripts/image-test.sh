@@ -92,6 +92,12 @@ for _ in $(seq 180); do
 done
 grep -q '"SERVING"' <<<"$status" || { cat "$work/server.log" >&2; step "health never turned SERVING"; exit 1; }
 step "health: SERVING at $target"
+# The image's own HEALTHCHECK command, run inside the container next to the server (its fixed 127.0.0.1:50051
+# replaced by this run's port).
+mapfile -t hc < <(podman image inspect --format '{{json .Config.Healthcheck.Test}}' "$image" | .venv/bin/python -c \
+  'import json, sys; t = json.load(sys.stdin); assert t[0] == "CMD", t; print("\n".join(a.replace("127.0.0.1:50051", sys.argv[1]) for a in t[1:]))' "$target")
+hc_out="$(buildah run --isolation=chroot "$ctr" -- "${hc[@]}")" || { step "HEALTHCHECK failed: $hc_out"; exit 1; }
+step "HEALTHCHECK command: $hc_out"
 
 response="$("$grpcurl" -plaintext -max-time 300 -max-msg-sz $((64 << 20)) \
   -d '{"prompt": "a lighthouse", "num_inference_steps": 2, "seed": "7", "num_images": 1, "tome": {"ratio": 0.5}}' \
