@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <optional>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -27,6 +28,7 @@ absl::StatusOr<std::unique_ptr<StableDiffusion>> StableDiffusion::Create(const P
                         absl::StrCat(index.status().message(), " (is ", dir.string(), " a diffusers model folder?)"));
   }
   std::unique_ptr<StableDiffusion> sd(new StableDiffusion(options));
+  sd->text_cache_ = std::make_unique<TextEmbeddingCache>(options.text_cache_entries);
   absl::StatusOr<SchedulerConfig> scheduler = SchedulerConfig::Load(dir / "scheduler" / "scheduler_config.json");
   if (!scheduler.ok()) return scheduler.status();
   sd->scheduler_config_ = *std::move(scheduler);
@@ -175,9 +177,11 @@ absl::StatusOr<std::vector<DenoiseBatch::Sample>> StableDiffusion::PrepareSample
     schedules.push_back(found);
   }
 
-  // One text-encoder call for every distinct text: prompts first, then the negative prompts of the samples that
-  // use guidance. A request for N images of one prompt (and the usual empty negative prompt) encodes 2 texts,
-  // not 2N; samples with equal texts share read-only rows of the result.
+  // Every distinct text once: prompts first, then the negative prompts of the samples that use guidance. A request
+  // for N images of one prompt (and the usual empty negative prompt) needs 2 texts, not 2N; samples with equal
+  // texts share read-only rows of the result. Each text comes from the text-embedding cache or is encoded alone
+  // (diffusers encodes a single prompt alone too), so its row never depends on the call's other texts or on
+  // what the cache holds: same request, same bytes.
   auto t0 = std::chrono::steady_clock::now();
   std::vector<std::string> texts;
   absl::flat_hash_map<std::string, int64_t> row_of_text;
@@ -191,7 +195,19 @@ absl::StatusOr<std::vector<DenoiseBatch::Sample>> StableDiffusion::PrepareSample
   for (size_t i = 0; i < specs.size(); ++i) {
     if (specs[i].guidance_scale > 1.0) uncond_row[i] = row_for(specs[i].negative_prompt);
   }
-  absl::StatusOr<at::Tensor> embeddings = EncodePrompts(texts);
+  std::vector<at::Tensor> rows(texts.size());
+  for (size_t t = 0; t < texts.size(); ++t) {
+    if (std::optional<at::Tensor> hit = text_cache_->Find(texts[t])) {
+      rows[t] = *std::move(hit);
+      continue;
+    }
+    absl::StatusOr<at::Tensor> encoded = EncodePrompts({texts[t]});
+    if (!encoded.ok()) return encoded.status();
+    text_cache_->Insert(texts[t], *encoded);
+    rows[t] = *std::move(encoded);
+  }
+  absl::StatusOr<at::Tensor> embeddings =
+      GuardTorch("text encoding", [&]() -> absl::StatusOr<at::Tensor> { return at::cat(rows); });
   if (!embeddings.ok()) return embeddings.status();
   if (timings != nullptr) timings->text_encoding = SecondsSince(t0);
 

@@ -1,8 +1,8 @@
 // A loaded Stable Diffusion 1.x model (tokenizer, text encoder, UNet, VAE decoder, scheduler config) on one device
-// and dtype. Immutable after Create(): one instance serves batch after batch with different sizes, schedulers and
-// Token Merging settings. Its const methods keep no state between calls, so concurrent calls are safe (the
-// components' forward passes are const); the server still gives each device one worker thread, because batches
-// on one device only compete for it.
+// and dtype. Immutable after Create() but for its text-embedding cache (internally locked): one instance serves
+// batch after batch with different sizes, schedulers and Token Merging settings, and concurrent calls are safe
+// (the components' forward passes are const); the server still gives each device one worker thread, because
+// batches on one device only compete for it.
 //
 // A request's journey through it: EncodePrompts -> StartBatch -> DenoiseBatch::Step() x num_calls -> Decode.
 // Generate() strings these together for offline use (tomeserve-gen, tests, benchmarks).
@@ -23,6 +23,7 @@
 #include "pipeline/device.h"
 #include "pipeline/generation.h"
 #include "pipeline/scheduler_config.h"
+#include "pipeline/text_embedding_cache.h"
 #include "pipeline/unet.h"
 #include "pipeline/vae.h"
 
@@ -31,6 +32,9 @@ namespace tomeserve::pipeline {
 struct PipelineOptions {
   std::filesystem::path model_dir;  // a diffusers folder: model_index.json, tokenizer/, text_encoder/, unet/, ...
   ComputeTarget target;
+  // Text embeddings kept across calls (TextEmbeddingCache), most recently used first; 0 = none. An SD 1.x entry
+  // is 77 x 768 values (118 KB in fp16).
+  size_t text_cache_entries = 256;
 };
 
 class StableDiffusion {
@@ -58,7 +62,8 @@ class StableDiffusion {
   absl::StatusOr<std::unique_ptr<DenoiseBatch>> StartBatch(BatchSpec spec, std::vector<SampleSpec> samples,
                                                            PhaseTimings* timings = nullptr) const;
 
-  // The samples' starting states without a batch: validation, text encoding (one text-encoder call for all),
+  // The samples' starting states without a batch: validation, text encoding (each distinct text once, from the
+  // text-embedding cache or encoded alone),
   // initial noise, each sample's schedule (its own steps/scheduler/hooks, or `spec`'s as defaults). The server
   // adds them to its running DenoiseBatch.
   absl::StatusOr<std::vector<DenoiseBatch::Sample>> PrepareSamples(BatchSpec spec, std::vector<SampleSpec> samples,
@@ -81,6 +86,7 @@ class StableDiffusion {
   const UNet2DConditionModelImpl& unet() const { return *unet_; }
   const ClipTextModelImpl& text_encoder() const { return *text_encoder_; }
   const VaeDecoderImpl& vae() const { return *vae_; }
+  TextEmbeddingCache::Stats text_cache_stats() const { return text_cache_->stats(); }
 
  private:
   explicit StableDiffusion(PipelineOptions options) : options_(std::move(options)) {}
@@ -93,6 +99,7 @@ class StableDiffusion {
   std::shared_ptr<ClipTextModelImpl> text_encoder_;
   std::shared_ptr<UNet2DConditionModelImpl> unet_;
   std::shared_ptr<VaeDecoderImpl> vae_;
+  std::unique_ptr<TextEmbeddingCache> text_cache_;
   SchedulerConfig scheduler_config_;
   SchedulerKind default_scheduler_ = SchedulerKind::kPndm;
 };

@@ -34,6 +34,7 @@ using pipeline::DenoiseBatch;
 using pipeline::HookGroup;
 using pipeline::SampleSpec;
 using pipeline::SchedulerKind;
+using pipeline::TextEmbeddingCache;
 using ::tomeserve::test::EnvPath;
 
 std::shared_ptr<tome::TokenMergingHooks> Hooks(const tome::TokenMerging& t) {
@@ -230,8 +231,41 @@ TEST_F(StepBatchTest, EqualPromptsAreEncodedOnce) {
            {"a red cube", s[0].cond}, {"a blue ball", s[2].cond}, {"blurry", s[2].uncond}, {"", s[0].uncond}}) {
     auto alone = sd_->EncodePrompts({text});
     ASSERT_TRUE(alone.ok());
-    EXPECT_LE(test::RelErr(got, *alone), 1e-6) << text;
+    EXPECT_TRUE(at::equal(got, *alone)) << text;  // each text encoded alone: exactly its own embedding
   }
+}
+
+// Texts seen before come from the text-embedding cache: bit-identical rows, no encoder call (counted as hits).
+TEST_F(StepBatchTest, RepeatedTextsComeFromTheCache) {
+  const std::vector<SampleSpec> specs = {{.prompt = "a cached lighthouse", .negative_prompt = "cache-neg", .seed = 1}};
+  auto first = sd_->PrepareSamples({.width = 64, .height = 64}, specs);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const TextEmbeddingCache::Stats before = sd_->text_cache_stats();
+  auto second = sd_->PrepareSamples({.width = 64, .height = 64}, specs);
+  ASSERT_TRUE(second.ok()) << second.status();
+  const TextEmbeddingCache::Stats after = sd_->text_cache_stats();
+  EXPECT_EQ(after.hits - before.hits, 2);  // the prompt and the negative prompt
+  EXPECT_EQ(after.misses, before.misses);
+  EXPECT_TRUE(at::equal((*first)[0].cond, (*second)[0].cond));
+  EXPECT_TRUE(at::equal((*first)[0].uncond, (*second)[0].uncond));
+}
+
+TEST(TextEmbeddingCache, EvictsTheLeastRecentlyUsed) {
+  TextEmbeddingCache cache(2);
+  cache.Insert("a", at::full({1}, 1.0));
+  cache.Insert("b", at::full({1}, 2.0));
+  ASSERT_TRUE(cache.Find("a").has_value());  // "a" is now the most recent
+  cache.Insert("c", at::full({1}, 3.0));     // evicts "b"
+  EXPECT_FALSE(cache.Find("b").has_value());
+  EXPECT_EQ(cache.Find("a")->item<double>(), 1.0);
+  EXPECT_EQ(cache.Find("c")->item<double>(), 3.0);
+  cache.Insert("c", at::full({1}, 4.0));  // replacing keeps one entry
+  EXPECT_EQ(cache.Find("c")->item<double>(), 4.0);
+  EXPECT_EQ(cache.stats().entries, 2u);
+  TextEmbeddingCache off(0);
+  off.Insert("a", at::full({1}, 1.0));
+  EXPECT_FALSE(off.Find("a").has_value());
+  EXPECT_EQ(off.stats().entries, 0u);
 }
 
 TEST_F(StepBatchTest, RejectsASampleOfAnotherSize) {
