@@ -58,8 +58,8 @@ void OnPngRead(png_structp png, png_bytep out, size_t size) {
   src->pos += size;
 }
 
-bool WriteRaw(const uint8_t* rgb, int width, int height, png_text* texts, int num_texts, std::string* out,
-              PngError* error) {
+bool WriteRaw(const uint8_t* rgb, int width, int height, png_text* texts, int num_texts, int compression_level,
+              std::string* out, PngError* error) {
   png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, error, OnPngError, OnPngWarning);
   if (png == nullptr) return false;
   png_infop info = png_create_info_struct(png);
@@ -68,6 +68,7 @@ bool WriteRaw(const uint8_t* rgb, int width, int height, png_text* texts, int nu
     return false;
   }
   png_set_write_fn(png, out, OnPngWrite, nullptr);
+  png_set_compression_level(png, compression_level);
   png_set_IHDR(png, info, width, height, 8, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
                PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
   if (num_texts > 0) png_set_text(png, info, texts, num_texts);
@@ -245,8 +246,12 @@ std::vector<std::pair<std::string, std::string>> FindParams(absl::string_view li
 }  // namespace
 
 absl::StatusOr<std::string> EncodePng(const uint8_t* rgb, int width, int height,
-                                      const PngTextChunks& text_chunks) {
+                                      const PngTextChunks& text_chunks, int compression_level) {
   if (rgb == nullptr) return absl::InvalidArgumentError("EncodePng: no pixel data");
+  if (compression_level < 0 || compression_level > 9) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("EncodePng: compression level ", compression_level, " is outside 0..9"));
+  }
   if (width <= 0 || height <= 0 || width > kMaxPngDimension || height > kMaxPngDimension) {
     return absl::InvalidArgumentError(
         absl::StrCat("EncodePng: size ", width, "x", height, " is outside 1..", kMaxPngDimension));
@@ -285,7 +290,8 @@ absl::StatusOr<std::string> EncodePng(const uint8_t* rgb, int width, int height,
   }
   std::string out;
   PngError error;
-  if (!WriteRaw(rgb, width, height, chunks.data(), static_cast<int>(chunks.size()), &out, &error)) {
+  if (!WriteRaw(rgb, width, height, chunks.data(), static_cast<int>(chunks.size()), compression_level, &out,
+                &error)) {
     return absl::InternalError(absl::StrCat("EncodePng: libpng: ", error.message));
   }
   return out;

@@ -178,10 +178,12 @@ absl::StatusOr<std::shared_ptr<VaeDecoderImpl>> VaeDecoderImpl::Load(const std::
 at::Tensor ToRgb8(const at::Tensor& image) {
   TORCH_CHECK(image.dim() == 4 && image.size(1) == 3, "image must be [B, 3, H, W], got ", image.sizes());
   at::NoGradGuard no_grad;
-  at::Tensor x = image.mul(0.5).add(0.5).clamp(0, 1);  // VaeImageProcessor.denormalize, on the image's device
-  x = x.cpu().permute({0, 2, 3, 1}).to(at::kFloat);    // pt_to_numpy
-  x = at::nan_to_num(x.mul(255).round(), 0.0);         // numpy_to_pil: (images * 255).round()
-  return x.to(at::kByte).contiguous();                 // .astype("uint8")
+  // diffusers' arithmetic, all on the image's device so that one uint8 copy (a quarter of the float bytes) goes
+  // to the host: denormalize in the image's dtype, then float as pt_to_numpy, then numpy_to_pil's rounding.
+  at::Tensor x = image.mul(0.5).add(0.5).clamp(0, 1);  // VaeImageProcessor.denormalize
+  x = at::nan_to_num(x.to(at::kFloat).mul(255).round(), 0.0);  // (images * 255).round()
+  x = x.to(at::kByte);                                 // .astype("uint8")
+  return x.permute({0, 2, 3, 1}).contiguous().cpu();   // NHWC rows for PNG encoding
 }
 
 }  // namespace tomeserve::pipeline

@@ -101,8 +101,9 @@ class VaeDecoderImpl : public torch::nn::Module {
 TORCH_MODULE(VaeDecoder);
 
 // diffusers' VaeImageProcessor.postprocess(output_type="pil") pixel math, step for step so that equal inputs
-// give equal bytes: (x * 0.5 + 0.5).clamp(0, 1) in the image's dtype on its device, then to CPU float32,
-// * 255, round half to even (numpy's round), cast to uint8. NaN (an fp16 overflow upstream) becomes 0.
+// give equal bytes: (x * 0.5 + 0.5).clamp(0, 1) in the image's dtype, then float32, * 255, round half to even
+// (numpy's round), cast to uint8, all on the image's device (IEEE float32 gives the same bytes as numpy on the
+// CPU); only the uint8 pixels are copied to the host. NaN (an fp16 overflow upstream) becomes 0.
 // image: [B, 3, H, W] -> uint8 [B, H, W, 3], CPU, contiguous.
 at::Tensor ToRgb8(const at::Tensor& image);
 

@@ -25,7 +25,8 @@ absl::StatusOr<EncodedImage> EncodeImage(const GenerationRequest& request, const
                                         .model = request.key.model};
   if (tome::IsActive(tome)) params.extra.emplace_back("Token merging ratio", pipeline::FormatA1111Number(tome.ratio));
   absl::StatusOr<std::string> png =
-      pipeline::EncodePng(rgb, width, height, {{"parameters", pipeline::FormatA1111Parameters(params)}});
+      pipeline::EncodePng(rgb, width, height, {{"parameters", pipeline::FormatA1111Parameters(params)}},
+                          pipeline::kPngFastCompression);
   if (!png.ok()) return png.status();
   out.data = *std::move(png);
   out.mime_type = "image/png";

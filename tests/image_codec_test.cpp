@@ -57,6 +57,26 @@ TEST(Png, OnePixelAndNoText) {
   EXPECT_TRUE(decoded->text_chunks.empty());
 }
 
+TEST(Png, CompressionLevelChangesSizeNotPixels) {
+  // A smooth 256x256 image, so that the zlib levels differ in size.
+  std::vector<uint8_t> rgb(256 * 256 * 3);
+  for (size_t i = 0; i < rgb.size(); ++i) rgb[i] = static_cast<uint8_t>((i / 3 % 256 + i / 768 * 3 + i % 3 * 40) / 2);
+  std::vector<size_t> sizes;
+  for (int level : {0, kPngFastCompression, kPngDefaultCompression, 9}) {
+    auto png = EncodePng(rgb.data(), 256, 256, {{"parameters", "x"}}, level);
+    ASSERT_TRUE(png.ok()) << png.status();
+    auto decoded = DecodePng(*png);
+    ASSERT_TRUE(decoded.ok()) << decoded.status();
+    EXPECT_EQ(decoded->rgb, rgb) << "level " << level;
+    sizes.push_back(png->size());
+  }
+  EXPECT_GT(sizes[0], sizes[1]);   // stored > fastest
+  EXPECT_GE(sizes[1], sizes[3]);   // fastest >= best
+  for (int level : {-1, 10}) {
+    EXPECT_THAT(EncodePng(rgb.data(), 256, 256, {}, level).status().message(), HasSubstr("compression level"));
+  }
+}
+
 TEST(Png, RejectsBadArguments) {
   const std::vector<uint8_t> rgb = Gradient(4, 4);
   for (auto [w, h] : {std::pair{0, 4}, std::pair{4, 0}, std::pair{-1, 4}, std::pair{4, -3},
