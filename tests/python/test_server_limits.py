@@ -6,6 +6,8 @@
   RESOURCE_EXHAUSTED before any accepted call finishes, every call gets exactly one answer, every accepted call
   finishes OK, and health stays SERVING throughout.
 - Prompts reach the log only with --log-prompts.
+- A client that pings more often than --min-client-ping-interval is sent away by gRPC's own enforcement (GOAWAY
+  too_many_pings: its channel drops to IDLE) while a polite client on the same server keeps its connection.
 No timing assertions: "fast" is checked as an order (every refusal arrives before the first accepted call ends).
 """
 import threading
@@ -100,3 +102,35 @@ def test_overload_at_ten_times_capacity(tiny_model):
         # The server is fine afterwards, and prompts stayed out of the log (no --log-prompts).
         assert len(stub.Generate(pb.GenerateRequest(prompt="after", num_inference_steps=2), timeout=60).images) == 1
         assert "overload 3" not in s.log()
+
+
+def test_a_client_pinging_too_often_is_sent_away(tiny_model):
+    binary("tomeserve")
+    with running_server(["--model", tiny_model, "--min-client-ping-interval", "10"]) as s:
+        # Keepalive pings every 200 ms with no call open: far inside the 10 s the server allows.
+        rude = grpc.insecure_channel(s.address, options=[
+            ("grpc.keepalive_time_ms", 200), ("grpc.keepalive_timeout_ms", 5000),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)])
+        polite = grpc.insecure_channel(s.address)
+        states = []
+        rude.subscribe(states.append, try_to_connect=True)
+        try:
+            assert health_status(rude) == "SERVING" and health_status(polite) == "SERVING"
+            ready_at = states.index(grpc.ChannelConnectivity.READY)
+            # After the strikes the server sends GOAWAY and closes: the rude channel leaves READY (bounded wait).
+            for _ in range(300):
+                if any(st != grpc.ChannelConnectivity.READY for st in states[ready_at + 1:]):
+                    break
+                time.sleep(0.1)
+            assert any(st != grpc.ChannelConnectivity.READY for st in states[ready_at + 1:]), states
+            polite_states = []
+            polite.subscribe(polite_states.append)
+            for _ in range(20):
+                if polite_states:
+                    break
+                time.sleep(0.05)
+            assert polite_states == [grpc.ChannelConnectivity.READY], polite_states
+            assert health_status(polite) == "SERVING"
+        finally:
+            rude.close()
+            polite.close()
