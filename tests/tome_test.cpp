@@ -324,6 +324,27 @@ TEST(MergePlan, MergeAveragesIntoDstAndUnmergeCopiesBack) {
   EXPECT_TRUE(at::equal(one->Unmerge(one->Merge(cell)), one->Merge(cell).expand({2, 4, 5})));
 }
 
+// The top-left (no_rand) partition is built once per grid and shared: a second plan reads the same tensor, and it
+// equals the partition built from explicit all-zero (top-left) choices. Merge results do not depend on which.
+TEST(MergePlan, TopLeftPartitionIsSharedAndEqualsExplicitChoices) {
+  const int64_t h = 9, w = 13;  // leftover right/bottom tokens stay src
+  const at::Tensor x = at::randn({2, h * w, 8});
+  auto first = MergePlan::Build(x, {.w = w, .h = h, .sx = 3, .sy = 2}, 30, at::Tensor());
+  auto second = MergePlan::Build(x + 1, {.w = w, .h = h, .sx = 3, .sy = 2}, 10, at::Tensor());
+  auto explicit_choice =
+      MergePlan::Build(x, {.w = w, .h = h, .sx = 3, .sy = 2}, 30, at::zeros({1, h / 2, w / 3}, at::kLong));
+  ASSERT_TRUE(first && second && explicit_choice);
+  EXPECT_EQ(first->dst_positions().data_ptr(), second->dst_positions().data_ptr());
+  EXPECT_TRUE(at::equal(first->dst_positions(), explicit_choice->dst_positions()));
+  EXPECT_TRUE(at::equal(first->src_positions(), explicit_choice->src_positions()));
+  EXPECT_TRUE(at::equal(first->Merge(x), explicit_choice->Merge(x)));
+  // Another grid gets its own partition.
+  auto other = MergePlan::Build(x, {.w = w, .h = h, .sx = 2, .sy = 2}, 30, at::Tensor());
+  ASSERT_TRUE(other);
+  EXPECT_NE(other->dst_positions().data_ptr(), first->dst_positions().data_ptr());
+  EXPECT_EQ(other->dst_positions().size(1), (h / 2) * (w / 2));
+}
+
 // Every whole cell of a w x h grid holds exactly one of `dst`; the right/bottom remainder holds none.
 void ExpectOneDstPerCell(const at::Tensor& dst, int64_t h, int64_t w, int sx, int sy) {
   std::vector<int> per_cell((h / sy) * (w / sx), 0);

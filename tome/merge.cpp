@@ -2,11 +2,62 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <tuple>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
 #include "pipeline/device.h"
 
 namespace tomeserve::tome {
+namespace {
+
+// Stable-sorted dst|src order [rows, N] of the token grid, dst marked -1 by `choice` [rows, hsy, wsx, 1].
+at::Tensor PartitionOrder(const at::Tensor& choice, const GridSpec& grid, const at::TensorOptions& long_opts) {
+  const int64_t hsy = grid.h / grid.sy, wsx = grid.w / grid.sx, cell = static_cast<int64_t>(grid.sx) * grid.sy;
+  const int64_t rows = choice.size(0);
+  // Mark the dst of every whole cell with -1 in a grid of zeros; the right/bottom remainder stays src (0).
+  at::Tensor cells = at::zeros({rows, hsy, wsx, cell}, long_opts).scatter_(3, choice, -1);
+  cells = cells.view({rows, hsy, wsx, grid.sy, grid.sx}).transpose(2, 3).reshape({rows, hsy * grid.sy, wsx * grid.sx});
+  at::Tensor marks = at::zeros({rows, grid.h, grid.w}, long_opts);
+  marks.slice(1, 0, hsy * grid.sy).slice(2, 0, wsx * grid.sx).copy_(cells);
+  // A stable sort keeps dst and src each in raster order (tomesd's unstable argsort permutes them, which changes
+  // nothing but the order of tokens inside attention).
+  return std::get<1>(
+      marks.reshape({rows, grid.w * grid.h}).sort(std::optional<bool>(true), /*dim=*/1, /*descending=*/false));
+}
+
+// tomesd's no_rand partition (the top-left token of every cell is dst) depends only on the grid, so it is built
+// once per (device, grid) and shared, read-only, by every block call that uses it: ~8 small kernels fewer per
+// patched block per UNet call. Bounded (cleared when full: a server sees a handful of sizes x levels). Thread-safe;
+// a cached tensor is used on the stream that made it, which holds while each device has one worker.
+class TopLeftPartitions {
+ public:
+  at::Tensor Get(const GridSpec& grid, const at::TensorOptions& long_opts) {
+    const Key key{long_opts.device().str(), grid.w, grid.h, grid.sx, grid.sy};
+    absl::MutexLock lock(&mu_);
+    if (auto it = cache_.find(key); it != cache_.end()) return it->second;
+    if (cache_.size() >= kCapacity) cache_.clear();
+    at::Tensor order =
+        PartitionOrder(at::zeros({1, grid.h / grid.sy, grid.w / grid.sx, 1}, long_opts), grid, long_opts);
+    cache_.emplace(key, order);
+    return order;
+  }
+
+ private:
+  using Key = std::tuple<std::string, int64_t, int64_t, int, int>;
+  static constexpr size_t kCapacity = 256;
+  absl::Mutex mu_;
+  absl::flat_hash_map<Key, at::Tensor> cache_ ABSL_GUARDED_BY(mu_);
+};
+
+TopLeftPartitions& SharedTopLeftPartitions() {
+  static auto* partitions = new TopLeftPartitions();  // never destroyed: used from worker threads until exit
+  return *partitions;
+}
+
+}  // namespace
 
 std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, const GridSpec& grid, int64_t r,
                                                   const at::Tensor& dst_choice) {
@@ -31,21 +82,14 @@ std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, cons
                 "ToMe dst choice values must be in [0, ", cell, ")");
   }
 
-  // Mark the dst of every whole cell with -1 in a grid of zeros; the right/bottom remainder stays src (0).
-  // Drawn on the CPU; copied without making the host wait for the stream.
-  at::Tensor choice =
-      dst_choice.defined()
-          ? pipeline::ToDeviceAsync(dst_choice.to(at::kLong), metric.device()).reshape({-1, hsy, wsx, 1})
-          : at::zeros({1, hsy, wsx, 1}, long_opts);
-  const int64_t rows = choice.size(0);
-  at::Tensor cells = at::zeros({rows, hsy, wsx, cell}, long_opts).scatter_(3, choice, -1);
-  cells = cells.view({rows, hsy, wsx, grid.sy, grid.sx}).transpose(2, 3).reshape({rows, hsy * grid.sy, wsx * grid.sx});
-  at::Tensor marks = at::zeros({rows, grid.h, grid.w}, long_opts);
-  marks.slice(1, 0, hsy * grid.sy).slice(2, 0, wsx * grid.sx).copy_(cells);
-  // A stable sort keeps dst and src each in raster order (tomesd's unstable argsort permutes them, which changes
-  // nothing but the order of tokens inside attention).
+  // Random dst choices are drawn on the CPU and copied without making the host wait for the stream; the
+  // top-left partition comes from the shared cache.
   const at::Tensor order =
-      std::get<1>(marks.reshape({rows, n}).sort(std::optional<bool>(true), /*dim=*/1, /*descending=*/false));
+      dst_choice.defined()
+          ? PartitionOrder(
+                pipeline::ToDeviceAsync(dst_choice.to(at::kLong), metric.device()).reshape({-1, hsy, wsx, 1}),
+                grid, long_opts)
+          : SharedTopLeftPartitions().Get(grid, long_opts);
 
   auto plan = std::shared_ptr<MergePlan>(new MergePlan());
   plan->batch_ = batch;
@@ -81,10 +125,12 @@ std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, cons
   plan->kept_rows_ = (kept_pos + row_base * n).reshape(-1);
   plan->merged_rows_ = (merged_pos + row_base * n).reshape(-1);
   plan->merged_into_rows_ = (merged_into + row_base * kept).reshape(-1);
-  // Each dst averages itself and the src merged into it (tomesd's scatter_reduce "mean", include_self).
+  // Each dst averages itself and the src merged into it (tomesd's scatter_reduce "mean", include_self). Counted
+  // exactly in float, then converted once to the compute dtype, so Merge divides without a conversion per call.
   plan->dst_count_ = at::ones({batch, num_dst}, metric.options().dtype(at::kFloat))
                          .scatter_add_(1, dst_idx, at::ones({batch, r}, metric.options().dtype(at::kFloat)))
-                         .unsqueeze(-1);
+                         .unsqueeze(-1)
+                         .to(metric.scalar_type());
   // Unmerge: a kept token comes back from its own output row, a merged one from its dst's.
   const at::Tensor positions = at::cat({kept_pos, merged_pos}, 1);  // [B, N]
   const at::Tensor sources = at::cat({at::arange(kept, long_opts).expand({batch, kept}), merged_into}, 1);

@@ -54,7 +54,7 @@ class MergePlan final : public pipeline::TokenOps {
   at::Tensor kept_rows_;         // [B * (N - r)]
   at::Tensor merged_rows_;       // [B * r]
   at::Tensor merged_into_rows_;  // [B * r]
-  at::Tensor dst_count_;         // [B, num_dst, 1] float: 1 + number of src merged into each dst
+  at::Tensor dst_count_;         // [B, num_dst, 1] in the metric's dtype: 1 + number of src merged into each dst
   at::Tensor unmerge_rows_;      // [B * N]
 };
 
