@@ -107,6 +107,9 @@ struct Metrics::Impl {
   Family<Counter>& worker_seconds = CounterFamily(
       r, "tomeserve_worker_seconds_total",
       "Host seconds the device's worker thread spent per part of its loop while it had work (idle waits excluded)");
+  Family<Counter>& text_cache = CounterFamily(
+      r, "tomeserve_text_cache_lookups_total",
+      "Text-embedding cache lookups per distinct text of an admitted call, by model and result (hit: no encoder run)");
   Family<Counter>& oom = CounterFamily(
       r, "tomeserve_oom_total", "Out-of-memory errors (denoising steps and decodes) by ToMe ratio and resolution");
   Family<Counter>& evictions = CounterFamily(
@@ -224,6 +227,12 @@ void Metrics::CountOom(double tome_ratio, int width, int height) {
   if (!impl_) return;
   impl_->oom.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
       .Increment();
+}
+
+void Metrics::CountTextCacheLookups(const std::string& model, int64_t hits, int64_t misses) {
+  if (!impl_) return;
+  if (hits > 0) impl_->text_cache.Add({{"model", model}, {"result", "hit"}}).Increment(static_cast<double>(hits));
+  if (misses > 0) impl_->text_cache.Add({{"model", model}, {"result", "miss"}}).Increment(static_cast<double>(misses));
 }
 
 void Metrics::AddWorkerSeconds(const std::string& device, const std::string& part, double seconds) {

@@ -19,6 +19,8 @@
 //   tomeserve_worker_healthy{device}                                    1 while the worker serves
 //   tomeserve_worker_seconds_total{device,part=admit|step|retire|bookkeeping}  where the worker thread's time
 //                                                                       goes while it has work (host clock)
+//   tomeserve_text_cache_lookups_total{model,result=hit|miss}           text-embedding cache lookups (hit: no
+//                                                                       text-encoder run for that text)
 //   tomeserve_oom_total{tome_ratio,resolution}                          out-of-memory errors (steps and decodes)
 //   tomeserve_oom_evictions_total                                       samples evicted after an OOM (state kept)
 //   tomeserve_slo_decisions_total{tome_ratio,target_met}                SLO controller choices (predicted)
@@ -28,6 +30,7 @@
 // (ResolutionLabel: 6 values), code one of gRPC's 17, device one per worker.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -64,6 +67,7 @@ class Metrics {
   void SetDeviceMemory(const std::string& device, const std::string& kind, double bytes);
   void SetWorkerHealthy(const std::string& device, bool healthy);
   void AddWorkerSeconds(const std::string& device, const std::string& part, double seconds);
+  void CountTextCacheLookups(const std::string& model, int64_t hits, int64_t misses);
   void CountOom(double tome_ratio, int width, int height);
   void CountEvictions(int samples);
   void CountSloDecision(double chosen_ratio, bool target_met);

@@ -448,9 +448,14 @@ void Worker::Impl::Start(const std::shared_ptr<Job>& job) {
                      .hook_seed = hook_seed});
   }
   clock->Start();
+  // The model is this worker's own (one per device), so the cache counters move only for this call here.
+  const pipeline::TextEmbeddingCache::Stats cache_before = run->model->text_cache_stats();
   absl::StatusOr<std::vector<pipeline::DenoiseBatch::Sample>> samples =
       run->model->PrepareSamples({.width = req.key.width, .height = req.key.height}, std::move(specs));
   const double text_seconds = clock->Stop();
+  const pipeline::TextEmbeddingCache::Stats cache_after = run->model->text_cache_stats();
+  metrics->CountTextCacheLookups(req.key.model, cache_after.hits - cache_before.hits,
+                                 cache_after.misses - cache_before.misses);
   if (!samples.ok()) {
     job->Finish(samples.status());
     return;

@@ -150,6 +150,25 @@ def test_metrics_endpoint(server, stub):
     assert "tomeserve_queue_depth 0" in text
 
 
+def text_cache_lookups(server):
+    import re
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    counts = {"hit": 0.0, "miss": 0.0}
+    for result, value in re.findall(
+            r'^tomeserve_text_cache_lookups_total\{model="tiny",result="(hit|miss)"\} (\S+)$', text, re.M):
+        counts[result] = float(value)
+    return counts
+
+
+def test_repeated_texts_are_cache_hits_in_metrics(server, stub):
+    stub.Generate(request(prompt="a text seen twice", negative_prompt="cache-neg"), timeout=60)
+    before = text_cache_lookups(server)
+    assert before["miss"] >= 2  # both texts were new on the first call
+    stub.Generate(request(prompt="a text seen twice", negative_prompt="cache-neg", seed=5), timeout=60)
+    after = text_cache_lookups(server)
+    assert after == {"hit": before["hit"] + 2, "miss": before["miss"]}, (before, after)
+
+
 def test_log_has_one_line_per_request(server, stub):
     stub.Generate(request(request_id="log-me"), timeout=60)
     lines = [l for l in server.log().splitlines() if "id=log-me" in l]
