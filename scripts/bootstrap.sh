@@ -92,10 +92,12 @@ if [ -n "$torch_cuda" ] && [ ! -x /usr/local/cuda/bin/nvcc ] && ! command -v nvc
   step "CUDA $torch_cuda toolkit from PyPI wheels into $toolkit (no nvcc on this machine)"
   timed "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements-cuda-toolkit.txt
   cu="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')"
-  # nvcc finds its pieces relative to its own folder (nvcc.profile: TOP = bin/..), so bin/ and nvvm/ stay in
-  # the wheel folder; FindCUDAToolkit wants lib64/ with unversioned names the wheels do not ship.
-  mkdir -p "$toolkit/lib64"
-  for d in bin nvvm include; do ln -sfn "$cu/$d" "$toolkit/$d"; done
+  # nvcc finds its pieces from the folder it was called from (nvcc.profile: TOP = bin/..), so bin/ is a real
+  # folder of links here (a linked bin/ would make bin/.. the wheel folder again); FindCUDAToolkit and nvcc's
+  # link step want lib64/ with unversioned names the wheels do not ship.
+  mkdir -p "$toolkit/bin" "$toolkit/lib64"
+  for d in nvvm include; do ln -sfn "$cu/$d" "$toolkit/$d"; done
+  for f in "$cu"/bin/*; do ln -sfn "$f" "$toolkit/bin/$(basename "$f")"; done
   for f in "$cu"/lib/*.so.* "$cu"/lib/*.a; do
     name="$(basename "$f")"
     ln -sfn "$f" "$toolkit/lib64/$name"
