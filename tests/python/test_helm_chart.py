@@ -49,18 +49,8 @@ def case_values(case) -> dict | None:
 
 
 def merged_values(case) -> dict:
-    """The values the chart sees: defaults overlaid with the case's file (dicts merge, null deletes)."""
-    def overlay(base, top):
-        out = dict(base)
-        for k, v in top.items():
-            if v is None:
-                out.pop(k, None)
-            elif isinstance(v, dict) and isinstance(out.get(k), dict):
-                out[k] = overlay(out[k], v)
-            else:
-                out[k] = v
-        return out
-    return overlay(yaml.safe_load((CHART / "values.yaml").read_text()), case_values(case) or {})
+    """The values the chart sees: Helm's own coalescing of the defaults with the case's file."""
+    return helm.Chart.load(str(CHART)).merge_values(case_values(case))
 
 
 def one(docs, kind, suffix=""):
