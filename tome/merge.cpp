@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <optional>
-#include <string>
 #include <tuple>
 
 #include "absl/base/thread_annotations.h"
@@ -35,7 +34,7 @@ at::Tensor PartitionOrder(const at::Tensor& choice, const GridSpec& grid, const 
 class TopLeftPartitions {
  public:
   at::Tensor Get(const GridSpec& grid, const at::TensorOptions& long_opts) {
-    const Key key{long_opts.device().str(), grid.w, grid.h, grid.sx, grid.sy};
+    const Key key{long_opts.device().type(), long_opts.device().index(), grid.w, grid.h, grid.sx, grid.sy};
     absl::MutexLock lock(&mu_);
     if (auto it = cache_.find(key); it != cache_.end()) return it->second;
     if (cache_.size() >= kCapacity) cache_.clear();
@@ -46,7 +45,7 @@ class TopLeftPartitions {
   }
 
  private:
-  using Key = std::tuple<std::string, int64_t, int64_t, int, int>;
+  using Key = std::tuple<c10::DeviceType, c10::DeviceIndex, int64_t, int64_t, int, int>;
   static constexpr size_t kCapacity = 256;
   absl::Mutex mu_;
   absl::flat_hash_map<Key, at::Tensor> cache_ ABSL_GUARDED_BY(mu_);
