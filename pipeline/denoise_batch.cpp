@@ -1,14 +1,65 @@
 #include "pipeline/denoise_batch.h"
 
 #include <algorithm>
+
+#include <c10/core/InferenceMode.h>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "pipeline/device.h"
 #include "pipeline/stable_diffusion.h"
 #include "pipeline/torch_status.h"
+#include "pipeline/unet_call.h"
+#include "pipeline/unet_graphs.h"
 
 namespace tomeserve::pipeline {
+
+namespace {
+
+// Classifier-free guidance for a whole UNet call: the guided noise prediction of each active sample ([1, C, h,
+// w] each, in `active` order) from the call's rows (every unconditional half first, then every conditional
+// one). diffusers' uncond + scale * (cond - uncond) with the scale as a scalar, so it is computed once per
+// distinct scale over all the rows that share it (one scale, the usual case, is one set of three kernels)
+// rather than per sample, with the same per-element arithmetic.
+std::vector<at::Tensor> Guide(const std::vector<DenoiseBatch::Sample*>& active, const at::Tensor& out) {
+  int64_t uncond_rows = 0;
+  for (const DenoiseBatch::Sample* s : active) uncond_rows += s->uncond.defined() ? 1 : 0;
+  const auto n = static_cast<int64_t>(active.size());
+  const at::Tensor cond = out.narrow(0, uncond_rows, n);
+  std::vector<at::Tensor> eps(active.size());
+  // Samples with guidance, by scale: their positions in `active` and in the unconditional rows.
+  std::vector<std::pair<double, std::pair<std::vector<int64_t>, std::vector<int64_t>>>> by_scale;
+  int64_t uncond_row = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!active[i]->uncond.defined()) {
+      eps[i] = cond.narrow(0, i, 1);
+      continue;
+    }
+    const double scale = active[i]->spec.guidance_scale;
+    auto it = std::find_if(by_scale.begin(), by_scale.end(), [&](const auto& e) { return e.first == scale; });
+    if (it == by_scale.end()) it = by_scale.insert(by_scale.end(), {scale, {}});
+    it->second.first.push_back(i);
+    it->second.second.push_back(uncond_row++);
+  }
+  for (const auto& [scale, rows] : by_scale) {
+    const auto& [samples, uncond_idx] = rows;
+    const auto count = static_cast<int64_t>(samples.size());
+    at::Tensor c, u;
+    if (count == n) {  // every sample guided with this scale: the halves are whole slices
+      c = cond;
+      u = out.narrow(0, 0, n);
+    } else {
+      const auto long_opts = at::TensorOptions().dtype(at::kLong);
+      c = cond.index_select(0, ToDeviceAsync(at::tensor(samples, long_opts), out.device()));
+      u = out.index_select(0, ToDeviceAsync(at::tensor(uncond_idx, long_opts), out.device()));
+    }
+    const at::Tensor guided = u + scale * (c - u);
+    for (int64_t k = 0; k < count; ++k) eps[samples[k]] = guided.narrow(0, k, 1);
+  }
+  return eps;
+}
+
+}  // namespace
 
 DenoiseBatch::DenoiseBatch(const StableDiffusion& model, int64_t latent_height, int64_t latent_width)
     : model_(model), latent_height_(latent_height), latent_width_(latent_width) {}
@@ -78,7 +129,7 @@ absl::Status DenoiseBatch::Step() {
 
   at::Tensor out;
   absl::Status unet = GuardTorch(absl::StrCat("denoising step (UNet call ", calls_done_ + 1, ")"), [&]() -> absl::Status {
-    at::NoGradGuard no_grad;
+    c10::InferenceMode inference;
     // Rows as diffusers lays them out: every unconditional half first, then every conditional one.
     std::vector<at::Tensor> scaled(active.size()), inputs, embeddings;
     std::vector<float> timesteps;
@@ -98,58 +149,36 @@ absl::Status DenoiseBatch::Step() {
         row_uncond.push_back(uncond_pass);
       }
     }
+    UNetCall call{.sample = at::cat(inputs),
+                  .timesteps = at::tensor(timesteps, at::kFloat),
+                  .encoder_hidden_states = at::cat(embeddings)};
     // Rows grouped by hook factory, groups in order of first appearance, rows ascending within a group.
-    std::vector<const HookFactory*> group_factory;
-    std::vector<std::vector<int64_t>> group_rows;
     for (size_t r = 0; r < row_factory.size(); ++r) {
-      auto it = std::find(group_factory.begin(), group_factory.end(), row_factory[r]);
-      if (it == group_factory.end()) {
-        group_factory.push_back(row_factory[r]);
-        group_rows.emplace_back();
-        it = group_factory.end() - 1;
+      auto it = std::find_if(call.groups.begin(), call.groups.end(),
+                             [&](const UNetCall::Group& g) { return g.factory == row_factory[r]; });
+      if (it == call.groups.end()) {
+        call.groups.push_back(UNetCall::Group{.factory = row_factory[r], .info = {.call_index = calls_done_}});
+        it = call.groups.end() - 1;
       }
-      group_rows[it - group_factory.begin()].push_back(static_cast<int64_t>(r));
+      const Sample& s = *active[row_of_sample[r]];
+      it->rows.push_back(static_cast<int64_t>(r));
+      it->info.row_seeds.push_back(s.spec.seed);
+      it->info.row_is_uncond.push_back(row_uncond[r]);
+      it->info.row_sample.push_back(active_ids[row_of_sample[r]]);
+      it->info.row_call_index.push_back(s.state->step_index());
+      it->info.row_hook_seeds.push_back(s.spec.hook_seed);
     }
-    std::vector<std::unique_ptr<TransformerBlockHook>> hooks;
-    std::vector<HookGroup> groups;
-    const c10::Device device = active.front()->latents.device();
-    for (size_t g = 0; g < group_factory.size(); ++g) {
-      HookGroup group;
-      if (group_factory.size() > 1) {
-        group.rows = ToDeviceAsync(at::tensor(group_rows[g], at::TensorOptions().dtype(at::kLong)), device);
-      }
-      if (group_factory[g] != nullptr) {
-        UNetCallInfo call{.call_index = calls_done_};
-        for (int64_t r : group_rows[g]) {
-          const Sample& s = *active[row_of_sample[r]];
-          call.row_seeds.push_back(s.spec.seed);
-          call.row_is_uncond.push_back(row_uncond[r]);
-          call.row_sample.push_back(active_ids[row_of_sample[r]]);
-          call.row_call_index.push_back(s.state->step_index());
-          call.row_hook_seeds.push_back(s.spec.hook_seed);
-        }
-        hooks.push_back(group_factory[g]->ForCall(call));
-        group.hook = hooks.back().get();
-      }
-      groups.push_back(std::move(group));
-    }
-    out = model_.unet().forward(at::cat(inputs), at::tensor(timesteps, at::kFloat), at::cat(embeddings), groups);
+    out = graphs_ != nullptr ? graphs_->Run(model_.unet(), call) : RunUNetCall(model_.unet(), call);
     return absl::OkStatus();
   });
   if (!unet.ok()) return unet;
 
   absl::Status stepped = GuardTorch("scheduler step", [&]() -> absl::Status {
-    at::NoGradGuard no_grad;
-    int uncond_rows = 0;
-    for (Sample* s : active) uncond_rows += s->uncond.defined() ? 1 : 0;
-    int uncond_row = 0, cond_row = uncond_rows;
-    for (Sample* s : active) {
-      at::Tensor eps = out.narrow(0, cond_row++, 1);
-      if (s->uncond.defined()) {
-        at::Tensor eps_uncond = out.narrow(0, uncond_row++, 1);
-        eps = eps_uncond + s->spec.guidance_scale * (eps - eps_uncond);
-      }
-      absl::StatusOr<at::Tensor> next = s->state->Step(eps, s->latents, &s->generator);
+    c10::InferenceMode inference;
+    const std::vector<at::Tensor> eps = Guide(active, out);
+    for (size_t i = 0; i < active.size(); ++i) {
+      Sample* s = active[i];
+      absl::StatusOr<at::Tensor> next = s->state->Step(eps[i], s->latents, &s->generator);
       if (!next.ok()) return next.status();
       s->latents = *std::move(next);
       s->unet_rows += s->rows_per_call();

@@ -25,6 +25,7 @@
 namespace tomeserve::pipeline {
 
 class StableDiffusion;
+class UNetGraphs;
 
 class DenoiseBatch {
  public:
@@ -80,6 +81,10 @@ class DenoiseBatch {
   bool contains(int id) const { return samples_.contains(id); }
   const Sample& sample(int id) const { return samples_.at(id); }
 
+  // Runs the UNet calls through `graphs` (CUDA graphs; not owned; same model and thread, outlives the batch),
+  // or eagerly when null (the default).
+  void set_graphs(UNetGraphs* graphs) { graphs_ = graphs; }
+
   // Final latents of the samples that were not cancelled, in id order: [B', C, h, w]; an undefined tensor
   // when every sample was cancelled.
   absl::StatusOr<at::Tensor> ActiveLatents() const;
@@ -90,6 +95,7 @@ class DenoiseBatch {
   std::map<int, Sample> samples_;
   int next_id_ = 0;
   int calls_done_ = 0;
+  UNetGraphs* graphs_ = nullptr;
 };
 
 }  // namespace tomeserve::pipeline

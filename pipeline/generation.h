@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -16,6 +17,26 @@
 
 namespace tomeserve::pipeline {
 
+struct UNetCallInfo;
+
+// How a hook's per-call device inputs get to the device (Token Merging's random partitions). The runner of a
+// UNet call provides it; without one (UNetCallInfo::inputs null) hooks copy with ToDeviceAsync. Under a CUDA
+// graph (UNetGraphs) the capture records each upload as a static device tensor plus the recipe that recomputes
+// it, and every replay refills it for its own call. Used on the thread that runs the call.
+class HookInputs {
+ public:
+  // Recomputes an input for another call of the same layout (same groups, rows and sizes): a CPU tensor of the
+  // same shape and dtype. Depends on the call only, never on device data.
+  using Redraw = std::function<at::Tensor(const UNetCallInfo& call)>;
+
+  virtual ~HookInputs() = default;
+  // `host` (a CPU tensor, the value for this call) on the device.
+  virtual at::Tensor Upload(const at::Tensor& host, Redraw redraw) = 0;
+  // A device tensor the call reads but does not own (an entry of a shared cache): kept alive as long as a
+  // recording of the call may read it.
+  virtual void Retain(const at::Tensor& device) = 0;
+};
+
 // One UNet call of a batch, as a hook factory sees it: the rows of one HookGroup (every row of the call when
 // the batch has one group), in the group's row order.
 struct UNetCallInfo {
@@ -25,6 +46,7 @@ struct UNetCallInfo {
   std::vector<int> row_sample;          // id of the sample (within the batch) each row belongs to
   std::vector<int> row_call_index;      // the row's sample's own 0-based UNet call (samples join at any step)
   std::vector<uint64_t> row_hook_seeds; // the row's sample's SampleSpec::hook_seed
+  HookInputs* inputs = nullptr;         // not owned; null: upload with ToDeviceAsync
 };
 
 // Makes the per-call TransformerBlockHook (Token Merging attaches here). Shared; its const interface is
@@ -34,6 +56,10 @@ class HookFactory {
  public:
   virtual ~HookFactory() = default;
   virtual std::unique_ptr<TransformerBlockHook> ForCall(const UNetCallInfo& call) const = 0;
+  // Equal for factories whose hooks launch the same device work for calls of the same layout, differing only in
+  // what they upload through HookInputs (so a CUDA graph captured with one replays for the other); nullopt when
+  // the hooks cannot be captured (the call then runs eagerly).
+  virtual std::optional<std::string> CaptureKey() const { return std::nullopt; }
 };
 
 // The size fixes the tensor shapes of a batch. The schedule and hooks are the defaults for samples that do not

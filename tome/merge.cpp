@@ -59,7 +59,7 @@ TopLeftPartitions& SharedTopLeftPartitions() {
 }  // namespace
 
 std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, const GridSpec& grid, int64_t r,
-                                                  const at::Tensor& dst_choice) {
+                                                  const at::Tensor& dst_choice, pipeline::HookInputs* inputs) {
   TORCH_CHECK(metric.dim() == 3, "ToMe metric must be [B, N, C], got ", metric.sizes());
   TORCH_CHECK(grid.sx >= 1 && grid.sy >= 1, "ToMe strides must be >= 1, got sx=", grid.sx, " sy=", grid.sy);
   const int64_t batch = metric.size(0), n = metric.size(1), channels = metric.size(2);
@@ -76,19 +76,22 @@ std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, cons
     TORCH_CHECK(dst_choice.dim() == 3 && (dst_choice.size(0) == 1 || dst_choice.size(0) == batch) &&
                     dst_choice.size(1) == hsy && dst_choice.size(2) == wsx,
                 "ToMe dst choice must be [1 or ", batch, ", ", hsy, ", ", wsx, "], got ", dst_choice.sizes());
-    TORCH_CHECK(dst_choice.numel() == 0 || (dst_choice.min().item<int64_t>() >= 0 &&
-                                            dst_choice.max().item<int64_t>() < cell),
+    TORCH_CHECK(!dst_choice.device().is_cpu() || dst_choice.numel() == 0 ||
+                    (dst_choice.min().item<int64_t>() >= 0 && dst_choice.max().item<int64_t>() < cell),
                 "ToMe dst choice values must be in [0, ", cell, ")");
   }
 
   // Random dst choices are drawn on the CPU and copied without making the host wait for the stream; the
   // top-left partition comes from the shared cache.
-  const at::Tensor order =
-      dst_choice.defined()
-          ? PartitionOrder(
-                pipeline::ToDeviceAsync(dst_choice.to(at::kLong), metric.device()).reshape({-1, hsy, wsx, 1}),
-                grid, long_opts)
-          : SharedTopLeftPartitions().Get(grid, long_opts);
+  at::Tensor order;
+  if (dst_choice.defined()) {
+    order = PartitionOrder(
+        pipeline::ToDeviceAsync(dst_choice.to(at::kLong), metric.device()).reshape({-1, hsy, wsx, 1}), grid,
+        long_opts);
+  } else {
+    order = SharedTopLeftPartitions().Get(grid, long_opts);
+    if (inputs != nullptr) inputs->Retain(order);
+  }
 
   auto plan = std::shared_ptr<MergePlan>(new MergePlan());
   plan->batch_ = batch;

@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include "pipeline/generation.h"
 #include "pipeline/transformer_hook.h"
 
 namespace tomeserve::tome {
@@ -29,9 +30,12 @@ class MergePlan final : public pipeline::TokenOps {
   // metric [B, N, C] with N == w*h. dst_choice: undefined (tomesd's no_rand: top-left of every cell), or int64
   // [P, h/sy, w/sx] with P == 1 or B, values in [0, sx*sy): the dst's row-major index within its cell, per row.
   // r: tokens to remove, clamped to the number of src tokens as tomesd does. Returns null (identity) when nothing
-  // would be merged: r <= 0, or no whole cell fits the grid. The metric's device is the plan's device.
+  // would be merged: r <= 0, or no whole cell fits the grid. The metric's device is the plan's device. A CPU
+  // dst_choice is range-checked and copied there; one already on the device is trusted (the caller drew it).
+  // `inputs` (may be null) retains the shared top-left partition for a CUDA graph that reads it.
   static std::shared_ptr<const MergePlan> Build(const at::Tensor& metric, const GridSpec& grid, int64_t r,
-                                                const at::Tensor& dst_choice);
+                                                const at::Tensor& dst_choice,
+                                                pipeline::HookInputs* inputs = nullptr);
 
   at::Tensor Merge(const at::Tensor& x) const override;    // [B, N, C] -> [B, N - r, C]
   at::Tensor Unmerge(const at::Tensor& x) const override;  // [B, N - r, C] -> [B, N, C]

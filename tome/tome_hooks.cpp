@@ -49,8 +49,16 @@ class TokenMergingCallHook final : public pipeline::TransformerBlockHook {
         .sx = tome.sx,
         .sy = tome.sy};
     const auto r = static_cast<int64_t>(static_cast<double>(n) * tome.ratio);
-    const at::Tensor choice = tome.use_rand ? DrawDstChoice(grid, x.size(0), block_index) : at::Tensor();
-    std::shared_ptr<const MergePlan> plan = MergePlan::Build(x, grid, r, choice);
+    const int64_t rows = x.size(0);
+    at::Tensor choice = tome.use_rand ? DrawDstChoice(grid, rows, block_index) : at::Tensor();
+    if (choice.defined() && call_.inputs != nullptr) {
+      // The same draw for any later call of this layout: the recipe keeps the factory, not this hook.
+      choice = call_.inputs->Upload(
+          choice, [owner = owner_, grid, rows, block_index](const pipeline::UNetCallInfo& call) {
+            return TokenMergingCallHook(owner, call).DrawDstChoice(grid, rows, block_index);
+          });
+    }
+    std::shared_ptr<const MergePlan> plan = MergePlan::Build(x, grid, r, choice, call_.inputs);
     owner_->Record(BlockMergeCount{std::string(ctx.path), n, plan ? plan->tokens_after() : n});
     if (plan == nullptr) return {};
     pipeline::BlockTokenOps ops;
@@ -119,6 +127,12 @@ absl::StatusOr<std::shared_ptr<TokenMergingHooks>> TokenMergingHooks::Create(con
 
 std::unique_ptr<pipeline::TransformerBlockHook> TokenMergingHooks::ForCall(const pipeline::UNetCallInfo& call) const {
   return std::make_unique<TokenMergingCallHook>(shared_from_this(), call);
+}
+
+std::optional<std::string> TokenMergingHooks::CaptureKey() const {
+  // The settings fix every shape and kernel of a call's merges; the seed only changes the uploaded draws, but it
+  // is part of the key because a capture's recipes redraw with the factory that was captured.
+  return ToString(tome_);
 }
 
 std::vector<BlockMergeCount> TokenMergingHooks::MergeCounts() const {

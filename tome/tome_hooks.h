@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,8 @@ class TokenMergingHooks final : public pipeline::HookFactory,
 
   // The returned hook keeps this factory alive (it records merge counts here).
   std::unique_ptr<pipeline::TransformerBlockHook> ForCall(const pipeline::UNetCallInfo& call) const override;
+
+  std::optional<std::string> CaptureKey() const override;
 
   const TokenMerging& settings() const { return tome_; }
 

@@ -1,0 +1,98 @@
+// CUDA graphs for the UNet calls of one model on one worker. At batch 1 a UNet call is bound by kernel launches
+// (about a thousand per call for SD 1.5); a graph replays them all with one launch.
+//
+// A graph is captured per call layout: latent size, rows padded to a bucket (1, 2, 4, 8, then multiples of 8),
+// text length, dtype and, per hook group, the factory's CaptureKey, its rows and which of them are the two halves
+// of one sample (Token Merging draws partitions per sample). The first call of a layout runs eagerly; the second
+// runs eagerly on the padded shapes (a warm-up: cuBLAS and cuDNN settle their kernels for them) and is captured
+// after it; later ones copy their inputs into the graph's static tensors, refill what the hooks uploaded
+// (RecordedHookInputs) and replay. Calls a graph cannot serve run eagerly: more rows than the largest bucket, a
+// hook factory without a CaptureKey, the legacy default stream, a layout whose capture failed (logged once).
+// At most `capacity` graphs are kept, least recently used evicted; all share one memory pool, which is safe
+// because replays are sequential on one stream, every input is refilled before each replay and the output is
+// copied out right after it.
+//
+// Owned by the worker thread that runs the model (with its stream current); not thread-safe. Must not outlive
+// the model it ran (graphs read the weights in place).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "absl/status/statusor.h"
+#include "pipeline/generation.h"
+#include "pipeline/unet.h"
+#include "pipeline/unet_call.h"
+
+namespace tomeserve::pipeline {
+
+class UNetGraphs {
+ public:
+  struct Options {
+    size_t capacity = 16;   // captured graphs kept
+    int64_t max_rows = 32;  // calls with more rows run eagerly
+  };
+  struct Stats {
+    int64_t replays = 0;           // calls served by a graph
+    int64_t captures = 0;          // graphs captured (each after an eager warm-up call)
+    int64_t eager = 0;             // calls run eagerly (warm-ups included)
+    int64_t capture_failures = 0;  // layouts left eager after a failed capture
+    size_t graphs = 0;             // graphs held now
+  };
+
+  // For `device` (CUDA). UNIMPLEMENTED in a build without CUDA; FAILED_PRECONDITION for another device.
+  static absl::StatusOr<std::unique_ptr<UNetGraphs>> Create(const c10::Device& device, const Options& options);
+  ~UNetGraphs();
+  UNetGraphs(const UNetGraphs&) = delete;
+  UNetGraphs& operator=(const UNetGraphs&) = delete;
+
+  // The call's output, as RunUNetCall gives it (a tensor of its own, not a view of a graph's buffer). On the
+  // current stream; throws c10::Error like RunUNetCall (an out-of-memory error in a capture leaves the layout
+  // eager and runs the call eagerly instead).
+  at::Tensor Run(const UNet2DConditionModelImpl& unet, const UNetCall& call);
+  Stats stats() const;
+
+  // The padded row count for `rows`: 1, 2, 4, 8, then the next multiple of 8; 0 above `max_rows`.
+  static int64_t RowsBucket(int64_t rows, int64_t max_rows);
+  // The layout a graph is captured for (see above), or nullopt when a group's factory cannot be captured.
+  static std::optional<std::string> LayoutKey(const UNetCall& call, int64_t bucket);
+
+ private:
+  struct Impl;
+  explicit UNetGraphs(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// What one hook group of a UNet call uploads through HookInputs, kept as static device tensors ("slots") with
+// their recipes. A recording run (an eager call) allocates a slot per upload, holding that call's value; after
+// Rewind() a run of the same layout gets the same slots back in the same order, without copying (the capture
+// run); Refill(info) recomputes every slot for another call of the layout. Device-agnostic (CPU tests check the
+// refills against fresh draws). Used on one thread.
+class RecordedHookInputs final : public HookInputs {
+ public:
+  explicit RecordedHookInputs(const c10::Device& device) : device_(device) {}
+
+  at::Tensor Upload(const at::Tensor& host, Redraw redraw) override;
+  void Retain(const at::Tensor& device) override { retained_.push_back(device); }
+
+  void Rewind() { cursor_ = 0; }
+  // Copies each recipe's value for `info` into its slot (non-blocking on CUDA). Throws c10::Error when a recipe
+  // no longer gives its slot's shape and dtype.
+  void Refill(const UNetCallInfo& info);
+  const std::vector<at::Tensor>& slots() const { return slots_; }
+
+ private:
+  c10::Device device_;
+  std::vector<at::Tensor> slots_;
+  std::vector<Redraw> redraws_;
+  std::vector<at::Tensor> retained_;
+  size_t cursor_ = 0;
+};
+
+}  // namespace tomeserve::pipeline
