@@ -17,6 +17,7 @@
 
 namespace tomeserve::pipeline {
 
+class HookFactory;
 struct UNetCallInfo;
 
 // How a hook's per-call device inputs get to the device (Token Merging's random partitions). The runner of a
@@ -35,6 +36,10 @@ class HookInputs {
   // A device tensor the call reads but does not own (an entry of a shared cache): kept alive as long as a
   // recording of the call may read it.
   virtual void Retain(const at::Tensor& device) = 0;
+  // Host bookkeeping the hook did for this call besides uploads (Token Merging's merge counts), to be done again
+  // on the factory of each call that replays a recording of it (a replay runs no hook code).
+  using Effect = std::function<void(const HookFactory& factory)>;
+  virtual void OnReplay(Effect effect) = 0;
 };
 
 // One UNet call of a batch, as a hook factory sees it: the rows of one HookGroup (every row of the call when

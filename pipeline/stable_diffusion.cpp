@@ -259,6 +259,7 @@ absl::StatusOr<std::vector<GeneratedImage>> StableDiffusion::Generate(const Batc
   absl::StatusOr<std::unique_ptr<DenoiseBatch>> batch = StartBatch(spec, std::move(samples), t);
   if (!batch.ok()) return batch.status();
   DenoiseBatch& b = **batch;
+  b.set_graphs(callbacks.graphs);
 
   auto t0 = std::chrono::steady_clock::now();
   // StartBatch added the samples in order: their ids are 0..n-1.

@@ -25,6 +25,7 @@
 #include "pipeline/scheduler_config.h"
 #include "pipeline/text_embedding_cache.h"
 #include "pipeline/unet.h"
+#include "pipeline/unet_graphs.h"
 #include "pipeline/vae.h"
 
 namespace tomeserve::pipeline {
@@ -35,6 +36,14 @@ struct PipelineOptions {
   // Text embeddings kept across calls (TextEmbeddingCache), most recently used first; 0 = none. An SD 1.x entry
   // is 77 x 768 values (118 KB in fp16).
   size_t text_cache_entries = 256;
+};
+
+// What StableDiffusion::Generate reports to and takes from its caller (a namespace-scope type: a nested one with
+// default member initializers could not be a default argument of the class's own functions).
+struct GenerateCallbacks {
+  std::function<void(int, int)> progress;
+  std::function<bool(int)> cancelled;
+  UNetGraphs* graphs = nullptr;  // not owned: run the UNet calls through these (DenoiseBatch::set_graphs)
 };
 
 class StableDiffusion {
@@ -75,10 +84,7 @@ class StableDiffusion {
   // The whole thing: StartBatch, every step (calling `progress(done_calls, num_calls)` after each), Decode.
   // `cancelled(i)`, when given, is polled between steps; a cancelled sample stops denoising and gets no image
   // (its GeneratedImage has an undefined rgb8).
-  struct GenerateCallbacks {
-    std::function<void(int, int)> progress;
-    std::function<bool(int)> cancelled;
-  };
+  using GenerateCallbacks = pipeline::GenerateCallbacks;
   absl::StatusOr<std::vector<GeneratedImage>> Generate(const BatchSpec& spec, std::vector<SampleSpec> samples,
                                                        const GenerateCallbacks& callbacks = {},
                                                        PhaseTimings* timings = nullptr) const;

@@ -32,7 +32,9 @@ void CopyAsync(const at::Tensor& dst, const at::Tensor& src) {
 
 at::Tensor RecordedHookInputs::Upload(const at::Tensor& host, Redraw redraw) {
   TORCH_CHECK(host.is_cpu(), "hook inputs are computed on the CPU");
-  if (cursor_ < slots_.size()) {  // a run of the recorded layout: the same uploads, in the same order
+  if (replaying_) {  // a run of the recorded layout: the same uploads, in the same order
+    TORCH_CHECK(cursor_ < slots_.size(), "a run of a recorded call layout uploads more than its ", slots_.size(),
+                " recorded hook inputs");
     const at::Tensor& slot = slots_[cursor_++];
     TORCH_CHECK(slot.sizes() == host.sizes() && slot.scalar_type() == host.scalar_type(),
                 "hook input ", cursor_ - 1, " changed from ", slot.sizes(), " to ", host.sizes(),
@@ -43,17 +45,23 @@ at::Tensor RecordedHookInputs::Upload(const at::Tensor& host, Redraw redraw) {
   at::Tensor slot = device_.is_cpu() ? host.clone() : ToDeviceAsync(host, device_);
   slots_.push_back(slot);
   redraws_.push_back(std::move(redraw));
-  cursor_ = slots_.size();
   return slot;
 }
 
-void RecordedHookInputs::Refill(const UNetCallInfo& info) {
+void RecordedHookInputs::OnReplay(Effect effect) {
+  if (!replaying_) effects_.push_back(std::move(effect));
+}
+
+void RecordedHookInputs::Refill(const HookFactory* factory, const UNetCallInfo& info) {
   for (size_t i = 0; i < slots_.size(); ++i) {
     const at::Tensor host = redraws_[i](info);
     TORCH_CHECK(host.defined() && host.sizes() == slots_[i].sizes() && host.scalar_type() == slots_[i].scalar_type(),
                 "hook input ", i, " redrawn with shape ", host.defined() ? host.sizes() : at::IntArrayRef{},
                 ", recorded ", slots_[i].sizes());
     CopyAsync(slots_[i], host);
+  }
+  if (factory != nullptr) {
+    for (const Effect& effect : effects_) effect(*factory);
   }
 }
 
@@ -199,7 +207,7 @@ struct UNetGraphs::Impl {
     CopyAsync(e.encoder_hidden_states.narrow(0, 0, rows), call.encoder_hidden_states);
     std::vector<UNetCall::Group> groups = call.groups;
     PadGroupRows(&groups, rows, e.bucket);
-    for (size_t g = 0; g < groups.size(); ++g) e.inputs[g]->Refill(groups[g].info);
+    for (size_t g = 0; g < groups.size(); ++g) e.inputs[g]->Refill(groups[g].factory, groups[g].info);
     e.graph->replay();
     ++stats.replays;
     return e.output.narrow(0, 0, rows).clone();

@@ -12,8 +12,8 @@
 // because replays are sequential on one stream, every input is refilled before each replay and the output is
 // copied out right after it.
 //
-// Owned by the worker thread that runs the model (with its stream current); not thread-safe. Must not outlive
-// the model it ran (graphs read the weights in place).
+// Owned by the worker thread that runs the model (with its stream current); not thread-safe. Run only with the
+// model it captured for alive (graphs read the weights in place); one instance per model.
 #pragma once
 
 #include <cstddef>
@@ -80,18 +80,26 @@ class RecordedHookInputs final : public HookInputs {
 
   at::Tensor Upload(const at::Tensor& host, Redraw redraw) override;
   void Retain(const at::Tensor& device) override { retained_.push_back(device); }
+  void OnReplay(Effect effect) override;
 
-  void Rewind() { cursor_ = 0; }
-  // Copies each recipe's value for `info` into its slot (non-blocking on CUDA). Throws c10::Error when a recipe
-  // no longer gives its slot's shape and dtype.
-  void Refill(const UNetCallInfo& info);
+  // From here on, runs get the recorded slots back (and record nothing more).
+  void Rewind() {
+    replaying_ = true;
+    cursor_ = 0;
+  }
+  // For another call of the layout whose group has `factory` (null for a plain group) and `info`: copies each
+  // recipe's value into its slot (non-blocking on CUDA) and does the recorded effects on `factory`. Throws
+  // c10::Error when a recipe no longer gives its slot's shape and dtype.
+  void Refill(const HookFactory* factory, const UNetCallInfo& info);
   const std::vector<at::Tensor>& slots() const { return slots_; }
 
  private:
   c10::Device device_;
   std::vector<at::Tensor> slots_;
   std::vector<Redraw> redraws_;
+  std::vector<Effect> effects_;
   std::vector<at::Tensor> retained_;
+  bool replaying_ = false;
   size_t cursor_ = 0;
 };
 

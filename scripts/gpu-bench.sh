@@ -7,7 +7,8 @@
 #      carried reference outputs apply; scheduler references recomputed on the GPU for the exact CUDA check
 #   3. every *_CUDA gtest
 #   4. a served request: tomeserve --devices cuda:0 --dtype fp16 on the tiny and sd15 models (scripts/gpu-serve.sh)
-#   5. scripts/bench.py side by side with diffusers + tomesd (sd15, fp16) into $OUT/benchmarks.md
+#   5. scripts/bench.py side by side with diffusers + tomesd (sd15, fp16 and bf16; CUDA graphs on and off) into
+#      $OUT/benchmarks.md
 # Everything is logged to $OUT/gpu.log; $OUT/benchmarks.md is docs/benchmarks.md with the GPU sections added.
 #   GPU_BENCH_BUDGET=420  GPU_BENCH_REPS=10
 #   GPU_BENCH_PHASES="tests serve bench"   (a follow-up run can pick; "bench-short" = headline + UNet batch 1;
@@ -89,6 +90,7 @@ run_test() {  # NAME [ENV=VALUE ...]
 for t in pipeline_load_test scheduler_test unet_test vae_test tome_test; do run_test $t; done
 run_test scheduler_test TOMESERVE_REF_DIR=$td/refs_cuda
 run_test step_batch_test
+run_test unet_graphs_test
 rm -f "$out/test.log.tmp"
 fi
 
@@ -118,14 +120,18 @@ bench() {  # SECONDS ARGS...: one bench.py run, cut off after SECONDS
   [ "$rc" -eq 0 ] || log "bench.py $* ended with status $rc"
 }
 if want bench || want bench-short; then
-# The headline: SD 1.5 512², 50 steps, batch 1, end to end (text encoding, denoising, VAE decode).
+# The headline: SD 1.5 512², 50 steps, batch 1, end to end (text encoding, denoising, VAE decode); eager and
+# with CUDA graphs (the server's default on a GPU).
 bench 70 --label "sd15 end to end, $card" --sizes 512 --modes generate --steps 50 --reps 3 --warmup 1 \
-  --cpp-variants plain,cudnn-benchmark --section gpu-sd15-e2e-fp16
+  --cpp-variants plain,cuda-graphs --section gpu-sd15-e2e-fp16
 # The seed's table: UNet at 512/768/1024, batch 1 and 4, vanilla vs ToMe 0.5 (cuDNN benchmark as a variant).
 for b in 1 $(want bench && echo 4); do
   bench 70 --label "sd15 UNet batch $b, $card" --sizes 512,768,1024 --modes unet --tome-ratios 0,0.5 --batch $b \
-    --reps "$reps" --warmup 3 --cpp-variants plain,cudnn-benchmark,channels-last --section gpu-sd15-unet-b$b-fp16
+    --reps "$reps" --warmup 3 --cpp-variants plain,cuda-graphs,cudnn-benchmark --section gpu-sd15-unet-b$b-fp16
 done
+# bf16 against fp16 (the table above): same UNet cells at 512² and 1024², batch 1.
+bench 50 --label "sd15 UNet batch 1 bf16, $card" --sizes 512,1024 --modes unet --tome-ratios 0,0.5 --batch 1 \
+  --dtype bf16 --reps "$reps" --warmup 3 --cpp-variants plain,cuda-graphs --section gpu-sd15-unet-b1-bf16
 fi
 if want bench; then
 # The merge machinery alone, and ToMe end to end at 1024².

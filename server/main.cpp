@@ -314,6 +314,7 @@ int Run(int argc, char** argv) {
                         .max_batch_cost = o.max_batch_cost,
                         .inject_oom_above_batch = o.inject_oom_above_batch,
                         .warmup_steps = o.warmup_steps,
+                        .cuda_graphs = o.cuda_graphs,
                         .stop_warmup = [signal_state] { return signal_state->stop.HasBeenNotified(); },
                         .inject_fault = o.inject_fault,
                         .inject_fault_at_step = o.inject_fault_at_step,

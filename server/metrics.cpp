@@ -110,6 +110,10 @@ struct Metrics::Impl {
   Family<Counter>& text_cache = CounterFamily(
       r, "tomeserve_text_cache_lookups_total",
       "Text-embedding cache lookups per distinct text of an admitted call, by model and result (hit: no encoder run)");
+  Family<Counter>& unet_calls = CounterFamily(
+      r, "tomeserve_unet_calls_total",
+      "UNet calls by how they ran: graph (a CUDA graph replayed), capture (captured after an eager warm-up on "
+      "the padded rows), eager");
   Family<Counter>& oom = CounterFamily(
       r, "tomeserve_oom_total", "Out-of-memory errors (denoising steps and decodes) by ToMe ratio and resolution");
   Family<Counter>& evictions = CounterFamily(
@@ -233,6 +237,10 @@ void Metrics::CountTextCacheLookups(const std::string& model, int64_t hits, int6
   if (!impl_) return;
   if (hits > 0) impl_->text_cache.Add({{"model", model}, {"result", "hit"}}).Increment(static_cast<double>(hits));
   if (misses > 0) impl_->text_cache.Add({{"model", model}, {"result", "miss"}}).Increment(static_cast<double>(misses));
+}
+
+void Metrics::CountUNetCalls(const std::string& device, const std::string& path, int64_t calls) {
+  if (impl_ && calls > 0) impl_->unet_calls.Add({{"device", device}, {"path", path}}).Increment(static_cast<double>(calls));
 }
 
 void Metrics::AddWorkerSeconds(const std::string& device, const std::string& part, double seconds) {

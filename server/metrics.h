@@ -19,6 +19,9 @@
 //   tomeserve_worker_healthy{device}                                    1 while the worker serves
 //   tomeserve_worker_seconds_total{device,part=admit|step|retire|bookkeeping}  where the worker thread's time
 //                                                                       goes while it has work (host clock)
+//   tomeserve_unet_calls_total{device,path=graph|capture|eager}          UNet calls by how they ran: a CUDA graph
+//                                                                       replayed, captured (after an eager
+//                                                                       warm-up), or eagerly (CPU: every call)
 //   tomeserve_text_cache_lookups_total{model,result=hit|miss}           text-embedding cache lookups (hit: no
 //                                                                       text-encoder run for that text)
 //   tomeserve_oom_total{tome_ratio,resolution}                          out-of-memory errors (steps and decodes)
@@ -68,6 +71,7 @@ class Metrics {
   void SetWorkerHealthy(const std::string& device, bool healthy);
   void AddWorkerSeconds(const std::string& device, const std::string& part, double seconds);
   void CountTextCacheLookups(const std::string& model, int64_t hits, int64_t misses);
+  void CountUNetCalls(const std::string& device, const std::string& path, int64_t calls);
   void CountOom(double tome_ratio, int width, int height);
   void CountEvictions(int samples);
   void CountSloDecision(double chosen_ratio, bool target_met);

@@ -110,6 +110,9 @@ ABSL_FLAG(double, step_timeout_seconds, 0,
           "device); 0 = 50x the worker's last step, at least 120 s.");
 ABSL_FLAG(std::string, port_file, "", "After startup, write the bound gRPC port to this file.");
 ABSL_FLAG(int32_t, warmup_steps, 2, "Denoising steps of the warm-up run per model and device at startup.");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "On CUDA devices, run UNet calls through CUDA graphs: each batch layout (size, rows, ToMe groups) is "
+          "captured on its second call and replayed after (ignored on the CPU).");
 ABSL_FLAG(std::string, config, "", "YAML or JSON file of flag values (keys are flag names).");
 
 namespace tomeserve::server {
@@ -372,6 +375,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   o.inject_oom_above_batch = absl::GetFlag(FLAGS_inject_oom_above_batch);
   o.port_file = absl::GetFlag(FLAGS_port_file);
   o.warmup_steps = absl::GetFlag(FLAGS_warmup_steps);
+  o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
 
   for (const absl::Status& s : {
            Check(!o.listen.empty(), "listen", "HOST:PORT"),

@@ -62,6 +62,7 @@ struct ServerOptions {
   double step_timeout_seconds = 0;  // 0 = automatic
   std::string port_file;
   int warmup_steps = 2;
+  bool cuda_graphs = true;
 };
 
 struct CommandLine {

@@ -87,6 +87,8 @@ struct Worker::Impl {
   StepTimeModel* step_times;
   pipeline::ComputeTarget target;
   std::map<std::string, std::unique_ptr<pipeline::StableDiffusion>> models;
+  // Per model (CUDA with --cuda-graphs): declared after `models`, so destroyed before them.
+  std::map<std::string, std::unique_ptr<pipeline::UNetGraphs>> graphs;
   int64_t budget = kCpuBatchCost;
 
   // The running batch and what is in it (worker thread only).
@@ -178,6 +180,16 @@ absl::Status Worker::Impl::Load() {
     // Warm-up: one image at the native size through the whole pipeline (allocator, kernels, schedule). Its
     // steps after the first (which pays one-time costs) seed the step-time model.
     const int width = (*sd)->native_width(), height = (*sd)->native_height();
+    pipeline::UNetGraphs* model_graphs = nullptr;
+    if (options.cuda_graphs && target.device.is_cuda()) {
+      absl::StatusOr<std::unique_ptr<pipeline::UNetGraphs>> created = pipeline::UNetGraphs::Create(target.device, {});
+      if (created.ok()) {
+        model_graphs = created->get();
+        graphs[spec.name] = *std::move(created);
+      } else {
+        spdlog::warn("model {} on {}: no CUDA graphs: {}", spec.name, options.device, std::string(created.status().message()));
+      }
+    }
     auto last = std::chrono::steady_clock::now();
     absl::StatusOr<std::vector<pipeline::GeneratedImage>> images = (*sd)->Generate(
         {.width = width, .height = height, .num_inference_steps = options.warmup_steps,
@@ -192,7 +204,8 @@ absl::Status Worker::Impl::Load() {
                }
                last = now;
              },
-         .cancelled = [this](int) { return options.stop_warmup && options.stop_warmup(); }});
+         .cancelled = [this](int) { return options.stop_warmup && options.stop_warmup(); },
+         .graphs = model_graphs});
     if (!images.ok()) {
       return absl::Status(images.status().code(),
                           absl::StrCat("model \"", spec.name, "\" (", spec.dir,
@@ -465,6 +478,7 @@ void Worker::Impl::Start(const std::shared_ptr<Job>& job) {
   if (batch == nullptr) {
     batch = std::make_unique<pipeline::DenoiseBatch>(*run->model, req.key.height / run->model->vae_scale(),
                                                      req.key.width / run->model->vae_scale());
+    if (auto it = graphs.find(req.key.model); it != graphs.end()) batch->set_graphs(it->second.get());
     batch_model = req.key.model;
     batch_width = req.key.width;
     batch_height = req.key.height;
@@ -552,7 +566,20 @@ void Worker::Impl::Step() {
     status = pipeline::OutOfMemoryError(absl::StrCat("injected out of memory (--inject-oom-above-batch ",
                                                      options.inject_oom_above_batch, ") for a batch of ", images));
   } else if (status.ok()) {
+    const auto graphs_of_model = graphs.find(batch_model);
+    pipeline::UNetGraphs* model_graphs = graphs_of_model == graphs.end() ? nullptr : graphs_of_model->second.get();
+    const pipeline::UNetGraphs::Stats before = model_graphs ? model_graphs->stats() : pipeline::UNetGraphs::Stats{};
     status = batch->Step();
+    if (model_graphs == nullptr) {
+      metrics->CountUNetCalls(options.device, "eager", 1);
+    } else {
+      const pipeline::UNetGraphs::Stats after = model_graphs->stats();
+      metrics->CountUNetCalls(options.device, "graph", after.replays - before.replays);
+      metrics->CountUNetCalls(options.device, "capture", after.captures - before.captures);
+      // A capture's warm-up is one of its eager runs.
+      metrics->CountUNetCalls(options.device, "eager",
+                              (after.eager - before.eager) - (after.captures - before.captures));
+    }
   }
   const double seconds = clock->Stop();
   {

@@ -46,6 +46,8 @@ struct WorkerOptions {
   // -1: off; N >= 0: UNet calls with more than N images fail with an injected OOM (never the warm-up).
   int inject_oom_above_batch = -1;
   int warmup_steps = 2;
+  // CUDA devices: UNet calls through CUDA graphs (pipeline::UNetGraphs, one per model), the warm-up's included.
+  bool cuda_graphs = true;
   // Polled between warm-up steps (any thread's signal): true stops the warm-up early (the server is exiting).
   std::function<bool()> stop_warmup;
   // TESTING AID: at the worker's Nth denoising step (1-based, counted over its life; 0 = off) inject `fault`:

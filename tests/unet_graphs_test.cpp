@@ -170,7 +170,13 @@ TEST_F(UNetCallTest, RefilledHookInputsReplayAnotherCall) {
 
   std::vector<at::Tensor> first_draws;
   for (const at::Tensor& slot : recorded[1]->slots()) first_draws.push_back(slot.clone());
-  for (size_t g = 0; g < recorded.size(); ++g) recorded[g]->Refill(later.groups[g].info);
+  const auto later_factory = Hooks({.ratio = 0.5, .max_downsample = 2, .seed = 4});  // equal settings
+  for (size_t g = 0; g < recorded.size(); ++g) {
+    recorded[g]->Refill(g == 0 ? nullptr : later_factory.get(), later.groups[g].info);
+  }
+  // The replayed call's factory gets the merge counts its hooks would have recorded.
+  EXPECT_EQ(later_factory->MergeCounts(), tome->MergeCounts());
+  EXPECT_FALSE(later_factory->MergeCounts().empty());
   bool any_changed = false;
   for (size_t i = 0; i < fresh.slots().size(); ++i) {
     EXPECT_TRUE(recorded[1]->slots()[i].equal(fresh.slots()[i])) << "slot " << i;

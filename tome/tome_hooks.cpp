@@ -59,7 +59,13 @@ class TokenMergingCallHook final : public pipeline::TransformerBlockHook {
           });
     }
     std::shared_ptr<const MergePlan> plan = MergePlan::Build(x, grid, r, choice, call_.inputs);
-    owner_->Record(BlockMergeCount{std::string(ctx.path), n, plan ? plan->tokens_after() : n});
+    const BlockMergeCount count{std::string(ctx.path), n, plan ? plan->tokens_after() : n};
+    owner_->Record(count);
+    if (call_.inputs != nullptr) {
+      call_.inputs->OnReplay([count](const pipeline::HookFactory& factory) {
+        if (const auto* hooks = dynamic_cast<const TokenMergingHooks*>(&factory)) hooks->Record(count);
+      });
+    }
     if (plan == nullptr) return {};
     pipeline::BlockTokenOps ops;
     if (tome.merge_attn) ops.attn = plan;

@@ -12,6 +12,8 @@
 #include <torch/cuda.h>
 #ifdef TOMESERVE_HAVE_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include <algorithm>
@@ -27,6 +29,8 @@
 #include "absl/strings/str_split.h"
 #include "pipeline/stable_diffusion.h"
 #include "pipeline/torch_status.h"
+#include "pipeline/unet_call.h"
+#include "pipeline/unet_graphs.h"
 #include "tome/merge.h"
 #include "tome/tome_hooks.h"
 #include "tools/cli_args.h"
@@ -36,17 +40,21 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: tomeserve-bench --model DIR [--device cpu|cuda:N] [--dtype fp32|fp16|bf16] [--threads N]\n"
-    "                       [--channels-last] [--cudnn-benchmark] [--stdin | CONFIGURATION]\n"
+    "                       [--channels-last] [--cudnn-benchmark] [--cuda-graphs] [--stdin | CONFIGURATION]\n"
     "CONFIGURATION: [--mode unet|generate|merge] [--width W] [--height H] [--batch B] [--steps N]\n"
     "               [--scheduler K] [--warmup N] [--reps N] [--tome-ratio R]\n"
     "Times the C++ pipeline and prints one JSON object per configuration (median and every repetition, in\n"
     "seconds) for scripts/bench.py, which runs it side by side with diffusers. With --stdin the model is loaded\n"
     "once and every line read from stdin is one CONFIGURATION (an empty line or end of input stops).\n"
-    "  unet      one UNet forward on [2B, 4, H/8, W/8] (batch B with classifier-free guidance), random inputs\n"
+    "  unet      one UNet call on [2B, 4, H/8, W/8] (batch B with classifier-free guidance, rows laid out as\n"
+    "            the server's batches lay them out), random inputs\n"
     "  generate  text encoding + N steps + VAE decode for B prompts, guidance 7.5\n"
     "  merge     Token Merging's own work on the first transformer block's input: plan + merge + unmerge\n"
     "--channels-last stores the UNet's and VAE's 4-d weights channels-last (convolutions then run NHWC);\n"
     "--cudnn-benchmark lets cuDNN time its algorithms per shape (CUDA). Both are experiments for the GPU table.\n"
+    "--cuda-graphs runs the UNet calls (unet, generate) through CUDA graphs, as the server does by default on a\n"
+    "GPU: a layout's first call is eager, its second captures, later ones replay (warm-ups should be >= 2).\n"
+    "CUDA runs use a stream of their own, as the server's workers do.\n"
     "Defaults: --mode unet, 512x512, batch 1, 4 steps, the model's scheduler, cpu, fp32, 1 warm-up, 3 reps,\n"
     "no Token Merging (--tome-ratio R > 0 applies it with tomesd's other defaults). Usage errors exit 2.\n";
 
@@ -76,7 +84,7 @@ int64_t PeakMemory(const c10::Device& device) {
 }
 
 const std::set<std::string> kSessionFlags = {"model", "device", "dtype", "threads"};
-const std::set<std::string> kSessionSwitches = {"channels-last", "cudnn-benchmark", "stdin"};
+const std::set<std::string> kSessionSwitches = {"channels-last", "cudnn-benchmark", "cuda-graphs", "stdin"};
 const std::set<std::string> kConfigFlags = {"mode",   "width", "height", "batch",     "steps",
                                             "scheduler", "warmup", "reps", "tome-ratio"};
 
@@ -124,8 +132,26 @@ void ToChannelsLast(const torch::nn::Module& module) {
 }
 
 // Runs `c` on the loaded model; returns the per-repetition seconds (warm-ups excluded).
+// The UNet call of a guided batch of `batch` samples: unconditional rows first, then conditional ones, each pair
+// one sample with its own seed (as DenoiseBatch builds it), all under `hooks` (may be null).
+pipeline::UNetCall GuidedCall(const at::Tensor& sample, const at::Tensor& t, const at::Tensor& context,
+                              int64_t batch, const pipeline::HookFactory* hooks) {
+  pipeline::UNetCall call{.sample = sample, .timesteps = t, .encoder_hidden_states = context};
+  pipeline::UNetCall::Group group{.factory = hooks, .info = {.call_index = 0}};
+  for (int64_t r = 0; r < 2 * batch; ++r) {
+    group.rows.push_back(r);
+    group.info.row_seeds.push_back(static_cast<uint64_t>(r % batch));
+    group.info.row_is_uncond.push_back(r < batch);
+    group.info.row_sample.push_back(static_cast<int>(r % batch));
+    group.info.row_call_index.push_back(0);
+    group.info.row_hook_seeds.push_back(0);
+  }
+  call.groups.push_back(std::move(group));
+  return call;
+}
+
 absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Config& c, const c10::Device& device,
-                                         at::ScalarType dtype) {
+                                         at::ScalarType dtype, pipeline::UNetGraphs* graphs) {
   const tome::TokenMerging tome_settings{.ratio = c.tome_ratio};
   std::shared_ptr<const tome::TokenMergingHooks> hooks;
   if (tome::IsActive(tome_settings)) {
@@ -142,14 +168,14 @@ absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Co
     const int64_t lh = c.height / scale, lw = c.width / scale;
     const at::Tensor sample = at::randn({rows, sd.unet().config().in_channels, lh, lw}, options);
     const at::Tensor context = at::randn({rows, 77, sd.text_encoder().config().hidden_size}, options);
-    const at::Tensor t = at::scalar_tensor(500.0, at::kFloat);
+    const at::Tensor t = at::full({rows}, 500.0, at::kFloat);
     const at::Tensor block_input = at::randn({rows, lh * lw, sd.unet().config().block_out_channels.at(0)}, options);
     for (int64_t i = 0; i < c.warmup + c.reps; ++i) {
       Sync(device);
       const auto t0 = std::chrono::steady_clock::now();
       if (c.mode == "unet") {
-        auto hook = hooks ? hooks->ForCall({}) : nullptr;
-        (void)sd.unet().forward(sample, t, context, hook.get());
+        const pipeline::UNetCall call = GuidedCall(sample, t, context, c.batch, hooks.get());
+        (void)(graphs != nullptr ? graphs->Run(sd.unet(), call) : pipeline::RunUNetCall(sd.unet(), call));
       } else if (c.mode == "merge") {
         auto hook = hooks ? hooks->ForCall({}) : nullptr;
         if (hook) {
@@ -165,7 +191,7 @@ absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Co
         auto images = sd.Generate({.width = static_cast<int>(c.width), .height = static_cast<int>(c.height),
                                    .num_inference_steps = static_cast<int>(c.steps),
                                    .scheduler = c.scheduler.value_or(sd.default_scheduler()), .hooks = hooks},
-                                  std::move(samples));
+                                  std::move(samples), {.graphs = graphs});
         if (!images.ok()) return images.status();
       }
       Sync(device);
@@ -179,7 +205,7 @@ absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Co
 }
 
 void PrintResult(const Config& c, const std::vector<double>& times, const c10::Device& device, at::ScalarType dtype,
-                 bool channels_last, bool cudnn_benchmark) {
+                 bool channels_last, bool cudnn_benchmark, const pipeline::UNetGraphs* graphs) {
   std::vector<double> sorted = times;
   std::sort(sorted.begin(), sorted.end());
   const size_t n = sorted.size();
@@ -187,12 +213,14 @@ void PrintResult(const Config& c, const std::vector<double>& times, const c10::D
   std::printf(
       "{\"impl\": \"tomeserve\", \"mode\": \"%s\", \"width\": %lld, \"height\": %lld, \"batch\": %lld, "
       "\"steps\": %lld, \"tome_ratio\": %g, \"device\": \"%s\", \"dtype\": \"%s\", \"threads\": %d, "
-      "\"channels_last\": %s, \"cudnn_benchmark\": %s, \"peak_device_bytes\": %lld, \"median_s\": %.6f, "
-      "\"times_s\": [%s]}\n",
+      "\"channels_last\": %s, \"cudnn_benchmark\": %s, \"cuda_graphs\": %s, \"graph_replays\": %lld, "
+      "\"peak_device_bytes\": %lld, \"median_s\": %.6f, \"times_s\": [%s]}\n",
       c.mode.c_str(), static_cast<long long>(c.width), static_cast<long long>(c.height),
       static_cast<long long>(c.batch), static_cast<long long>(c.steps), c.tome_ratio, device.str().c_str(),
       pipeline::ComputeDTypeName(dtype).c_str(), at::get_num_threads(), channels_last ? "true" : "false",
-      cudnn_benchmark ? "true" : "false", static_cast<long long>(PeakMemory(device)), median,
+      cudnn_benchmark ? "true" : "false", graphs != nullptr ? "true" : "false",
+      static_cast<long long>(graphs != nullptr ? graphs->stats().replays : 0),
+      static_cast<long long>(PeakMemory(device)), median,
       absl::StrJoin(times, ", ").c_str());
   std::fflush(stdout);
 }
@@ -231,6 +259,21 @@ int BenchMain(const std::vector<std::string>& raw) {
   const bool channels_last = a->Has("channels-last"), cudnn_benchmark = a->Has("cudnn-benchmark");
   if (cudnn_benchmark) at::globalContext().setBenchmarkCuDNN(true);
 
+#ifdef TOMESERVE_HAVE_CUDA
+  // A stream of this process's own for everything, as a server worker has (graphs cannot be captured on the
+  // legacy default stream).
+  std::optional<c10::cuda::CUDAStreamGuard> stream;
+  if (device->is_cuda()) stream.emplace(c10::cuda::getStreamFromPool(false, device->index()));
+#endif
+  std::unique_ptr<pipeline::UNetGraphs> graphs;
+  if (a->Has("cuda-graphs")) {
+    auto created = pipeline::UNetGraphs::Create(*device, {});
+    if (!created.ok()) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--cuda-graphs: ", created.status().message())), 2);
+    }
+    graphs = *std::move(created);
+  }
+
   auto sd = pipeline::StableDiffusion::Create({*model, {*device, *dtype}});
   if (!sd.ok()) return Fail(sd.status(), 1);
   if (channels_last) {
@@ -240,9 +283,9 @@ int BenchMain(const std::vector<std::string>& raw) {
   }
 
   if (!from_stdin) {
-    absl::StatusOr<std::vector<double>> times = Time(**sd, *first, *device, *dtype);
+    absl::StatusOr<std::vector<double>> times = Time(**sd, *first, *device, *dtype, graphs.get());
     if (!times.ok()) return Fail(times.status(), 1);
-    PrintResult(*first, *times, *device, *dtype, channels_last, cudnn_benchmark);
+    PrintResult(*first, *times, *device, *dtype, channels_last, cudnn_benchmark, graphs.get());
     return 0;
   }
   int exit_code = 0;
@@ -251,7 +294,7 @@ int BenchMain(const std::vector<std::string>& raw) {
     absl::StatusOr<CliArgs> args = CliArgs::Parse(words, kConfigFlags, {});
     absl::StatusOr<Config> config = args.ok() ? ParseConfig(*args) : absl::StatusOr<Config>(args.status());
     if (!config.ok()) return Fail(config.status(), 2);
-    absl::StatusOr<std::vector<double>> times = Time(**sd, *config, *device, *dtype);
+    absl::StatusOr<std::vector<double>> times = Time(**sd, *config, *device, *dtype, graphs.get());
     if (!times.ok()) {
       // A failed configuration is reported and the session goes on. Out of memory is a result (the seed's
       // table marks such cells), not a broken run: it leaves the exit status alone.
@@ -265,7 +308,7 @@ int BenchMain(const std::vector<std::string>& raw) {
       if (!oom) exit_code = 1;
       continue;
     }
-    PrintResult(*config, *times, *device, *dtype, channels_last, cudnn_benchmark);
+    PrintResult(*config, *times, *device, *dtype, channels_last, cudnn_benchmark, graphs.get());
   }
   return exit_code;
 }

@@ -169,6 +169,24 @@ def test_repeated_texts_are_cache_hits_in_metrics(server, stub):
     assert after == {"hit": before["hit"] + 2, "miss": before["miss"]}, (before, after)
 
 
+def unet_calls(server):
+    import re
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    counts = {}
+    for path, value in re.findall(r'^tomeserve_unet_calls_total\{device="cpu",path="(\w+)"\} (\S+)$', text, re.M):
+        counts[path] = float(value)
+    return counts
+
+
+def test_unet_calls_are_counted_by_path(server, stub):
+    # On the CPU there are no CUDA graphs: every UNet call is eager, one per DDIM step.
+    before = unet_calls(server).get("eager", 0.0)
+    stub.Generate(request(request_id="count-calls", num_inference_steps=3, scheduler=pb.SCHEDULER_DDIM), timeout=60)
+    after = unet_calls(server)
+    assert after.get("eager", 0.0) - before == 3, (before, after)
+    assert "graph" not in after and "capture" not in after
+
+
 def test_log_has_one_line_per_request(server, stub):
     stub.Generate(request(request_id="log-me"), timeout=60)
     lines = [l for l in server.log().splitlines() if "id=log-me" in l]
