@@ -315,6 +315,7 @@ int Run(int argc, char** argv) {
                         .inject_oom_above_batch = o.inject_oom_above_batch,
                         .warmup_steps = o.warmup_steps,
                         .cuda_graphs = o.cuda_graphs,
+                        .encode_threads = o.encode_threads,
                         .stop_warmup = [signal_state] { return signal_state->stop.HasBeenNotified(); },
                         .inject_fault = o.inject_fault,
                         .inject_fault_at_step = o.inject_fault_at_step,

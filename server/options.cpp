@@ -110,6 +110,10 @@ ABSL_FLAG(double, step_timeout_seconds, 0,
           "device); 0 = 50x the worker's last step, at least 120 s.");
 ABSL_FLAG(std::string, port_file, "", "After startup, write the bound gRPC port to this file.");
 ABSL_FLAG(int32_t, warmup_steps, 2, "Denoising steps of the warm-up run per model and device at startup.");
+ABSL_FLAG(int32_t, encode_threads, -1,
+          "Threads per worker that encode finished images (PNG), so the device keeps stepping the rest of the "
+          "batch meanwhile; 0 = on the worker's own thread; -1 = 2 on CUDA devices, 0 on the CPU (where they "
+          "would take cores from the UNet).");
 ABSL_FLAG(bool, cuda_graphs, true,
           "On CUDA devices, run UNet calls through CUDA graphs: each batch layout (size, rows, ToMe groups) is "
           "captured on its second call and replayed after (ignored on the CPU).");
@@ -376,6 +380,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   o.port_file = absl::GetFlag(FLAGS_port_file);
   o.warmup_steps = absl::GetFlag(FLAGS_warmup_steps);
   o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  o.encode_threads = absl::GetFlag(FLAGS_encode_threads);
 
   for (const absl::Status& s : {
            Check(!o.listen.empty(), "listen", "HOST:PORT"),
@@ -422,6 +427,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
            Check(o.tls_client_ca.empty() || !o.tls_cert.empty(), "tls_client_ca", "only with --tls-cert"),
            Check(o.inject_oom_above_batch >= -1, "inject_oom_above_batch", ">= 0, or -1 (off)"),
            Check(o.warmup_steps >= 1, "warmup_steps", ">= 1"),
+           Check(o.encode_threads >= -1 && o.encode_threads <= 16, "encode_threads", "-1 (auto) to 16"),
            Check(o.step_timeout_seconds >= 0, "step_timeout_seconds", ">= 0 seconds (0 = automatic)"),
        }) {
     if (!s.ok()) return s;

@@ -63,6 +63,7 @@ struct ServerOptions {
   std::string port_file;
   int warmup_steps = 2;
   bool cuda_graphs = true;
+  int encode_threads = -1;  // -1: 2 on CUDA devices, 0 on the CPU
 };
 
 struct CommandLine {

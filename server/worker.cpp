@@ -26,6 +26,7 @@
 #include "pipeline/stable_diffusion.h"
 #include "pipeline/torch_status.h"
 #include "server/device_probe.h"
+#include "server/encode_pool.h"
 #include "server/image_output.h"
 #include "server/phase_clock.h"
 #include "tome/tome_hooks.h"
@@ -56,6 +57,7 @@ struct RunningJob {
   int last_progress = 0;
   int num_calls = 0;  // UNet calls per sample (PNDM: steps + 1)
   bool ended = false;
+  int encoding = 0;   // images handed to the EncodePool and not collected yet: the run is kept until 0
 
   int images_left() const {
     return static_cast<int>(std::count_if(images.begin(), images.end(), [](const auto& i) { return !i; }));
@@ -105,6 +107,20 @@ struct Worker::Impl {
   std::unique_ptr<PhaseClock> clock;  // created on the worker thread (CUDA events belong to its device)
   int64_t steps_run = 0;              // steps started over the worker's life (fault injection counts them)
 
+  // Images encoded on the EncodePool, handed back to the worker thread (CollectEncoded). `encodes_pending` is
+  // the worker thread's count of those not collected yet.
+  struct Encoded {
+    RunningJob* run;  // kept alive while run->encoding > 0
+    int image;
+    absl::StatusOr<EncodedImage> encoded;
+  };
+  absl::Mutex encoded_mu;
+  std::vector<Encoded> encoded ABSL_GUARDED_BY(encoded_mu);
+  int encodes_pending = 0;
+  // Declared after what its tasks touch, so it is destroyed (its tasks finished, threads joined) first. Null:
+  // images are encoded on the worker thread.
+  std::unique_ptr<EncodePool> encode_pool;
+
   // Handed from Start() (main thread) to the worker thread waiting after its warm-up.
   absl::Mutex start_mu;
   enum class Go { kWait, kRun, kAbandon } go ABSL_GUARDED_BY(start_mu) = Go::kWait;
@@ -129,6 +145,8 @@ struct Worker::Impl {
   void NotifyProgress();
   void RetireDone();
   void DecodeChunk(const std::vector<FinishedSample>& chunk);
+  // Takes the images the pool has finished into their runs; with `all`, waits for every pending one first.
+  void CollectEncoded(bool all);
   void End(RunningJob& run, const absl::StatusOr<GenerationResult>& result);
   void DropEnded();
   void EmptyCache() const;
@@ -216,6 +234,8 @@ absl::Status Worker::Impl::Load() {
     models[spec.name] = *std::move(sd);
   }
   budget = options.max_batch_cost > 0 ? options.max_batch_cost : kCpuBatchCost;
+  const int encoders = options.encode_threads >= 0 ? options.encode_threads : (target.device.is_cuda() ? 2 : 0);
+  if (encoders > 0) encode_pool = std::make_unique<EncodePool>(encoders);
 #ifdef TOMESERVE_HAVE_CUDA
   if (options.max_batch_cost <= 0 && target.device.is_cuda()) {
     // What is left after the weights, at a conservative 256 KiB of activations per row x latent pixel in 16-bit
@@ -528,7 +548,7 @@ void Worker::Impl::End(RunningJob& run, const absl::StatusOr<GenerationResult>& 
 
 void Worker::Impl::DropEnded() {
   std::erase_if(parked, [](const Parked& p) { return p.run->ended; });
-  std::erase_if(jobs, [](const std::unique_ptr<RunningJob>& r) { return r->ended; });
+  std::erase_if(jobs, [](const std::unique_ptr<RunningJob>& r) { return r->ended && r->encoding == 0; });
 }
 
 void Worker::Impl::RetireStopped() {
@@ -695,6 +715,9 @@ void Worker::Impl::RetireDone() {
     const size_t last = std::min(finished.size(), first + kDecodeChunk);
     DecodeChunk(std::vector<FinishedSample>(finished.begin() + first, finished.begin() + last));
   }
+  // While samples are still denoising, images still encoding wait for a later boundary; once none is, the
+  // worker waits for them (nothing else to do, and a run must not sit finished but unreported).
+  CollectEncoded(/*all=*/batch == nullptr || batch->Done());
   for (auto& run : jobs) {
     if (run->ended || run->images_left() > 0) continue;
     GenerationResult result = std::move(run->result);
@@ -763,16 +786,54 @@ void Worker::Impl::DecodeChunk(const std::vector<FinishedSample>& chunk) {
       End(run, pixels.status());
       continue;
     }
-    absl::StatusOr<EncodedImage> encoded =
-        EncodeImage(run.job->request(), run.tome, pixels->data_ptr<uint8_t>(), static_cast<int>(pixels->size(1)),
-                    static_cast<int>(pixels->size(0)), live[k].image);
-    if (!encoded.ok()) {
-      End(run, encoded.status());
-      continue;
-    }
-    run.images[live[k].image] = *std::move(encoded);
     // Each image of the chunk is charged its share of the chunk's decode.
     run.result.decoding_seconds += decode_seconds / static_cast<double>(live.size());
+    if (encode_pool != nullptr) {
+      ++run.encoding;
+      ++encodes_pending;
+      encode_pool->Submit([this, r = &run, job = run.job, tome = run.tome, rgb = *std::move(pixels),
+                           image = live[k].image] {
+        absl::StatusOr<EncodedImage> e = EncodeImage(job->request(), tome, rgb.data_ptr<uint8_t>(),
+                                                     static_cast<int>(rgb.size(1)), static_cast<int>(rgb.size(0)), image);
+        absl::MutexLock lock(&encoded_mu);
+        encoded.push_back({r, image, std::move(e)});
+      });
+      continue;
+    }
+    absl::StatusOr<EncodedImage> e =
+        EncodeImage(run.job->request(), run.tome, pixels->data_ptr<uint8_t>(), static_cast<int>(pixels->size(1)),
+                    static_cast<int>(pixels->size(0)), live[k].image);
+    if (!e.ok()) {
+      End(run, e.status());
+      continue;
+    }
+    run.images[live[k].image] = *std::move(e);
+  }
+}
+
+void Worker::Impl::CollectEncoded(bool all) {
+  while (encodes_pending > 0) {
+    std::vector<Encoded> done;
+    {
+      absl::MutexLock lock(&encoded_mu);
+      if (all) {
+        encoded_mu.Await(absl::Condition(
+            +[](std::vector<Encoded>* e) { return !e->empty(); }, &encoded));
+      }
+      done.swap(encoded);
+    }
+    if (done.empty()) return;
+    for (Encoded& e : done) {
+      --encodes_pending;
+      --e.run->encoding;
+      if (e.run->ended) continue;  // cancelled, timed out or failed meanwhile
+      if (!e.encoded.ok()) {
+        End(*e.run, e.encoded.status());
+        continue;
+      }
+      e.run->images[e.image] = *std::move(e.encoded);
+    }
+    if (!all) return;
   }
 }
 

@@ -48,6 +48,9 @@ struct WorkerOptions {
   int warmup_steps = 2;
   // CUDA devices: UNet calls through CUDA graphs (pipeline::UNetGraphs, one per model), the warm-up's included.
   bool cuda_graphs = true;
+  // Threads that encode finished images while the batch goes on (EncodePool); 0: on the worker thread; -1: 2 on
+  // a CUDA device, 0 on the CPU.
+  int encode_threads = -1;
   // Polled between warm-up steps (any thread's signal): true stops the warm-up early (the server is exiting).
   std::function<bool()> stop_warmup;
   // TESTING AID: at the worker's Nth denoising step (1-based, counted over its life; 0 = off) inject `fault`:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import binary
-from tomeserve_server import proto, running_server
+from tomeserve_server import health_status, proto, running_server
 
 pb, pb_grpc = proto()
 
@@ -175,3 +175,36 @@ def test_slo_controller_raises_the_ratio_only_when_the_target_needs_it(tiny_mode
         impossible = stub.Generate(pb.GenerateRequest(tome=pb.TokenMerging(ratio=0.0, max_ratio=0.75),
                                                       latency_target_seconds=1e-4, **base), timeout=600)
         assert impossible.tome.ratio == pytest.approx(0.75) and not impossible.slo.target_met
+
+
+ENCODED = [dict(request_id=f"e{i}", prompt=f"encode {i}", seed=300 + 10 * i, num_inference_steps=2 + i % 3,
+                num_images=1 + i % 3, scheduler=pb.SCHEDULER_DDIM) for i in range(5)]
+
+
+def test_images_encoded_on_the_pool_equal_inline_ones_and_none_is_lost(tiny_model):
+    """--encode-threads 2 (the GPU default) encodes finished images off the worker thread while the batch goes on.
+    Run one after another, each call's PNG bytes equal those encoded on the worker thread (--encode-threads 0);
+    run together with one call cancelled mid-way, every other call gets all its images, each with its own seed."""
+    binary("tomeserve")
+    results = {}
+    for threads in (0, 2):
+        with running_server(["--model", tiny_model, "--encode-threads", str(threads)]) as s:
+            stub = pb_grpc.ImageGeneratorStub(s.channel)
+            results[threads] = [stub.Generate(pb.GenerateRequest(**r), timeout=120) for r in ENCODED]
+            if not threads:
+                continue
+            cancelled = stub.GenerateStream(pb.GenerateRequest(request_id="gone", prompt="cancel me", seed=9,
+                                                               num_inference_steps=60, num_images=2), timeout=120)
+            first_progress(cancelled)
+            with futures.ThreadPoolExecutor(len(ENCODED)) as pool:
+                calls = [pool.submit(stub.Generate, pb.GenerateRequest(**r), timeout=120) for r in ENCODED]
+                cancelled.cancel()
+                together = [c.result() for c in calls]
+            for req, res in zip(ENCODED, together):
+                assert [im.seed for im in res.images] == [req["seed"] + k for k in range(req["num_images"])]
+                assert all(Image.open(io.BytesIO(im.data)).size == (64, 64) for im in res.images)
+            assert health_status(s.channel) == "SERVING"
+            assert "internal error" not in s.log()
+    for inline, pooled in zip(results[0], results[2]):
+        assert [im.data for im in pooled.images] == [im.data for im in inline.images]
+        assert [im.seed for im in pooled.images] == [im.seed for im in inline.images]
