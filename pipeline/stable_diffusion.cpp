@@ -240,10 +240,10 @@ absl::StatusOr<std::vector<DenoiseBatch::Sample>> StableDiffusion::PrepareSample
   });
 }
 
-absl::StatusOr<std::vector<at::Tensor>> StableDiffusion::Decode(const at::Tensor& latents) const {
-  return GuardTorch("VAE decoding", [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
+absl::StatusOr<std::vector<at::Tensor>> StableDiffusion::Decode(const at::Tensor& latents, bool tiled) const {
+  return GuardTorch(tiled ? "tiled VAE decoding" : "VAE decoding", [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
     at::NoGradGuard no_grad;
-    at::Tensor rgb = ToRgb8(vae_->Decode(latents));
+    at::Tensor rgb = ToRgb8(tiled ? vae_->DecodeTiled(latents) : vae_->Decode(latents));
     std::vector<at::Tensor> images;
     for (int64_t i = 0; i < rgb.size(0); ++i) images.push_back(rgb[i].contiguous());
     return images;

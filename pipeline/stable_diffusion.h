@@ -78,8 +78,9 @@ class StableDiffusion {
   absl::StatusOr<std::vector<DenoiseBatch::Sample>> PrepareSamples(BatchSpec spec, std::vector<SampleSpec> samples,
                                                                    PhaseTimings* timings = nullptr) const;
 
-  // Decodes the given final latents [B, 4, h, w] to RGB8 images (one batched VAE call).
-  absl::StatusOr<std::vector<at::Tensor>> Decode(const at::Tensor& latents) const;
+  // Decodes the given final latents [B, 4, h, w] to RGB8 images (one batched VAE call). `tiled`: through
+  // diffusers' tiled decode (VaeDecoderImpl::DecodeTiled), for sizes whose whole decode does not fit in memory.
+  absl::StatusOr<std::vector<at::Tensor>> Decode(const at::Tensor& latents, bool tiled = false) const;
 
   // The whole thing: StartBatch, every step (calling `progress(done_calls, num_calls)` after each), Decode.
   // `cancelled(i)`, when given, is polled between steps; a cancelled sample stops denoising and gets no image

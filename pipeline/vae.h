@@ -85,12 +85,24 @@ class VaeDecoderImpl : public torch::nn::Module {
   // Returns the image [B, out_channels, 8h, 8w] (for 4 levels) in [-1, 1] (not clamped), on this module's
   // device and in its dtype. Throws c10::Error on a bad shape (callers convert at the pipeline boundary).
   at::Tensor Decode(const at::Tensor& latents) const;
+  // The same through diffusers' tiled decode (AutoencoderKL.enable_tiling): latents larger than the tile
+  // (sample_size / upscale_factor latent pixels, 64 for SD 1.5) are decoded in tiles that overlap by a quarter,
+  // and the seams are blended linearly over a quarter tile, so peak memory is one tile's whatever the size. Equal
+  // to diffusers' tiled decode; not to Decode() (the blend changes the seams). Smaller latents: Decode().
+  at::Tensor DecodeTiled(const at::Tensor& latents) const;
+  int64_t tile_latent_size() const { return config_.sample_size / upscale_factor(); }
 
   const VaeConfig& config() const { return config_; }
   // Output pixels per latent pixel: 2^(levels - 1), 8 for SD 1.x.
   int64_t upscale_factor() const { return int64_t{1} << (config_.block_out_channels.size() - 1); }
 
  private:
+  // Checks the latents and divides by scaling_factor in their dtype, then moves them to this module's device and
+  // dtype.
+  at::Tensor Unscale(const at::Tensor& latents) const;
+  // post_quant_conv and the decoder on unscaled latents.
+  at::Tensor Forward(const at::Tensor& z) const;
+
   VaeConfig config_;
   Conv2d post_quant_conv_{nullptr};  // null when config.use_post_quant_conv is false
   Conv2d conv_in_{nullptr}, conv_out_{nullptr};

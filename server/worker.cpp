@@ -762,6 +762,14 @@ void Worker::Impl::DecodeChunk(const std::vector<FinishedSample>& chunk) {
     std::vector<at::Tensor> one_by_one;
     for (const FinishedSample& f : live) {
       absl::StatusOr<std::vector<at::Tensor>> one = f.run->model->Decode(f.latents);
+      if (!one.ok() && pipeline::IsOutOfMemory(one.status())) {
+        // Not even one image fits: diffusers' tiled decode, one tile's memory at a time.
+        spdlog::warn("out of memory decoding one {}x{} image on {}; decoding it in tiles", batch_width,
+                     batch_height, options.device);
+        metrics->CountOom(tome::Canonical(f.run->tome).ratio, batch_width, batch_height);
+        EmptyCache();
+        one = f.run->model->Decode(f.latents, /*tiled=*/true);
+      }
       if (!one.ok()) {
         rgb = one.status();
         break;

@@ -95,6 +95,31 @@ TEST_P(VaeParity, DecodeMatchesDiffusersFp32) {
   }
 }
 
+// diffusers' tiled decode (enable_tiling) of latents larger than a tile: same tiles, same blend, same seams.
+TEST_P(VaeParity, TiledDecodeMatchesDiffusersFp32) {
+  auto store = WeightStore::OpenFile(EnvPath("TOMESERVE_REF_DIR") / ("vae_" + GetParam() + ".safetensors"));
+  ASSERT_TRUE(store.ok()) << store.status();
+  if (store->Find("tiled_latents_0") == nullptr) GTEST_SKIP() << GetParam() << ": no tiled reference (big VAE)";
+  auto vae = VaeDecoderImpl::Load(VaeDir(GetParam()), {c10::Device(c10::kCPU), c10::kFloat});
+  ASSERT_TRUE(vae.ok()) << vae.status();
+  for (int i = 0; store->Find("tiled_latents_" + std::to_string(i)) != nullptr; ++i) {
+    const at::Tensor latents = ReadTensor(*store, "tiled_latents_" + std::to_string(i)).value();
+    const at::Tensor want = ReadTensor(*store, "tiled_image_" + std::to_string(i)).value();
+    ASSERT_GT(latents.size(2), (*vae)->tile_latent_size());  // several tiles, so seams are blended
+    const at::Tensor tiled = (*vae)->DecodeTiled(latents);
+    ASSERT_EQ(tiled.sizes(), want.sizes());
+    const double err = RelErr(tiled, want);
+    RecordProperty("rel_err_tiled_" + std::to_string(i), Sci(err));
+    EXPECT_LE(err, 1e-5) << GetParam() << " latents " << latents.sizes();
+    // ...and the seams are really blended: the whole-image decode differs.
+    EXPECT_GT(RelErr((*vae)->Decode(latents), want), 1e-3);
+  }
+  // Latents within one tile decode exactly as Decode().
+  const Case small = LoadReference(GetParam()).front();
+  ASSERT_LE(small.latents.size(2), (*vae)->tile_latent_size());
+  EXPECT_TRUE((*vae)->DecodeTiled(small.latents).equal((*vae)->Decode(small.latents)));
+}
+
 TEST_P(VaeParity, Bf16OnCpuStaysClose) {
   auto vae = VaeDecoderImpl::Load(VaeDir(GetParam()), {c10::Device(c10::kCPU), c10::kBFloat16});
   ASSERT_TRUE(vae.ok()) << vae.status();
