@@ -149,9 +149,15 @@ absl::Status DenoiseBatch::Step() {
         row_uncond.push_back(uncond_pass);
       }
     }
+    // The text embeddings change only with the batch's composition (ids are never reused): concatenated once
+    // per composition.
+    if (active_ids != embedding_ids_) {
+      embeddings_ = at::cat(embeddings);
+      embedding_ids_ = active_ids;
+    }
     UNetCall call{.sample = at::cat(inputs),
                   .timesteps = at::tensor(timesteps, at::kFloat),
-                  .encoder_hidden_states = at::cat(embeddings)};
+                  .encoder_hidden_states = embeddings_};
     // Rows grouped by hook factory, groups in order of first appearance, rows ascending within a group.
     for (size_t r = 0; r < row_factory.size(); ++r) {
       auto it = std::find_if(call.groups.begin(), call.groups.end(),

@@ -96,6 +96,9 @@ class DenoiseBatch {
   int next_id_ = 0;
   int calls_done_ = 0;
   UNetGraphs* graphs_ = nullptr;
+  // The UNet's text-embedding rows for the active samples `embedding_ids_` (Step's row layout).
+  std::vector<int> embedding_ids_;
+  at::Tensor embeddings_;
 };
 
 }  // namespace tomeserve::pipeline

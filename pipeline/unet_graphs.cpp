@@ -107,6 +107,7 @@ struct UNetGraphs::Impl {
     int64_t bucket = 0;
     std::unique_ptr<at::cuda::CUDAGraph> graph;
     at::Tensor sample, timesteps, encoder_hidden_states, output;  // static, bucket rows
+    at::Tensor embeddings_source;  // the call tensor last copied into encoder_hidden_states
     std::vector<std::unique_ptr<RecordedHookInputs>> inputs;       // per group
     std::list<std::string>::iterator lru;
   };
@@ -194,6 +195,7 @@ struct UNetGraphs::Impl {
     e.sample = padded.sample;
     e.timesteps = padded.timesteps;
     e.encoder_hidden_states = padded.encoder_hidden_states;
+    e.embeddings_source = call.encoder_hidden_states;
     e.state = State::kCaptured;
     ++stats.captures;
     ++stats.graphs;
@@ -204,7 +206,11 @@ struct UNetGraphs::Impl {
     const int64_t rows = call.rows();
     CopyAsync(e.sample.narrow(0, 0, rows), call.sample);
     CopyAsync(e.timesteps.narrow(0, 0, rows), call.timesteps);
-    CopyAsync(e.encoder_hidden_states.narrow(0, 0, rows), call.encoder_hidden_states);
+    // A running batch passes the same embeddings tensor while its composition stays (DenoiseBatch).
+    if (!e.embeddings_source.is_same(call.encoder_hidden_states)) {
+      CopyAsync(e.encoder_hidden_states.narrow(0, 0, rows), call.encoder_hidden_states);
+      e.embeddings_source = call.encoder_hidden_states;
+    }
     std::vector<UNetCall::Group> groups = call.groups;
     PadGroupRows(&groups, rows, e.bucket);
     for (size_t g = 0; g < groups.size(); ++g) e.inputs[g]->Refill(groups[g].factory, groups[g].info);
