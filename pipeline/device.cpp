@@ -2,6 +2,7 @@
 
 #include <charconv>
 
+#include <ATen/ATen.h>
 #include <torch/cuda.h>
 
 #include "absl/status/status.h"

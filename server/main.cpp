@@ -31,6 +31,8 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "grpc/health/v1/health.pb.h"
+#include "pipeline/device.h"
+#include "pipeline/huge_pages.h"
 #include "server/auth.h"
 #include "server/device_probe.h"
 #include "server/metrics.h"
@@ -155,7 +157,7 @@ int Fail(const absl::Status& status) {
   return kStartupFailure;
 }
 
-int Run(int argc, char** argv) {
+int Run(int argc, char** argv, bool huge_pages) {
   // Signals are taken by one thread (sigwait); every other thread inherits the blocked mask.
   SignalState* const signal_state = new SignalState();  // leaked on purpose (see SignalState)
   sigemptyset(&signal_state->signals);
@@ -339,7 +341,8 @@ int Run(int argc, char** argv) {
     service.SetCatalog(std::move(catalog));
     for (auto& w : workers) w->Start(&scheduler);
     health->SetServingStatus(true);
-    spdlog::info("serving on port {} with {} worker(s), {} batching", port, workers.size(), o.batching);
+    spdlog::info("serving on port {} with {} worker(s), {} batching; CPU tensors of 2 MiB and more in huge pages: {}",
+                 port, workers.size(), o.batching, huge_pages ? "yes" : "no");
     // The watchdog: a step past its limit takes its worker out of service (on this thread).
     std::thread watchdog([&] {
       while (!stop.WaitForNotificationWithTimeout(absl::Milliseconds(250)) && !none_left.HasBeenNotified()) {
@@ -393,4 +396,8 @@ int Run(int argc, char** argv) {
 }  // namespace
 }  // namespace tomeserve::server
 
-int main(int argc, char** argv) { return tomeserve::server::Run(argc, argv); }
+int main(int argc, char** argv) {
+  // Before anything allocates a tensor: the CPU allocator reads the setting once.
+  const bool huge_pages = tomeserve::pipeline::EnableHugePageAllocations();
+  return tomeserve::server::Run(argc, argv, huge_pages);
+}

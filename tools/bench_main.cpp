@@ -9,6 +9,7 @@
 // Reports the median and every repetition in seconds. Not a test: nothing here passes or fails on time.
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/cuda.h>
 #ifdef TOMESERVE_HAVE_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -20,6 +21,7 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <set>
 
@@ -29,6 +31,7 @@
 #include "absl/strings/str_split.h"
 #include "pipeline/stable_diffusion.h"
 #include "pipeline/torch_status.h"
+#include "pipeline/huge_pages.h"
 #include "pipeline/unet_call.h"
 #include "pipeline/unet_graphs.h"
 #include "tome/merge.h"
@@ -36,11 +39,15 @@
 #include "tools/cli_args.h"
 
 namespace tomeserve::tools {
+
+bool huge_pages = false;  // set by main(): whether large CPU allocations are in transparent huge pages
+
 namespace {
 
 constexpr char kUsage[] =
     "usage: tomeserve-bench --model DIR [--device cpu|cuda:N] [--dtype fp32|fp16|bf16] [--threads N]\n"
-    "                       [--channels-last] [--cudnn-benchmark] [--cuda-graphs] [--stdin | CONFIGURATION]\n"
+    "                       [--channels-last] [--cudnn-benchmark] [--cuda-graphs] [--profile]\n"
+    "                       [--stdin | CONFIGURATION]\n"
     "CONFIGURATION: [--mode unet|generate|merge] [--width W] [--height H] [--batch B] [--steps N]\n"
     "               [--scheduler K] [--warmup N] [--reps N] [--tome-ratio R]\n"
     "Times the C++ pipeline and prints one JSON object per configuration (median and every repetition, in\n"
@@ -55,6 +62,9 @@ constexpr char kUsage[] =
     "--cuda-graphs runs the UNet calls (unet, generate) through CUDA graphs, as the server does by default on a\n"
     "GPU: a layout's first call is eager, its second captures, later ones replay (warm-ups should be >= 2).\n"
     "CUDA runs use a stream of their own, as the server's workers do.\n"
+    "--profile adds, after each configuration's line, a line {\"profile\": {op: [self_s, total_s, calls]}} with\n"
+    "the torch profiler's host time per operator summed over the timed repetitions (scripts/profile_unet.py puts\n"
+    "it next to diffusers').\n"
     "Defaults: --mode unet, 512x512, batch 1, 4 steps, the model's scheduler, cpu, fp32, 1 warm-up, 3 reps,\n"
     "no Token Merging (--tome-ratio R > 0 applies it with tomesd's other defaults). Usage errors exit 2.\n";
 
@@ -84,7 +94,8 @@ int64_t PeakMemory(const c10::Device& device) {
 }
 
 const std::set<std::string> kSessionFlags = {"model", "device", "dtype", "threads"};
-const std::set<std::string> kSessionSwitches = {"channels-last", "cudnn-benchmark", "cuda-graphs", "stdin"};
+const std::set<std::string> kSessionSwitches = {"channels-last", "cudnn-benchmark", "cuda-graphs", "profile",
+                                                "stdin"};
 const std::set<std::string> kConfigFlags = {"mode",   "width", "height", "batch",     "steps",
                                             "scheduler", "warmup", "reps", "tome-ratio"};
 
@@ -131,7 +142,49 @@ void ToChannelsLast(const torch::nn::Module& module) {
   }
 }
 
-// Runs `c` on the loaded model; returns the per-repetition seconds (warm-ups excluded).
+// Host time per operator over the profiled span: self (minus the operators it called on the same thread), total
+// and calls, like torch.profiler's key_averages().
+struct OpTime {
+  double self_s = 0, total_s = 0;
+  int64_t calls = 0;
+};
+
+std::map<std::string, OpTime> AggregateProfile(const torch::autograd::profiler::ProfilerResult& result) {
+  struct Span {
+    uint64_t start, end, thread;
+    std::string name;
+  };
+  std::vector<Span> spans;
+  for (const auto& e : result.events()) {
+    if (e.deviceType() != c10::DeviceType::CPU || e.durationNs() == 0) continue;
+    spans.push_back({e.startNs(), e.endNs(), e.startThreadId(), e.name()});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    return a.thread != b.thread ? a.thread < b.thread : a.start != b.start ? a.start < b.start : a.end > b.end;
+  });
+  std::map<std::string, OpTime> ops;
+  std::vector<size_t> open;  // enclosing spans on the current thread
+  std::vector<double> child_s(spans.size(), 0.0);
+  for (size_t i = 0; i < spans.size(); ++i) {
+    while (!open.empty() && (spans[open.back()].thread != spans[i].thread || spans[open.back()].end <= spans[i].start)) {
+      open.pop_back();
+    }
+    const double seconds = static_cast<double>(spans[i].end - spans[i].start) * 1e-9;
+    if (!open.empty()) child_s[open.back()] += seconds;
+    open.push_back(i);
+  }
+  for (size_t i = 0; i < spans.size(); ++i) {
+    OpTime& t = ops[spans[i].name];
+    const double seconds = static_cast<double>(spans[i].end - spans[i].start) * 1e-9;
+    t.total_s += seconds;
+    t.self_s += seconds - child_s[i];
+    ++t.calls;
+  }
+  return ops;
+}
+
+// Runs `c` on the loaded model; returns the per-repetition seconds (warm-ups excluded). With `profile`, the timed
+// repetitions run under the torch profiler (CPU activity) and their operator times go there.
 // The UNet call of a guided batch of `batch` samples: unconditional rows first, then conditional ones, each pair
 // one sample with its own seed (as DenoiseBatch builds it), all under `hooks` (may be null).
 pipeline::UNetCall GuidedCall(const at::Tensor& sample, const at::Tensor& t, const at::Tensor& context,
@@ -151,7 +204,12 @@ pipeline::UNetCall GuidedCall(const at::Tensor& sample, const at::Tensor& t, con
 }
 
 absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Config& c, const c10::Device& device,
-                                         at::ScalarType dtype, pipeline::UNetGraphs* graphs) {
+                                         at::ScalarType dtype, pipeline::UNetGraphs* graphs,
+                                         std::map<std::string, OpTime>* profile) {
+  namespace prof = torch::profiler::impl;
+  const prof::ProfilerConfig profiler_config(prof::ProfilerState::KINETO);
+  const std::set<prof::ActivityType> activities = {prof::ActivityType::CPU};
+  if (profile != nullptr) torch::autograd::profiler::prepareProfiler(profiler_config, activities);
   const tome::TokenMerging tome_settings{.ratio = c.tome_ratio};
   std::shared_ptr<const tome::TokenMergingHooks> hooks;
   if (tome::IsActive(tome_settings)) {
@@ -171,6 +229,7 @@ absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Co
     const at::Tensor t = at::full({rows}, 500.0, at::kFloat);
     const at::Tensor block_input = at::randn({rows, lh * lw, sd.unet().config().block_out_channels.at(0)}, options);
     for (int64_t i = 0; i < c.warmup + c.reps; ++i) {
+      if (profile != nullptr && i == c.warmup) torch::autograd::profiler::enableProfiler(profiler_config, activities);
       Sync(device);
       const auto t0 = std::chrono::steady_clock::now();
       if (c.mode == "unet") {
@@ -198,6 +257,7 @@ absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Co
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (i >= c.warmup) times.push_back(s);
     }
+    if (profile != nullptr) *profile = AggregateProfile(*torch::autograd::profiler::disableProfiler());
     return absl::OkStatus();
   });
   if (!status.ok()) return status;
@@ -214,14 +274,24 @@ void PrintResult(const Config& c, const std::vector<double>& times, const c10::D
       "{\"impl\": \"tomeserve\", \"mode\": \"%s\", \"width\": %lld, \"height\": %lld, \"batch\": %lld, "
       "\"steps\": %lld, \"tome_ratio\": %g, \"device\": \"%s\", \"dtype\": \"%s\", \"threads\": %d, "
       "\"channels_last\": %s, \"cudnn_benchmark\": %s, \"cuda_graphs\": %s, \"graph_replays\": %lld, "
+      "\"huge_pages\": %s, "
       "\"peak_device_bytes\": %lld, \"median_s\": %.6f, \"times_s\": [%s]}\n",
       c.mode.c_str(), static_cast<long long>(c.width), static_cast<long long>(c.height),
       static_cast<long long>(c.batch), static_cast<long long>(c.steps), c.tome_ratio, device.str().c_str(),
       pipeline::ComputeDTypeName(dtype).c_str(), at::get_num_threads(), channels_last ? "true" : "false",
       cudnn_benchmark ? "true" : "false", graphs != nullptr ? "true" : "false",
-      static_cast<long long>(graphs != nullptr ? graphs->stats().replays : 0),
+      static_cast<long long>(graphs != nullptr ? graphs->stats().replays : 0), huge_pages ? "true" : "false",
       static_cast<long long>(PeakMemory(device)), median,
       absl::StrJoin(times, ", ").c_str());
+  std::fflush(stdout);
+}
+
+void PrintProfile(const std::map<std::string, OpTime>& ops) {
+  std::vector<std::string> items;
+  for (const auto& [name, t] : ops) {
+    items.push_back(absl::StrCat("\"", absl::CHexEscape(name), "\": [", t.self_s, ", ", t.total_s, ", ", t.calls, "]"));
+  }
+  std::printf("{\"profile\": {%s}}\n", absl::StrJoin(items, ", ").c_str());
   std::fflush(stdout);
 }
 
@@ -274,6 +344,9 @@ int BenchMain(const std::vector<std::string>& raw) {
     graphs = *std::move(created);
   }
 
+  std::map<std::string, OpTime> profile;
+  std::map<std::string, OpTime>* const profile_ptr = a->Has("profile") ? &profile : nullptr;
+
   auto sd = pipeline::StableDiffusion::Create({*model, {*device, *dtype}});
   if (!sd.ok()) return Fail(sd.status(), 1);
   if (channels_last) {
@@ -283,9 +356,10 @@ int BenchMain(const std::vector<std::string>& raw) {
   }
 
   if (!from_stdin) {
-    absl::StatusOr<std::vector<double>> times = Time(**sd, *first, *device, *dtype, graphs.get());
+    absl::StatusOr<std::vector<double>> times = Time(**sd, *first, *device, *dtype, graphs.get(), profile_ptr);
     if (!times.ok()) return Fail(times.status(), 1);
     PrintResult(*first, *times, *device, *dtype, channels_last, cudnn_benchmark, graphs.get());
+    if (profile_ptr != nullptr) PrintProfile(profile);
     return 0;
   }
   int exit_code = 0;
@@ -294,7 +368,7 @@ int BenchMain(const std::vector<std::string>& raw) {
     absl::StatusOr<CliArgs> args = CliArgs::Parse(words, kConfigFlags, {});
     absl::StatusOr<Config> config = args.ok() ? ParseConfig(*args) : absl::StatusOr<Config>(args.status());
     if (!config.ok()) return Fail(config.status(), 2);
-    absl::StatusOr<std::vector<double>> times = Time(**sd, *config, *device, *dtype, graphs.get());
+    absl::StatusOr<std::vector<double>> times = Time(**sd, *config, *device, *dtype, graphs.get(), profile_ptr);
     if (!times.ok()) {
       // A failed configuration is reported and the session goes on. Out of memory is a result (the seed's
       // table marks such cells), not a broken run: it leaves the exit status alone.
@@ -309,6 +383,7 @@ int BenchMain(const std::vector<std::string>& raw) {
       continue;
     }
     PrintResult(*config, *times, *device, *dtype, channels_last, cudnn_benchmark, graphs.get());
+    if (profile_ptr != nullptr) PrintProfile(profile);
   }
   return exit_code;
 }
@@ -316,5 +391,7 @@ int BenchMain(const std::vector<std::string>& raw) {
 }  // namespace tomeserve::tools
 
 int main(int argc, char** argv) {
+  // Before any tensor exists (the CPU allocator reads the setting once), as tomeserve itself does.
+  tomeserve::tools::huge_pages = tomeserve::pipeline::EnableHugePageAllocations();
   return tomeserve::tools::BenchMain(std::vector<std::string>(argv + 1, argv + argc));
 }

@@ -10,6 +10,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_join.h"
 #include "pipeline/clip_tokenizer.h"
+#include "pipeline/device.h"
+#include "pipeline/huge_pages.h"
 #include "tools/cli_args.h"
 #include "tools/gen_commands.h"
 
@@ -74,6 +76,7 @@ int Tokenize(const std::vector<std::string>& rest) {
 
 int main(int argc, char** argv) {
   using namespace tomeserve::tools;
+  tomeserve::pipeline::EnableHugePageAllocations();  // before any tensor exists
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty()) return UsageError(absl::InvalidArgumentError("missing subcommand"));
   if (args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
