@@ -1,6 +1,7 @@
 // Where and in which precision a model runs. Parsed from user strings ("cpu", "cuda:1", "fp16") once, at load.
 #pragma once
 
+#include <optional>
 #include <string>
 #include "absl/strings/string_view.h"
 
@@ -15,6 +16,12 @@ namespace tomeserve::pipeline {
 struct ComputeTarget {
   c10::Device device = c10::Device(c10::kCPU);
   c10::ScalarType dtype = c10::kFloat;
+  // Convolution weights (the UNet's and VAE's 4-d parameters) stored channels-last, so oneDNN / cuDNN run the
+  // convolutions NHWC. Unset: on the CPU (oneDNN is 8-12% faster NHWC there; docs/benchmarks.md), off on CUDA
+  // (no gain measured on an H200, 5% slower at 1024x1024 batch 4).
+  std::optional<bool> channels_last;
+
+  bool use_channels_last() const { return channels_last.value_or(device.is_cpu()); }
 };
 
 // "cpu", "cuda" (= cuda:0) or "cuda:N". A CUDA device that is absent or out of range is an error here, so a

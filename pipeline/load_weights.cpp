@@ -84,7 +84,7 @@ void MoveIntoHugePageArena(const std::vector<at::Tensor>& tensors) {
   for (const at::Tensor& t : tensors) {
     void* data = static_cast<std::byte*>(base) + offset;
     offset += round_up(t.nbytes(), kAlign);
-    at::Tensor placed = at::from_blob(data, t.sizes(), [arena](void*) {}, t.options());
+    at::Tensor placed = at::from_blob(data, t.sizes(), t.strides(), [arena](void*) {}, t.options());
     // set_data swaps the storage of the module's own tensor (parameter or buffer), so the module sees it.
     at::Tensor(t).set_data(placed);
   }
@@ -129,6 +129,13 @@ absl::Status LoadWeights(torch::nn::Module& module, const WeightStore& store, co
     }
 
     at::NoGradGuard no_grad;
+    if (options.channels_last_4d) {
+      // Only the layout changes here (the values are copied in below); set_data keeps the module's own tensor.
+      for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+        at::Tensor p = item.value();
+        if (p.dim() == 4) p.set_data(at::empty_like(p, p.options(), at::MemoryFormat::ChannelsLast));
+      }
+    }
     std::vector<at::Tensor> cpu_targets;
     for (const auto& [name, tensor] : targets) {
       if (tensor.device().is_cpu()) cpu_targets.push_back(tensor);

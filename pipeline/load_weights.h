@@ -24,6 +24,8 @@ struct LoadOptions {
   std::vector<std::string> ignore_unexpected_prefixes;
   // Maps a checkpoint key to the module key; used for legacy spellings. Identity when unset.
   std::function<std::string(absl::string_view)> rename;
+  // Lays every 4-d parameter out channels-last before filling it (ComputeTarget::channels_last).
+  bool channels_last_4d = false;
 };
 
 // Copies every parameter and buffer of `module` from `store`, converting from the storage dtype to the dtype and

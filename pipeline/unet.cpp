@@ -156,7 +156,8 @@ absl::StatusOr<std::shared_ptr<UNet2DConditionModelImpl>> UNet2DConditionModelIm
                     [&]() -> absl::StatusOr<std::shared_ptr<UNet2DConditionModelImpl>> {
                       auto model = std::make_shared<UNet2DConditionModelImpl>(
                           *config, at::TensorOptions().dtype(target.dtype).device(target.device));
-                      if (absl::Status s = LoadWeights(*model, *weights); !s.ok()) return s;
+                      const LoadOptions load{.channels_last_4d = target.use_channels_last()};
+                      if (absl::Status s = LoadWeights(*model, *weights, load); !s.ok()) return s;
                       model->eval();
                       return model;
                     });

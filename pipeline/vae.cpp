@@ -236,7 +236,8 @@ absl::StatusOr<std::shared_ptr<VaeDecoderImpl>> VaeDecoderImpl::Load(const std::
                       auto model = std::make_shared<VaeDecoderImpl>(
                           *config, at::TensorOptions().dtype(target.dtype).device(target.device));
                       LoadOptions options{.ignore_unexpected_prefixes = {"encoder.", "quant_conv."},
-                                          .rename = LegacyAttentionKey};
+                                          .rename = LegacyAttentionKey,
+                                          .channels_last_4d = target.use_channels_last()};
                       if (absl::Status s = LoadWeights(*model, *weights, options); !s.ok()) return s;
                       model->eval();
                       return model;

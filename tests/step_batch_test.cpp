@@ -25,6 +25,7 @@
 #include "pipeline/stable_diffusion.h"
 #include "pipeline/unet.h"
 #include "tests/test_util.h"
+#include "tests/tiny_model_fixture.h"
 #include "tome/tome_hooks.h"
 
 namespace tomeserve {
@@ -36,34 +37,14 @@ using pipeline::SampleSpec;
 using pipeline::SchedulerKind;
 using pipeline::TextEmbeddingCache;
 using ::tomeserve::test::EnvPath;
-
-std::shared_ptr<tome::TokenMergingHooks> Hooks(const tome::TokenMerging& t) {
-  auto h = tome::TokenMergingHooks::Create(t);
-  EXPECT_TRUE(h.ok()) << h.status();
-  return h.ok() ? *h : nullptr;
-}
+using ::tomeserve::test::Hooks;
 
 double MaxAbs(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
-class StepBatchTest : public ::testing::Test {
+class StepBatchTest : public test::TinyModelTest {
  protected:
-  static void SetUpTestSuite() {
-    if (EnvPath("TOMESERVE_TINY_MODEL").empty()) return;
-    auto sd = pipeline::StableDiffusion::Create({EnvPath("TOMESERVE_TINY_MODEL"), {}});
-    ASSERT_TRUE(sd.ok()) << sd.status();
-    sd_ = std::move(*sd).release();
-  }
-  static void TearDownTestSuite() {
-    delete sd_;
-    sd_ = nullptr;
-  }
-  void SetUp() override {
-    if (sd_ == nullptr) GTEST_SKIP() << "TOMESERVE_TINY_MODEL not set";
-  }
-  static pipeline::StableDiffusion* sd_;
   at::NoGradGuard no_grad_;
 };
-pipeline::StableDiffusion* StepBatchTest::sd_ = nullptr;
 
 // Rows: 6 rows under three settings (plain, ratio 0.5 random, ratio 0.3 with mlp merging) in several layouts
 // (contiguous groups, interleaved, a single group of a subset). Every row must equal the same row run with

@@ -25,6 +25,7 @@
 #include "pipeline/unet_call.h"
 #include "pipeline/unet_graphs.h"
 #include "tests/test_util.h"
+#include "tests/tiny_model_fixture.h"
 #include "tome/tome_hooks.h"
 
 namespace tomeserve {
@@ -34,12 +35,7 @@ using pipeline::RecordedHookInputs;
 using pipeline::UNetCall;
 using pipeline::UNetGraphs;
 using ::tomeserve::test::EnvPath;
-
-std::shared_ptr<tome::TokenMergingHooks> Hooks(const tome::TokenMerging& t) {
-  auto h = tome::TokenMergingHooks::Create(t);
-  EXPECT_TRUE(h.ok()) << h.status();
-  return h.ok() ? *h : nullptr;
-}
+using ::tomeserve::test::Hooks;
 
 // A factory that cannot be captured (no CaptureKey): plain blocks.
 class OpaqueHooks final : public pipeline::HookFactory {
@@ -88,25 +84,10 @@ TEST(UNetGraphsTest, CreateNeedsACudaDevice) {
       << graphs.status();
 }
 
-class UNetCallTest : public ::testing::Test {
+class UNetCallTest : public test::TinyModelTest {
  protected:
-  static void SetUpTestSuite() {
-    if (EnvPath("TOMESERVE_TINY_MODEL").empty()) return;
-    auto sd = pipeline::StableDiffusion::Create({EnvPath("TOMESERVE_TINY_MODEL"), {}});
-    ASSERT_TRUE(sd.ok()) << sd.status();
-    sd_ = std::move(*sd).release();
-  }
-  static void TearDownTestSuite() {
-    delete sd_;
-    sd_ = nullptr;
-  }
-  void SetUp() override {
-    if (sd_ == nullptr) GTEST_SKIP() << "TOMESERVE_TINY_MODEL not set";
-  }
-  static pipeline::StableDiffusion* sd_;
   c10::InferenceMode inference_;
 };
-pipeline::StableDiffusion* UNetCallTest::sd_ = nullptr;
 
 TEST_F(UNetCallTest, LayoutKeyIgnoresValuesAndSeparatesWork) {
   const auto& unet = sd_->unet();

@@ -1,5 +1,7 @@
 #include "tome/merge.h"
 
+#include <ATen/record_function.h>
+
 #include <algorithm>
 #include <optional>
 #include <tuple>
@@ -60,6 +62,9 @@ TopLeftPartitions& SharedTopLeftPartitions() {
 
 std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, const GridSpec& grid, int64_t r,
                                                   const at::Tensor& dst_choice, pipeline::HookInputs* inputs) {
+  // Named scopes for the torch profiler (tomeserve-bench --profile, scripts/profile_unet.py --tome-ratio): the
+  // share of a UNet call Token Merging's own work takes. Free when no profiler is on.
+  RECORD_USER_SCOPE("tome::plan");
   TORCH_CHECK(metric.dim() == 3, "ToMe metric must be [B, N, C], got ", metric.sizes());
   TORCH_CHECK(grid.sx >= 1 && grid.sy >= 1, "ToMe strides must be >= 1, got sx=", grid.sx, " sy=", grid.sy);
   const int64_t batch = metric.size(0), n = metric.size(1), channels = metric.size(2);
@@ -142,6 +147,7 @@ std::shared_ptr<const MergePlan> MergePlan::Build(const at::Tensor& metric, cons
 }
 
 at::Tensor MergePlan::Merge(const at::Tensor& x) const {
+  RECORD_USER_SCOPE("tome::merge");
   TORCH_CHECK(x.dim() == 3 && x.size(0) == batch_ && x.size(1) == n_, "ToMe Merge expects [", batch_, ", ", n_,
               ", C], got ", x.sizes());
   const int64_t c = x.size(2);
@@ -156,6 +162,7 @@ at::Tensor MergePlan::Merge(const at::Tensor& x) const {
 }
 
 at::Tensor MergePlan::Unmerge(const at::Tensor& x) const {
+  RECORD_USER_SCOPE("tome::unmerge");
   TORCH_CHECK(x.dim() == 3 && x.size(0) == batch_ && x.size(1) == n_ - r_, "ToMe Unmerge expects [", batch_, ", ",
               n_ - r_, ", C], got ", x.sizes());
   const int64_t c = x.size(2);

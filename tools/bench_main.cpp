@@ -46,7 +46,8 @@ namespace {
 
 constexpr char kUsage[] =
     "usage: tomeserve-bench --model DIR [--device cpu|cuda:N] [--dtype fp32|fp16|bf16] [--threads N]\n"
-    "                       [--channels-last] [--cudnn-benchmark] [--cuda-graphs] [--profile]\n"
+    "                       [--channels-last | --contiguous-weights] [--cudnn-benchmark] [--cuda-graphs]\n"
+    "                       [--profile]\n"
     "                       [--stdin | CONFIGURATION]\n"
     "CONFIGURATION: [--mode unet|generate|merge] [--width W] [--height H] [--batch B] [--steps N]\n"
     "               [--scheduler K] [--warmup N] [--reps N] [--tome-ratio R]\n"
@@ -57,7 +58,8 @@ constexpr char kUsage[] =
     "            the server's batches lay them out), random inputs\n"
     "  generate  text encoding + N steps + VAE decode for B prompts, guidance 7.5\n"
     "  merge     Token Merging's own work on the first transformer block's input: plan + merge + unmerge\n"
-    "--channels-last stores the UNet's and VAE's 4-d weights channels-last (convolutions then run NHWC);\n"
+    "--channels-last / --contiguous-weights store the UNet's and VAE's 4-d weights channels-last (convolutions\n"
+    "then run NHWC) / contiguous; by default channels-last on the CPU and contiguous on CUDA, as tomeserve does;\n"
     "--cudnn-benchmark lets cuDNN time its algorithms per shape (CUDA). Both are experiments for the GPU table.\n"
     "--cuda-graphs runs the UNet calls (unet, generate) through CUDA graphs, as the server does by default on a\n"
     "GPU: a layout's first call is eager, its second captures, later ones replay (warm-ups should be >= 2).\n"
@@ -94,8 +96,8 @@ int64_t PeakMemory(const c10::Device& device) {
 }
 
 const std::set<std::string> kSessionFlags = {"model", "device", "dtype", "threads"};
-const std::set<std::string> kSessionSwitches = {"channels-last", "cudnn-benchmark", "cuda-graphs", "profile",
-                                                "stdin"};
+const std::set<std::string> kSessionSwitches = {"channels-last", "contiguous-weights", "cudnn-benchmark",
+                                                "cuda-graphs", "profile", "stdin"};
 const std::set<std::string> kConfigFlags = {"mode",   "width", "height", "batch",     "steps",
                                             "scheduler", "warmup", "reps", "tome-ratio"};
 
@@ -133,13 +135,6 @@ absl::StatusOr<Config> ParseConfig(const CliArgs& a) {
     c.scheduler = *parsed;
   }
   return c;
-}
-
-// Stores every 4-d parameter of `module` channels-last (conv weights; the only 4-d parameters in the UNet/VAE).
-void ToChannelsLast(const torch::nn::Module& module) {
-  for (const at::Tensor& p : module.parameters()) {
-    if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
-  }
 }
 
 // Host time per operator over the profiled span: self (minus the operators it called on the same thread), total
@@ -326,7 +321,13 @@ int BenchMain(const std::vector<std::string>& raw) {
   auto dtype = pipeline::ParseComputeDType(a->Get("dtype").value_or("fp32"));
   if (!dtype.ok()) return Fail(dtype.status(), 2);
   if (*threads > 0) at::set_num_threads(static_cast<int>(*threads));
-  const bool channels_last = a->Has("channels-last"), cudnn_benchmark = a->Has("cudnn-benchmark");
+  if (a->Has("channels-last") && a->Has("contiguous-weights")) {
+    return Fail(absl::InvalidArgumentError("--channels-last and --contiguous-weights exclude each other"), 2);
+  }
+  pipeline::ComputeTarget target{*device, *dtype};
+  if (a->Has("channels-last")) target.channels_last = true;
+  if (a->Has("contiguous-weights")) target.channels_last = false;
+  const bool channels_last = target.use_channels_last(), cudnn_benchmark = a->Has("cudnn-benchmark");
   if (cudnn_benchmark) at::globalContext().setBenchmarkCuDNN(true);
 
 #ifdef TOMESERVE_HAVE_CUDA
@@ -347,13 +348,8 @@ int BenchMain(const std::vector<std::string>& raw) {
   std::map<std::string, OpTime> profile;
   std::map<std::string, OpTime>* const profile_ptr = a->Has("profile") ? &profile : nullptr;
 
-  auto sd = pipeline::StableDiffusion::Create({*model, {*device, *dtype}});
+  auto sd = pipeline::StableDiffusion::Create({*model, target});
   if (!sd.ok()) return Fail(sd.status(), 1);
-  if (channels_last) {
-    c10::InferenceMode inference;
-    ToChannelsLast((*sd)->unet());
-    ToChannelsLast((*sd)->vae());
-  }
 
   if (!from_stdin) {
     absl::StatusOr<std::vector<double>> times = Time(**sd, *first, *device, *dtype, graphs.get(), profile_ptr);

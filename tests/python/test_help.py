@@ -16,7 +16,7 @@ def test_binaries_answer_help(tool):
 
 
 @pytest.mark.parametrize("script", ["bench.py", "bench_table.py", "load.py", "load_open.py", "soak.py",
-                                    "plot_ratios.py"])
+                                    "plot_ratios.py", "profile_unet.py", "tome_fidelity.py"])
 def test_scripts_answer_help(script):
     run = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True,
                          timeout=60)

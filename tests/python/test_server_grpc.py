@@ -206,6 +206,16 @@ def test_usage_error_exits_2():
     assert h.returncode == 0 and "--inject-oom-above-batch" in h.stdout
 
 
+@pytest.mark.parametrize("flag,value", [("--encode-threads", "17"), ("--encode-threads", "-2")])
+def test_out_of_range_flag_names_the_flag_and_range(flag, value):
+    b = server_binary()
+    if not b.exists():
+        pytest.skip("tomeserve not built")
+    p = subprocess.run([str(b), "--model", "/x", flag, value], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and flag in p.stderr and "-1 (auto) to 16" in p.stderr, p.stderr
+
+
 def test_missing_model_folder_fails_fast(tmp_path):
     b = server_binary()
     if not b.exists():
