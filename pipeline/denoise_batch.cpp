@@ -182,12 +182,42 @@ absl::Status DenoiseBatch::Step() {
   absl::Status stepped = GuardTorch("scheduler step", [&]() -> absl::Status {
     c10::InferenceMode inference;
     const std::vector<at::Tensor> eps = Guide(active, out);
+    // Samples on equal schedules at one step index (a request's images; requests with the same scheduler and
+    // step count admitted together) take one scheduler step together (SamplerState::StepTogether: the same
+    // arithmetic row for row); others alone.
+    std::vector<std::vector<size_t>> together;
     for (size_t i = 0; i < active.size(); ++i) {
-      Sample* s = active[i];
-      absl::StatusOr<at::Tensor> next = s->state->Step(eps[i], s->latents, &s->generator);
+      auto it = std::find_if(together.begin(), together.end(), [&](const std::vector<size_t>& g) {
+        const SamplerState& other = *active[g.front()]->state;
+        return other.schedule().SameAs(active[i]->state->schedule()) &&
+               other.step_index() == active[i]->state->step_index();
+      });
+      if (it == together.end()) {
+        together.push_back({i});
+      } else {
+        it->push_back(i);
+      }
+    }
+    for (const std::vector<size_t>& group : together) {
+      std::vector<SamplerState*> states;
+      std::vector<at::Tensor> group_eps, group_latents;
+      std::vector<at::Generator*> generators;
+      for (size_t i : group) {
+        states.push_back(active[i]->state.get());
+        group_eps.push_back(eps[i]);
+        group_latents.push_back(active[i]->latents);
+        generators.push_back(&active[i]->generator);
+      }
+      absl::StatusOr<at::Tensor> next =
+          group.size() == 1 ? states[0]->Step(eps[group[0]], active[group[0]]->latents, generators[0])
+                            : SamplerState::StepTogether(states, at::cat(group_eps), at::cat(group_latents),
+                                                         generators);
       if (!next.ok()) return next.status();
-      s->latents = *std::move(next);
-      s->unet_rows += s->rows_per_call();
+      for (size_t k = 0; k < group.size(); ++k) {
+        Sample* s = active[group[k]];
+        s->latents = group.size() == 1 ? *next : next->narrow(0, static_cast<int64_t>(k), 1);
+        s->unet_rows += s->rows_per_call();
+      }
     }
     return absl::OkStatus();
   });

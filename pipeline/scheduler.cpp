@@ -84,6 +84,85 @@ absl::StatusOr<at::Tensor> SamplerState::Step(const at::Tensor& model_output, co
   return next;
 }
 
+absl::StatusOr<at::Tensor> SamplerState::StepTogether(const std::vector<SamplerState*>& states,
+                                                      const at::Tensor& model_output, const at::Tensor& sample,
+                                                      const std::vector<at::Generator*>& noise_gens) {
+  const auto n = static_cast<int64_t>(states.size());
+  if (n == 0 || static_cast<int64_t>(noise_gens.size()) != n) {
+    return absl::InvalidArgumentError("scheduler step: one generator per state, and at least one state");
+  }
+  if (n == 1) return states[0]->Step(model_output, sample, noise_gens[0]);
+  SamplerState& first = *states[0];
+  const std::vector<at::Tensor*> first_history = first.History();
+  for (SamplerState* s : states) {
+    const std::vector<at::Tensor*> h = s->History();
+    bool alike = s->schedule_->SameAs(*first.schedule_) && s->step_index_ == first.step_index_ &&
+                 !s->failed_ && h.size() == first_history.size();
+    for (size_t i = 0; alike && i < h.size(); ++i) alike = h[i]->defined() == first_history[i]->defined();
+    if (!alike) {
+      return absl::InvalidArgumentError(
+          "scheduler step: states stepped together must share their schedule, step index and history layout");
+    }
+  }
+  if (!model_output.defined() || model_output.dim() == 0 || model_output.size(0) != n) {
+    return absl::InvalidArgumentError(absl::StrCat("scheduler step: ", n, " states need ", n, " stacked rows"));
+  }
+  if (first.schedule_->stochastic()) {
+    for (at::Generator* g : noise_gens) {
+      if (g == nullptr || !g->defined() || g->device().type() != c10::kCPU) {
+        return absl::InvalidArgumentError(absl::StrCat("scheduler step: ", SchedulerKindName(first.schedule_->kind()),
+                                                       " draws noise and needs each sample's CPU generator"));
+      }
+    }
+  }
+  // A state holding every member's history stacked in order; it takes the step, then each member takes its rows.
+  std::unique_ptr<SamplerState> stacked = NewSamplerState(first.schedule_);
+  absl::Status stacking = GuardTorch("stacking scheduler states", [&]() -> absl::Status {
+    stacked->step_index_ = first.step_index_;
+    stacked->CopyHistoryFrom(first);
+    const std::vector<at::Tensor*> h = stacked->History();
+    for (size_t i = 0; i < h.size(); ++i) {
+      if (!h[i]->defined()) continue;
+      std::vector<at::Tensor> rows;
+      for (SamplerState* s : states) rows.push_back(*s->History()[i]);
+      *h[i] = at::cat(rows);
+    }
+    stacked->row_gens_ = noise_gens;
+    return absl::OkStatus();
+  });
+  absl::StatusOr<at::Tensor> next =
+      stacking.ok() ? stacked->Step(model_output, sample, noise_gens[0]) : absl::StatusOr<at::Tensor>(stacking);
+  absl::Status split = next.status();
+  if (split.ok()) {
+    split = GuardTorch("splitting scheduler states", [&]() -> absl::Status {
+      for (int64_t j = 0; j < n; ++j) {
+        SamplerState& s = *states[j];
+        s.CopyHistoryFrom(*stacked);
+        for (at::Tensor* t : s.History()) {
+          if (t->defined()) *t = t->narrow(0, j, 1);
+        }
+        s.step_index_ = stacked->step_index_;
+      }
+      return absl::OkStatus();
+    });
+  }
+  if (!split.ok()) {
+    for (SamplerState* s : states) s->failed_ = true;
+    return split;
+  }
+  return next;
+}
+
+at::Tensor SamplerState::Noise(const at::Tensor& like, at::Generator* gen) const {
+  const auto options = at::TensorOptions().dtype(like.scalar_type());
+  if (row_gens_.empty()) return at::randn(like.sizes(), *gen, options);
+  std::vector<int64_t> row = like.sizes().vec();
+  row[0] = 1;
+  std::vector<at::Tensor> rows;
+  for (at::Generator* g : row_gens_) rows.push_back(at::randn(row, *g, options));
+  return at::cat(rows);
+}
+
 namespace scheduler_internal {
 
 at::Tensor F32(double value) { return at::scalar_tensor(value, at::TensorOptions().dtype(at::kFloat)); }

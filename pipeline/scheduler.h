@@ -54,6 +54,10 @@ class NoiseSchedule {
   // PNDM repeats its first timestep, so it makes num_inference_steps + 1 calls (1 call for a single step);
   // the others make num_inference_steps.
   const std::vector<float>& timesteps() const { return timesteps_; }
+  // Whether `other` is this schedule or one built from equal parameters and step count (so with equal tables).
+  bool SameAs(const NoiseSchedule& other) const {
+    return this == &other || (num_inference_steps_ == other.num_inference_steps_ && params_ == other.params_);
+  }
   int num_calls() const { return static_cast<int>(timesteps_.size()); }
 
   // diffusers' init_noise_sigma (a float32 value): 1 except for the Euler schedulers.
@@ -107,16 +111,35 @@ class SamplerState {
   absl::StatusOr<at::Tensor> Step(const at::Tensor& model_output, const at::Tensor& sample,
                                   at::Generator* noise_gen = nullptr);
 
+  // One scheduler step for several samples at once (DenoiseBatch steps samples on equal schedules together):
+  // `states` share one schedule (NoiseSchedule::SameAs) and step index; `model_output` and `sample` are their rows stacked in
+  // order ([n, ...], one row each), `noise_gens` their generators (read when the schedule is stochastic). Row for
+  // row equal to Step() on each state — the same element-wise arithmetic, and Euler ancestral draws each row's
+  // noise from its own generator — with one set of kernels instead of n. Afterwards every state holds its own
+  // rows of the history. Errors as Step(); after one, every state is unusable.
+  static absl::StatusOr<at::Tensor> StepTogether(const std::vector<SamplerState*>& states,
+                                                 const at::Tensor& model_output, const at::Tensor& sample,
+                                                 const std::vector<at::Generator*>& noise_gens);
+
  protected:
   explicit SamplerState(std::shared_ptr<const NoiseSchedule> schedule) : schedule_(std::move(schedule)) {}
   // The scheduler's math for call `call_index`; may throw c10::Error.
   virtual at::Tensor StepImpl(const at::Tensor& model_output, const at::Tensor& sample, int call_index,
                               at::Generator* noise_gen) = 0;
+  // The multistep history StepImpl reads and writes, as pointers to its tensors in a fixed order (undefined ones
+  // included); states of one schedule at one step index have the same number, defined alike. None by default.
+  virtual std::vector<at::Tensor*> History() { return {}; }
+  // Takes `other`'s history (a state of the same kind and schedule), shape and all.
+  virtual void CopyHistoryFrom(const SamplerState& other) {}
+  // Noise shaped like `like` from `gen`, in like's dtype on the CPU (diffusers' randn_tensor with a CPU
+  // generator); in a stacked state (StepTogether), one row from each member's own generator.
+  at::Tensor Noise(const at::Tensor& like, at::Generator* gen) const;
 
  private:
   std::shared_ptr<const NoiseSchedule> schedule_;
   int step_index_ = 0;
   bool failed_ = false;
+  std::vector<at::Generator*> row_gens_;  // StepTogether's stacked state only
 };
 
 std::unique_ptr<SamplerState> NewSamplerState(std::shared_ptr<const NoiseSchedule> schedule);

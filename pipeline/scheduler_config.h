@@ -114,6 +114,8 @@ struct SchedulerParams {
   bool lower_order_final = true;  // DPM
   bool euler_at_final = false;    // DPM
   double lambda_min_clipped = -std::numeric_limits<double>::infinity();  // DPM
+
+  bool operator==(const SchedulerParams&) const = default;
 };
 
 // Fills defaults for `kind` and rejects what the C++ schedulers do not implement (PRK steps, thresholding,

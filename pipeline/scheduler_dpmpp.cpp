@@ -141,6 +141,11 @@ class DpmState final : public SamplerState {
     return prev.to(x0.scalar_type());
   }
 
+  std::vector<at::Tensor*> History() override { return {&previous_x0_}; }
+  void CopyHistoryFrom(const SamplerState& other) override {
+    previous_x0_ = static_cast<const DpmState&>(other).previous_x0_;
+  }
+
  private:
   const DpmSchedule& dpm_;
   at::Tensor previous_x0_;  // the data prediction of the previous call

@@ -122,9 +122,7 @@ class EulerState final : public SamplerState {
     if (euler_.stochastic()) {
       // diffusers' randn_tensor with a CPU generator: drawn on the CPU in the model output's dtype, then
       // moved (without waiting for the stream).
-      const at::Tensor noise = ToDeviceAsync(
-          at::randn(model_output.sizes(), *noise_gen, at::TensorOptions().dtype(model_output.scalar_type())),
-          model_output.device());
+      const at::Tensor noise = ToDeviceAsync(Noise(model_output, noise_gen), model_output.device());
       prev = prev + noise * F32(c.sigma_up);
     }
     return prev.to(model_output.scalar_type());

@@ -117,6 +117,18 @@ class PndmState final : public SamplerState {
     return PrevSample(base, combined, pndm_.coeffs(call));
   }
 
+  std::vector<at::Tensor*> History() override {
+    std::vector<at::Tensor*> h;
+    for (at::Tensor& e : ets_) h.push_back(&e);
+    h.push_back(&first_sample_);
+    return h;
+  }
+  void CopyHistoryFrom(const SamplerState& other) override {
+    const auto& o = static_cast<const PndmState&>(other);
+    ets_ = o.ets_;
+    first_sample_ = o.first_sample_;
+  }
+
  private:
   at::Tensor PrevSample(const at::Tensor& sample, at::Tensor model_output, const PrevSampleCoeffs& c) const {
     if (pndm_.params().prediction_type == PredictionType::kVPrediction) {

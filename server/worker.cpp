@@ -200,12 +200,14 @@ absl::Status Worker::Impl::Load() {
     const int width = (*sd)->native_width(), height = (*sd)->native_height();
     pipeline::UNetGraphs* model_graphs = nullptr;
     if (options.cuda_graphs && target.device.is_cuda()) {
-      absl::StatusOr<std::unique_ptr<pipeline::UNetGraphs>> created = pipeline::UNetGraphs::Create(target.device, {});
+      absl::StatusOr<std::unique_ptr<pipeline::UNetGraphs>> created =
+          pipeline::UNetGraphs::Create(target.device, {});
       if (created.ok()) {
         model_graphs = created->get();
         graphs[spec.name] = *std::move(created);
       } else {
-        spdlog::warn("model {} on {}: no CUDA graphs: {}", spec.name, options.device, std::string(created.status().message()));
+        spdlog::warn("model {} on {}: no CUDA graphs: {}", spec.name, options.device,
+                     std::string(created.status().message()));
       }
     }
     auto last = std::chrono::steady_clock::now();

@@ -360,6 +360,51 @@ TEST(SamplerStateTest, SamplesOnOneScheduleDoNotInterfere) {
   }
 }
 
+// Three samples stepped together (SamplerState::StepTogether, one set of kernels on stacked rows) end exactly where
+// each ends stepped alone, for every scheduler kind (multistep history and Euler ancestral's per-sample noise
+// included); states at different step indices are refused.
+TEST(SamplerStateTest, StepTogetherEqualsEachStateStepped) {
+  for (SchedulerKind kind : {SchedulerKind::kPndm, SchedulerKind::kDdim, SchedulerKind::kEuler,
+                             SchedulerKind::kEulerAncestral, SchedulerKind::kDpmpp2m, SchedulerKind::kDpmpp2mKarras}) {
+    auto schedule = *Make(Sd15Config(), kind, 6);
+    std::vector<at::Tensor> alone;
+    for (int k = 0; k < 3; ++k) alone.push_back(RunAlone(schedule, 30 + 10 * k, {1, 4, 8, 8}));
+
+    std::vector<at::Generator> model_gens, noise_gens;
+    std::vector<std::unique_ptr<SamplerState>> states;
+    std::vector<at::Tensor> x;
+    for (int k = 0; k < 3; ++k) {
+      model_gens.push_back(at::make_generator<at::CPUGeneratorImpl>(30 + 10 * k));
+      noise_gens.push_back(at::make_generator<at::CPUGeneratorImpl>(31 + 10 * k));
+      states.push_back(NewSamplerState(schedule));
+      x.push_back(schedule->ScaleInitialNoise(at::randn({1, 4, 8, 8}, model_gens.back())));
+    }
+    while (!states[0]->done()) {
+      std::vector<at::Tensor> eps;
+      for (int k = 0; k < 3; ++k) eps.push_back(at::randn({1, 4, 8, 8}, model_gens[k]));
+      absl::StatusOr<at::Tensor> next = SamplerState::StepTogether(
+          {states[0].get(), states[1].get(), states[2].get()}, at::cat(eps), at::cat(x),
+          {&noise_gens[0], &noise_gens[1], &noise_gens[2]});
+      ASSERT_TRUE(next.ok()) << next.status();
+      for (int k = 0; k < 3; ++k) x[k] = next->narrow(0, k, 1);
+    }
+    for (int k = 0; k < 3; ++k) {
+      EXPECT_TRUE(at::equal(x[k], alone[k])) << SchedulerKindName(kind) << " sample " << k;
+      EXPECT_TRUE(states[k]->done());
+    }
+    // Schedules built from equal parameters and step counts may step together; another step count may not.
+    EXPECT_TRUE(schedule->SameAs(**Make(Sd15Config(), kind, 6)));
+    EXPECT_FALSE(schedule->SameAs(**Make(Sd15Config(), kind, 7)));
+    // Different step indices cannot share a step.
+    auto a = NewSamplerState(schedule), b = NewSamplerState(schedule);
+    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(1);
+    ASSERT_TRUE(a->Step(at::randn({1, 4, 8, 8}, g), at::randn({1, 4, 8, 8}, g), &g).ok());
+    absl::StatusOr<at::Tensor> mixed = SamplerState::StepTogether(
+        {a.get(), b.get()}, at::randn({2, 4, 8, 8}, g), at::randn({2, 4, 8, 8}, g), {&g, &g});
+    EXPECT_TRUE(absl::IsInvalidArgument(mixed.status())) << mixed.status();
+  }
+}
+
 TEST(SamplerStateTest, StepChecksItsArguments) {
   auto schedule = *Make(Sd15Config(), SchedulerKind::kEulerAncestral, 2);
   auto state = NewSamplerState(schedule);
