@@ -1,9 +1,9 @@
 #include "pipeline/denoise_batch.h"
 
 #include <algorithm>
+#include <utility>
 
 #include <c10/core/InferenceMode.h>
-#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "pipeline/device.h"
@@ -27,8 +27,12 @@ std::vector<at::Tensor> Guide(const std::vector<DenoiseBatch::Sample*>& active, 
   const auto n = static_cast<int64_t>(active.size());
   const at::Tensor cond = out.narrow(0, uncond_rows, n);
   std::vector<at::Tensor> eps(active.size());
-  // Samples with guidance, by scale: their positions in `active` and in the unconditional rows.
-  std::vector<std::pair<double, std::pair<std::vector<int64_t>, std::vector<int64_t>>>> by_scale;
+  // Samples with guidance, by scale: their positions in `active` and their unconditional rows.
+  struct ScaleGroup {
+    double scale;
+    std::vector<int64_t> samples, uncond_rows;
+  };
+  std::vector<ScaleGroup> by_scale;
   int64_t uncond_row = 0;
   for (int64_t i = 0; i < n; ++i) {
     if (!active[i]->uncond.defined()) {
@@ -36,13 +40,12 @@ std::vector<at::Tensor> Guide(const std::vector<DenoiseBatch::Sample*>& active, 
       continue;
     }
     const double scale = active[i]->spec.guidance_scale;
-    auto it = std::find_if(by_scale.begin(), by_scale.end(), [&](const auto& e) { return e.first == scale; });
-    if (it == by_scale.end()) it = by_scale.insert(by_scale.end(), {scale, {}});
-    it->second.first.push_back(i);
-    it->second.second.push_back(uncond_row++);
+    auto it = std::find_if(by_scale.begin(), by_scale.end(), [&](const ScaleGroup& g) { return g.scale == scale; });
+    if (it == by_scale.end()) it = by_scale.insert(by_scale.end(), ScaleGroup{.scale = scale});
+    it->samples.push_back(i);
+    it->uncond_rows.push_back(uncond_row++);
   }
-  for (const auto& [scale, rows] : by_scale) {
-    const auto& [samples, uncond_idx] = rows;
+  for (const auto& [scale, samples, uncond_idx] : by_scale) {
     const auto count = static_cast<int64_t>(samples.size());
     at::Tensor c, u;
     if (count == n) {  // every sample guided with this scale: the halves are whole slices

@@ -38,5 +38,4 @@ std::string ComputeDTypeName(c10::ScalarType dtype);
 // `host` itself when `device` is the CPU.
 at::Tensor ToDeviceAsync(const at::Tensor& host, const c10::Device& device);
 
-
 }  // namespace tomeserve::pipeline

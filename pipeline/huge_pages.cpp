@@ -3,7 +3,6 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
-#include <atomic>
 #include <cstdlib>
 
 #ifdef __linux__
@@ -13,12 +12,20 @@
 namespace tomeserve::pipeline {
 namespace {
 
-constexpr size_t kHugePage = size_t{2} << 20;
+size_t RoundToHugePages(size_t n) { return (n + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes; }
+
+// aligned_alloc of whole huge pages, advised MADV_HUGEPAGE; release with free().
+void* AllocateAdvised(size_t size) {
+  void* ptr = std::aligned_alloc(kHugePageBytes, size);
+#ifdef __linux__
+  if (ptr != nullptr) ::madvise(ptr, size, MADV_HUGEPAGE);
+#endif
+  return ptr;
+}
 
 void FreeHuge(void* ptr) { std::free(ptr); }
 
-// Large requests: aligned_alloc of whole huge pages, advised MADV_HUGEPAGE (advisory: without THP the memory is
-// ordinary). Small ones go to the allocator that was in force before (libtorch's default), deleter and all. Both
+// Large requests: AllocateAdvised. Small ones go to the allocator that was in force before (libtorch's default), deleter and all. Both
 // kinds are released by free(), so the large ones take the default allocator's raw deleter (it frees with free()
 // on Linux, after reporting to the profiler), and raw_allocate/raw_deallocate, which libtorch uses in places,
 // work for both.
@@ -30,13 +37,9 @@ class HugePageAllocator final : public c10::Allocator {
   c10::DeleterFnPtr raw_deleter() const override { return deleter_; }
 
   c10::DataPtr allocate(size_t n) override {
-    if (n < kHugePage) return small_->allocate(n);
-    const size_t size = (n + kHugePage - 1) / kHugePage * kHugePage;
-    void* ptr = std::aligned_alloc(kHugePage, size);
+    if (n < kHugePageBytes) return small_->allocate(n);
+    void* ptr = AllocateAdvised(RoundToHugePages(n));
     if (ptr == nullptr) return small_->allocate(n);  // the default allocator reports the failure its own way
-#ifdef __linux__
-    ::madvise(ptr, size, MADV_HUGEPAGE);
-#endif
     return {ptr, ptr, deleter_, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -49,9 +52,12 @@ class HugePageAllocator final : public c10::Allocator {
   c10::DeleterFnPtr deleter_;
 };
 
-std::atomic<bool> installed{false};
-
 }  // namespace
+
+std::shared_ptr<void> AllocateHugePages(size_t bytes) {
+  void* ptr = AllocateAdvised(RoundToHugePages(bytes));
+  return ptr == nullptr ? nullptr : std::shared_ptr<void>(ptr, &FreeHuge);
+}
 
 bool EnableHugePageAllocations() {
 #ifdef __linux__
@@ -59,7 +65,6 @@ bool EnableHugePageAllocations() {
     // Never destroyed: tensors it allocated may be freed during static destruction.
     static auto* allocator = new HugePageAllocator(c10::GetDefaultCPUAllocator());
     c10::SetCPUAllocator(allocator, /*priority=*/10);
-    installed = true;
     return true;
   }();
   return done;
@@ -67,7 +72,5 @@ bool EnableHugePageAllocations() {
   return false;
 #endif
 }
-
-bool HugePageAllocationsEnabled() { return installed.load(); }
 
 }  // namespace tomeserve::pipeline

@@ -5,14 +5,21 @@
 // gets huge pages only when asked.
 #pragma once
 
+#include <cstddef>
+#include <memory>
+
 namespace tomeserve::pipeline {
+
+// 2 MiB, the x86-64 transparent huge page.
+inline constexpr size_t kHugePageBytes = size_t{2} << 20;
+
+// `bytes` rounded up to whole huge pages, 2 MiB-aligned and advised MADV_HUGEPAGE (advisory: without THP it is
+// ordinary memory); freed when the last copy of the pointer goes. Null when the allocation fails.
+std::shared_ptr<void> AllocateHugePages(size_t bytes);
 
 // Installs, once, a CPU allocator that serves requests of 2 MiB and more from 2 MiB-aligned memory advised
 // MADV_HUGEPAGE, and everything smaller from libtorch's default allocator. Affects tensors allocated afterwards;
 // call it at the start of main(). Returns whether it is installed (false off Linux). Thread-safe.
 bool EnableHugePageAllocations();
-
-// Whether EnableHugePageAllocations() is in force.
-bool HugePageAllocationsEnabled();
 
 }  // namespace tomeserve::pipeline

@@ -1,9 +1,6 @@
 #include "pipeline/load_weights.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <set>
@@ -12,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "pipeline/huge_pages.h"
 #include "pipeline/torch_status.h"
 
 namespace tomeserve::pipeline {
@@ -53,6 +51,30 @@ std::string ListSome(const std::vector<std::string>& names) {
   return out;
 }
 
+// CPU weights live in one arena that asks the kernel for transparent huge pages (MADV_HUGEPAGE; most kernels
+// default THP to "madvise"), instead of one 4 KiB-paged allocation each. The UNet's low-resolution convolutions
+// read up to 59 MB of weights per call for a few output pixels, and with 4 KiB pages the TLB misses made them ~1.6x
+// slower than diffusers' (whose weights stay in the safetensors file's page cache, in large folios); see
+// docs/benchmarks.md. Each tensor starts on a 64-byte boundary; the arena lives as long as any tensor in it.
+// Falls back to leaving the tensors where they are when the arena cannot be allocated.
+void MoveIntoHugePageArena(const std::vector<at::Tensor>& tensors) {
+  constexpr size_t kAlign = 64;
+  const auto aligned = [](size_t n) { return (n + kAlign - 1) / kAlign * kAlign; };
+  size_t total = 0;
+  for (const at::Tensor& t : tensors) total += aligned(t.nbytes());
+  if (total == 0) return;
+  std::shared_ptr<void> arena = AllocateHugePages(total);
+  if (arena == nullptr) return;
+  size_t offset = 0;
+  for (const at::Tensor& t : tensors) {
+    void* data = static_cast<std::byte*>(arena.get()) + offset;
+    offset += aligned(t.nbytes());
+    at::Tensor placed = at::from_blob(data, t.sizes(), t.strides(), [arena](void*) {}, t.options());
+    // set_data swaps the storage of the module's own tensor (parameter or buffer), so the module sees it.
+    at::Tensor(t).set_data(placed);
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<at::Tensor> ReadTensor(const WeightStore& store, absl::string_view name) {
@@ -61,33 +83,6 @@ absl::StatusOr<at::Tensor> ReadTensor(const WeightStore& store, absl::string_vie
   if (absl::Status s = CheckLoadable(*entry); !s.ok()) return s;
   return GuardTorch(absl::StrCat(entry->file->path().string(), ": tensor \"", name, "\""),
                     [&]() -> absl::StatusOr<at::Tensor> { return ViewRecord(*entry->record).clone(); });
-}
-
-// CPU weights live in one arena that asks the kernel for transparent huge pages (MADV_HUGEPAGE; most kernels
-// default THP to "madvise"), instead of one 4 KiB-paged allocation each. The UNet's low-resolution convolutions
-// read up to 59 MB of weights per call for a few output pixels, and with 4 KiB pages the TLB misses made them ~1.6x
-// slower than diffusers' (whose weights stay in the safetensors file's page cache, in large folios); see
-// docs/benchmarks.md. Each tensor starts on a 64-byte boundary; the arena lives as long as any tensor in it.
-// Falls back to leaving the tensors where they are when the arena cannot be allocated.
-void MoveIntoHugePageArena(const std::vector<at::Tensor>& tensors) {
-  constexpr size_t kAlign = 64, kHugePage = size_t{2} << 20;
-  const auto round_up = [](size_t n, size_t to) { return (n + to - 1) / to * to; };
-  size_t total = 0;
-  for (const at::Tensor& t : tensors) total += round_up(t.nbytes(), kAlign);
-  if (total == 0) return;
-  const size_t size = round_up(total, kHugePage);
-  void* base = std::aligned_alloc(kHugePage, size);
-  if (base == nullptr) return;
-  ::madvise(base, size, MADV_HUGEPAGE);  // advisory: without THP the arena is ordinary memory
-  std::shared_ptr<void> arena(base, std::free);
-  size_t offset = 0;
-  for (const at::Tensor& t : tensors) {
-    void* data = static_cast<std::byte*>(base) + offset;
-    offset += round_up(t.nbytes(), kAlign);
-    at::Tensor placed = at::from_blob(data, t.sizes(), t.strides(), [arena](void*) {}, t.options());
-    // set_data swaps the storage of the module's own tensor (parameter or buffer), so the module sees it.
-    at::Tensor(t).set_data(placed);
-  }
 }
 
 absl::Status LoadWeights(torch::nn::Module& module, const WeightStore& store, const LoadOptions& options) {
