@@ -1,5 +1,7 @@
-// The device worker: one of the three server translation units that include torch headers (with
-// device_probe.cpp and phase_clock.cpp).
+// The device worker: life cycle (load, warm-up, the loop), admission, the denoising step and out-of-memory
+// eviction. Retiring finished samples is in worker_output.cpp; the shared state in worker_impl.h. With
+// worker_output.cpp, device_probe.cpp and phase_clock.cpp, one of the server translation units that include torch
+// headers.
 #include "server/worker.h"
 
 #include <ATen/ATen.h>
@@ -8,28 +10,13 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
-#include <climits>
-#include <deque>
-#include <future>
-#include <map>
-#include <optional>
 
-#include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "pipeline/denoise_batch.h"
-#include "pipeline/device.h"
-#include "pipeline/stable_diffusion.h"
 #include "pipeline/torch_status.h"
 #include "server/device_probe.h"
-#include "server/encode_pool.h"
-#include "server/image_output.h"
-#include "server/phase_clock.h"
-#include "tome/tome_hooks.h"
+#include "server/worker_impl.h"
 
 #ifdef TOMESERVE_HAVE_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -40,122 +27,7 @@
 
 namespace tomeserve::server {
 
-namespace {
-
-double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
-
-// One admitted call on this worker (worker thread only).
-struct RunningJob {
-  std::shared_ptr<Job> job;
-  const pipeline::StableDiffusion* model = nullptr;
-  tome::TokenMerging tome;                              // effective settings
-  std::shared_ptr<const tome::TokenMergingHooks> hooks;  // null: plain UNet
-  std::vector<int> sample_ids;                          // per image: its id in the batch, -1 when not in it
-  std::vector<std::optional<EncodedImage>> images;
-  GenerationResult result;
-  absl::Time admitted;
-  int last_progress = 0;
-  int num_calls = 0;  // UNet calls per sample (PNDM: steps + 1)
-  bool ended = false;
-  int encoding = 0;   // images handed to the EncodePool and not collected yet: the run is kept until 0
-
-  int images_left() const {
-    return static_cast<int>(std::count_if(images.begin(), images.end(), [](const auto& i) { return !i; }));
-  }
-};
-
-// A sample that finished denoising at this step boundary, waiting to be decoded.
-struct FinishedSample {
-  RunningJob* run;
-  int image;
-  at::Tensor latents;
-};
-
-// Images decoded in one VAE call at a step boundary.
-constexpr size_t kDecodeChunk = 4;
-
-// A sample evicted after an out-of-memory error, state intact, waiting to rejoin.
-struct Parked {
-  RunningJob* run;
-  int image;
-  pipeline::DenoiseBatch::Sample sample;
-};
-
-}  // namespace
-
-struct Worker::Impl {
-  WorkerOptions options;
-  Metrics* metrics;
-  StepTimeModel* step_times;
-  pipeline::ComputeTarget target;
-  std::map<std::string, std::unique_ptr<pipeline::StableDiffusion>> models;
-  // Per model (CUDA with --cuda-graphs): declared after `models`, so destroyed before them.
-  std::map<std::string, std::unique_ptr<pipeline::UNetGraphs>> graphs;
-  int64_t budget = kCpuBatchCost;
-
-  // The running batch and what is in it (worker thread only).
-  std::unique_ptr<pipeline::DenoiseBatch> batch;
-  std::string batch_model;
-  int batch_width = 0, batch_height = 0;
-  std::vector<std::unique_ptr<RunningJob>> jobs;  // admission order
-  std::deque<Parked> parked;                      // front: next to rejoin
-  int oom_cap = INT_MAX;                          // image cap after an OOM, until the batch drains
-  // One hook factory per ToMe setting (seed excluded: it travels per sample), so equal settings share a group.
-  // Cleared when the batch drains (a factory's merge counts belong to one latent size).
-  absl::flat_hash_map<tome::TokenMerging, std::shared_ptr<tome::TokenMergingHooks>> hooks_by_setting;
-  double last_step_seconds = 0;
-  std::unique_ptr<PhaseClock> clock;  // created on the worker thread (CUDA events belong to its device)
-  int64_t steps_run = 0;              // steps started over the worker's life (fault injection counts them)
-
-  // Images encoded on the EncodePool, handed back to the worker thread (CollectEncoded). `encodes_pending` is
-  // the worker thread's count of those not collected yet.
-  struct Encoded {
-    RunningJob* run;  // kept alive while run->encoding > 0
-    int image;
-    absl::StatusOr<EncodedImage> encoded;
-  };
-  absl::Mutex encoded_mu;
-  std::vector<Encoded> encoded ABSL_GUARDED_BY(encoded_mu);
-  int encodes_pending = 0;
-  // Declared after what its tasks touch, so it is destroyed (its tasks finished, threads joined) first. Null:
-  // images are encoded on the worker thread.
-  std::unique_ptr<EncodePool> encode_pool;
-
-  // Handed from Start() (main thread) to the worker thread waiting after its warm-up.
-  absl::Mutex start_mu;
-  enum class Go { kWait, kRun, kAbandon } go ABSL_GUARDED_BY(start_mu) = Go::kWait;
-  Scheduler* scheduler ABSL_GUARDED_BY(start_mu) = nullptr;
-
-  // Shared with the watchdog (any thread).
-  std::atomic<bool> in_service{true};
-  absl::Mutex watch_mu;
-  absl::Time step_deadline ABSL_GUARDED_BY(watch_mu) = absl::InfiniteFuture();  // of the step running now
-  std::vector<std::shared_ptr<Job>> step_jobs ABSL_GUARDED_BY(watch_mu);        // the calls in that step
-
-  // The thread's whole life: load + warm up (result to `loaded`), wait for Start(), then Loop().
-  void Run(std::promise<absl::Status>* loaded);
-  absl::Status Load();
-  void Loop(Scheduler* scheduler);
-  RunningView View() const;
-  void Start(const std::shared_ptr<Job>& job);
-  void Readmit();
-  void RetireStopped();
-  void Step();
-  void Evict(const absl::Status& oom, int active);
-  void NotifyProgress();
-  void RetireDone();
-  void DecodeChunk(const std::vector<FinishedSample>& chunk);
-  // Takes the images the pool has finished into their runs; with `all`, waits for every pending one first.
-  void CollectEncoded(bool all);
-  void End(RunningJob& run, const absl::StatusOr<GenerationResult>& result);
-  void DropEnded();
-  void EmptyCache() const;
-  double Backlog() const;
-  void ReportGauges() const;
-  absl::Status InjectedFault();
-  // First caller wins: fails `calls` with UNAVAILABLE, marks the worker out of service, tells main.
-  void TakeOutOfService(const absl::Status& why, const std::vector<std::shared_ptr<Job>>& calls);
-};
+using worker_internal::Seconds;
 
 absl::StatusOr<std::unique_ptr<Worker>> Worker::Create(const WorkerOptions& options, Metrics* metrics,
                                                       StepTimeModel* step_times) {
@@ -696,154 +568,6 @@ void Worker::Impl::NotifyProgress() {
       run->last_progress = step;
       run->job->NotifyProgress(step, run->num_calls);
     }
-  }
-}
-
-void Worker::Impl::RetireDone() {
-  // Every sample that finished at this boundary leaves the batch; their images are decoded together in chunks
-  // of kDecodeChunk (one VAE call each), so the batch-mates wait for a few short decodes, not a long one.
-  std::vector<FinishedSample> finished;
-  for (auto& run : jobs) {
-    if (run->ended) continue;
-    for (int i = 0; i < static_cast<int>(run->sample_ids.size()); ++i) {
-      const int id = run->sample_ids[i];
-      if (id < 0 || !batch->sample(id).done()) continue;
-      std::optional<pipeline::DenoiseBatch::Sample> s = batch->Remove(id);
-      run->sample_ids[i] = -1;
-      finished.push_back({run.get(), i, s->latents});
-    }
-  }
-  for (size_t first = 0; first < finished.size(); first += kDecodeChunk) {
-    const size_t last = std::min(finished.size(), first + kDecodeChunk);
-    DecodeChunk(std::vector<FinishedSample>(finished.begin() + first, finished.begin() + last));
-  }
-  // While samples are still denoising, images still encoding wait for a later boundary; once none is, the
-  // worker waits for them (nothing else to do, and a run must not sit finished but unreported).
-  CollectEncoded(/*all=*/batch == nullptr || batch->Done());
-  for (auto& run : jobs) {
-    if (run->ended || run->images_left() > 0) continue;
-    GenerationResult result = std::move(run->result);
-    for (auto& img : run->images) result.images.push_back(*std::move(img));
-    result.denoising_seconds = std::max(0.0, Seconds(absl::Now() - run->admitted) - result.decoding_seconds);
-    result.total_seconds = Seconds(absl::Now() - run->job->enqueued());
-    const GenerationRequest& req = run->job->request();
-    const double ratio = tome::Canonical(run->tome).ratio;
-    if (run->hooks) {
-      int64_t before = 0, after = 0;
-      for (const tome::BlockMergeCount& c : run->hooks->MergeCounts()) {
-        result.merged_tokens.push_back({c.block, c.tokens_before, c.tokens_after});
-        before += c.tokens_before;
-        after += c.tokens_after;
-      }
-      const int64_t per_call = static_cast<int64_t>(req.num_images) * run->num_calls;
-      metrics->CountMergedTokens(ratio, before * per_call, after * per_call);
-    }
-    metrics->CountImages(ratio, req.key.width, req.key.height, req.num_images);
-    End(*run, std::move(result));
-  }
-}
-
-void Worker::Impl::DecodeChunk(const std::vector<FinishedSample>& chunk) {
-  std::vector<FinishedSample> live;
-  for (const FinishedSample& f : chunk) {
-    if (!f.run->ended) live.push_back(f);
-  }
-  if (live.empty()) return;
-  clock->Start();
-  absl::StatusOr<std::vector<at::Tensor>> rgb = pipeline::GuardTorch("batching latents", [&]() {
-    std::vector<at::Tensor> latents;
-    for (const FinishedSample& f : live) latents.push_back(f.latents);
-    return live.front().run->model->Decode(at::cat(latents));
-  });
-  if (!rgb.ok() && pipeline::IsOutOfMemory(rgb.status())) {
-    // The latents are kept: free the cache and decode the images one at a time; the denoise is not rerun.
-    spdlog::warn("out of memory decoding {} image(s) on {}; retrying one at a time after freeing the cache",
-                 live.size(), options.device);
-    metrics->CountOom(tome::Canonical(live.front().run->tome).ratio, batch_width, batch_height);
-    EmptyCache();
-    std::vector<at::Tensor> one_by_one;
-    for (const FinishedSample& f : live) {
-      absl::StatusOr<std::vector<at::Tensor>> one = f.run->model->Decode(f.latents);
-      if (!one.ok() && pipeline::IsOutOfMemory(one.status())) {
-        // Not even one image fits: diffusers' tiled decode, one tile's memory at a time.
-        spdlog::warn("out of memory decoding one {}x{} image on {}; decoding it in tiles", batch_width,
-                     batch_height, options.device);
-        metrics->CountOom(tome::Canonical(f.run->tome).ratio, batch_width, batch_height);
-        EmptyCache();
-        one = f.run->model->Decode(f.latents, /*tiled=*/true);
-      }
-      if (!one.ok()) {
-        rgb = one.status();
-        break;
-      }
-      one_by_one.push_back((*one)[0]);
-    }
-    if (one_by_one.size() == live.size()) rgb = std::move(one_by_one);
-  }
-  if (!rgb.ok()) {
-    for (const FinishedSample& f : live) End(*f.run, rgb.status());
-    return;
-  }
-  const double decode_seconds = clock->Stop();
-  for (size_t k = 0; k < live.size(); ++k) {
-    RunningJob& run = *live[k].run;
-    if (run.ended) continue;
-    absl::StatusOr<at::Tensor> pixels =
-        pipeline::GuardTorch("copying the image", [&]() -> absl::StatusOr<at::Tensor> {
-          return (*rgb)[k].to(at::kCPU).contiguous();
-        });
-    if (!pixels.ok()) {
-      End(run, pixels.status());
-      continue;
-    }
-    // Each image of the chunk is charged its share of the chunk's decode.
-    run.result.decoding_seconds += decode_seconds / static_cast<double>(live.size());
-    if (encode_pool != nullptr) {
-      ++run.encoding;
-      ++encodes_pending;
-      encode_pool->Submit([this, r = &run, job = run.job, tome = run.tome, rgb = *std::move(pixels),
-                           image = live[k].image] {
-        absl::StatusOr<EncodedImage> e = EncodeImage(job->request(), tome, rgb.data_ptr<uint8_t>(),
-                                                     static_cast<int>(rgb.size(1)), static_cast<int>(rgb.size(0)), image);
-        absl::MutexLock lock(&encoded_mu);
-        encoded.push_back({r, image, std::move(e)});
-      });
-      continue;
-    }
-    absl::StatusOr<EncodedImage> e =
-        EncodeImage(run.job->request(), run.tome, pixels->data_ptr<uint8_t>(), static_cast<int>(pixels->size(1)),
-                    static_cast<int>(pixels->size(0)), live[k].image);
-    if (!e.ok()) {
-      End(run, e.status());
-      continue;
-    }
-    run.images[live[k].image] = *std::move(e);
-  }
-}
-
-void Worker::Impl::CollectEncoded(bool all) {
-  while (encodes_pending > 0) {
-    std::vector<Encoded> done;
-    {
-      absl::MutexLock lock(&encoded_mu);
-      if (all) {
-        encoded_mu.Await(absl::Condition(
-            +[](std::vector<Encoded>* e) { return !e->empty(); }, &encoded));
-      }
-      done.swap(encoded);
-    }
-    if (done.empty()) return;
-    for (Encoded& e : done) {
-      --encodes_pending;
-      --e.run->encoding;
-      if (e.run->ended) continue;  // cancelled, timed out or failed meanwhile
-      if (!e.encoded.ok()) {
-        End(*e.run, e.encoded.status());
-        continue;
-      }
-      e.run->images[e.image] = *std::move(e.encoded);
-    }
-    if (!all) return;
   }
 }
 

@@ -13,7 +13,7 @@
 // (pipeline::IsDeviceFatal: sticky CUDA errors) or a step the watchdog finds stuck takes the worker out of
 // service: its calls fail with UNAVAILABLE, health and metrics say so, and main exits when no worker is left.
 //
-// This header is torch-free (the pipeline lives behind Impl in worker.cpp), so main and the service compile
+// This header is torch-free (the pipeline lives behind Impl, in worker_impl.h), so main and the service compile
 // without torch.
 #pragma once
 

@@ -1,0 +1,154 @@
+// The device worker's state, shared by its translation units: worker.cpp (life cycle, admission, the denoising
+// step, out-of-memory eviction) and worker_output.cpp (retiring finished samples: VAE decode, image encoding,
+// results). Internal to server/; everything here belongs to the worker thread unless a comment says otherwise.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <deque>
+#include <future>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "pipeline/denoise_batch.h"
+#include "pipeline/device.h"
+#include "pipeline/stable_diffusion.h"
+#include "server/encode_pool.h"
+#include "server/phase_clock.h"
+#include "server/worker.h"
+#include "tome/tome_hooks.h"
+
+namespace tomeserve::server {
+namespace worker_internal {
+
+inline double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
+
+// One admitted call on this worker (worker thread only).
+struct RunningJob {
+  std::shared_ptr<Job> job;
+  const pipeline::StableDiffusion* model = nullptr;
+  tome::TokenMerging tome;                              // effective settings
+  std::shared_ptr<const tome::TokenMergingHooks> hooks;  // null: plain UNet
+  std::vector<int> sample_ids;                          // per image: its id in the batch, -1 when not in it
+  std::vector<std::optional<EncodedImage>> images;
+  GenerationResult result;
+  absl::Time admitted;
+  int last_progress = 0;
+  int num_calls = 0;  // UNet calls per sample (PNDM: steps + 1)
+  bool ended = false;
+  int encoding = 0;   // images handed to the EncodePool and not collected yet: the run is kept until 0
+
+  int images_left() const {
+    return static_cast<int>(std::count_if(images.begin(), images.end(), [](const auto& i) { return !i; }));
+  }
+};
+
+// A sample that finished denoising at this step boundary, waiting to be decoded.
+struct FinishedSample {
+  RunningJob* run;
+  int image;
+  at::Tensor latents;
+};
+
+// Images decoded in one VAE call at a step boundary.
+inline constexpr size_t kDecodeChunk = 4;
+
+// A sample evicted after an out-of-memory error, state intact, waiting to rejoin.
+struct Parked {
+  RunningJob* run;
+  int image;
+  pipeline::DenoiseBatch::Sample sample;
+};
+
+}  // namespace worker_internal
+
+using worker_internal::FinishedSample;
+using worker_internal::Parked;
+using worker_internal::RunningJob;
+
+struct Worker::Impl {
+  WorkerOptions options;
+  Metrics* metrics;
+  StepTimeModel* step_times;
+  pipeline::ComputeTarget target;
+  std::map<std::string, std::unique_ptr<pipeline::StableDiffusion>> models;
+  // Per model (CUDA with --cuda-graphs): declared after `models`, so destroyed before them.
+  std::map<std::string, std::unique_ptr<pipeline::UNetGraphs>> graphs;
+  int64_t budget = kCpuBatchCost;
+
+  // The running batch and what is in it (worker thread only).
+  std::unique_ptr<pipeline::DenoiseBatch> batch;
+  std::string batch_model;
+  int batch_width = 0, batch_height = 0;
+  std::vector<std::unique_ptr<RunningJob>> jobs;  // admission order
+  std::deque<Parked> parked;                      // front: next to rejoin
+  int oom_cap = INT_MAX;                          // image cap after an OOM, until the batch drains
+  // One hook factory per ToMe setting (seed excluded: it travels per sample), so equal settings share a group.
+  // Cleared when the batch drains (a factory's merge counts belong to one latent size).
+  absl::flat_hash_map<tome::TokenMerging, std::shared_ptr<tome::TokenMergingHooks>> hooks_by_setting;
+  double last_step_seconds = 0;
+  std::unique_ptr<PhaseClock> clock;  // created on the worker thread (CUDA events belong to its device)
+  int64_t steps_run = 0;              // steps started over the worker's life (fault injection counts them)
+
+  // Images encoded on the EncodePool, handed back to the worker thread (CollectEncoded). `encodes_pending` is
+  // the worker thread's count of those not collected yet.
+  struct Encoded {
+    RunningJob* run;  // kept alive while run->encoding > 0
+    int image;
+    absl::StatusOr<EncodedImage> encoded;
+  };
+  absl::Mutex encoded_mu;
+  std::vector<Encoded> encoded ABSL_GUARDED_BY(encoded_mu);
+  int encodes_pending = 0;
+  // Declared after what its tasks touch, so it is destroyed (its tasks finished, threads joined) first. Null:
+  // images are encoded on the worker thread.
+  std::unique_ptr<EncodePool> encode_pool;
+
+  // Handed from Start() (main thread) to the worker thread waiting after its warm-up.
+  absl::Mutex start_mu;
+  enum class Go { kWait, kRun, kAbandon } go ABSL_GUARDED_BY(start_mu) = Go::kWait;
+  Scheduler* scheduler ABSL_GUARDED_BY(start_mu) = nullptr;
+
+  // Shared with the watchdog (any thread).
+  std::atomic<bool> in_service{true};
+  absl::Mutex watch_mu;
+  absl::Time step_deadline ABSL_GUARDED_BY(watch_mu) = absl::InfiniteFuture();  // of the step running now
+  std::vector<std::shared_ptr<Job>> step_jobs ABSL_GUARDED_BY(watch_mu);        // the calls in that step
+
+  // The thread's whole life: load + warm up (result to `loaded`), wait for Start(), then Loop().
+  void Run(std::promise<absl::Status>* loaded);
+  absl::Status Load();
+  void Loop(Scheduler* scheduler);
+  RunningView View() const;
+  void Start(const std::shared_ptr<Job>& job);
+  void Readmit();
+  void RetireStopped();
+  void Step();
+  void Evict(const absl::Status& oom, int active);
+  void NotifyProgress();
+  void RetireDone();
+  void DecodeChunk(const std::vector<FinishedSample>& chunk);
+  // Takes the images the pool has finished into their runs; with `all`, waits for every pending one first.
+  void CollectEncoded(bool all);
+  void End(RunningJob& run, const absl::StatusOr<GenerationResult>& result);
+  void DropEnded();
+  void EmptyCache() const;
+  double Backlog() const;
+  void ReportGauges() const;
+  absl::Status InjectedFault();
+  // First caller wins: fails `calls` with UNAVAILABLE, marks the worker out of service, tells main.
+  void TakeOutOfService(const absl::Status& why, const std::vector<std::shared_ptr<Job>>& calls);
+};
+
+}  // namespace tomeserve::server
