@@ -177,6 +177,10 @@ int Run(int argc, char** argv, bool huge_pages) {
     std::fputs(HelpText().c_str(), stdout);
     return 0;
   }
+  if (absl::Status s = CheckEnvironmentNames(EnvironmentNames()); !s.ok()) {
+    std::fprintf(stderr, "tomeserve: %s\n", std::string(s.message()).c_str());
+    return kUsageError;
+  }
   const ServerOptions& o = cli->options;
   SetUpLogging(o.log_format);
 
@@ -233,6 +237,8 @@ int Run(int argc, char** argv, bool huge_pages) {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(o.listen, *credentials, &port);
+  // gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind too and split the traffic.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   if (o.max_connection_age > absl::ZeroDuration()) {
     // Clients behind a Kubernetes Service keep one connection to one pod; GOAWAY after this age makes them
     // reconnect (and spread over new replicas). Calls in flight on the old connection get the age grace.
@@ -254,7 +260,8 @@ int Run(int argc, char** argv, bool huge_pages) {
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0)
-    return Fail(absl::UnavailableError(absl::StrCat("cannot listen on ", o.listen)));
+    return Fail(absl::UnavailableError(
+        absl::StrCat("cannot listen on ", o.listen, ": the address is in use (another server?) or not available")));
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   // The overall status ("") and the service's own name, both NOT_SERVING until the models are warm.
   health->SetServingStatus(v1::ImageGenerator::service_full_name(), false);

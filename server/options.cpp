@@ -6,6 +6,9 @@
 #include <cstdlib>
 #include <filesystem>
 #include <map>
+#include <vector>
+
+#include <unistd.h>  // environ
 
 #include "absl/flags/flag.h"
 #include "absl/flags/reflection.h"
@@ -241,12 +244,68 @@ absl::Status ApplyConfigFile(const std::string& path,
   }
 }
 
+// A gRPC listen address: HOST:PORT with PORT in 0..65535 ([v6]:PORT too), or a unix: socket path. A bare host
+// would otherwise bind gRPC's default port 443.
+bool IsListenAddress(absl::string_view address) {
+  if (absl::StartsWith(address, "unix:")) return address.size() > 5;
+  const size_t colon = address.rfind(':');
+  if (colon == absl::string_view::npos || colon == 0) return false;
+  const absl::string_view host = address.substr(0, colon);
+  if (absl::StrContains(host, ':') && !(absl::StartsWith(host, "[") && absl::EndsWith(host, "]"))) return false;
+  int port = -1;
+  return absl::SimpleAtoi(address.substr(colon + 1), &port) && port >= 0 && port <= 65535 &&
+         std::all_of(address.begin() + colon + 1, address.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// Edit distance (insertions, deletions, substitutions, adjacent transpositions) between two short names.
+int EditDistance(absl::string_view a, absl::string_view b) {
+  std::vector<std::vector<int>> d(a.size() + 1, std::vector<int>(b.size() + 1));
+  for (size_t i = 0; i <= a.size(); ++i) d[i][0] = static_cast<int>(i);
+  for (size_t j = 0; j <= b.size(); ++j) d[0][j] = static_cast<int>(j);
+  for (size_t i = 1; i <= a.size(); ++i) {
+    for (size_t j = 1; j <= b.size(); ++j) {
+      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+    }
+  }
+  return d[a.size()][b.size()];
+}
+
 absl::Status Check(bool ok, absl::string_view flag, absl::string_view allowed) {
   if (ok) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("--", Dashed(flag), ": allowed: ", allowed));
 }
 
 }  // namespace
+
+std::vector<std::string> EnvironmentNames() {
+  std::vector<std::string> names;
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    const absl::string_view entry(*e);
+    names.emplace_back(entry.substr(0, entry.find('=')));
+  }
+  return names;
+}
+
+absl::Status CheckEnvironmentNames(const std::vector<std::string>& names) {
+  const auto flags = OwnFlags();
+  for (const std::string& name : names) {
+    if (!absl::StartsWith(name, "TOMESERVE_")) continue;
+    const std::string given = absl::AsciiStrToLower(name.substr(10));
+    if (flags.contains(given)) continue;
+    // Compared without underscores, so TOMESERVE_MAXBATCH_SIZE and TOMESERVE_MAX_BATCHSIZE both find their flag.
+    const std::string squeezed = absl::StrReplaceAll(given, {{"_", ""}});
+    for (const auto& [flag, unused] : flags) {
+      const std::string target = absl::StrReplaceAll(flag, {{"_", ""}});
+      const int distance = EditDistance(squeezed, target);
+      if (distance <= 2 && 3 * distance <= static_cast<int>(target.size())) {
+        return absl::InvalidArgumentError(absl::StrCat("environment variable ", name, " is not a tomeserve setting; did you mean ",
+                                                       EnvName(flag), " (--", Dashed(flag), ")?"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
 
 GetEnvFn RealEnvironment() {
   return [](const std::string& name) -> std::optional<std::string> {
@@ -383,7 +442,9 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   o.encode_threads = absl::GetFlag(FLAGS_encode_threads);
 
   for (const absl::Status& s : {
-           Check(!o.listen.empty(), "listen", "HOST:PORT"),
+           Check(IsListenAddress(o.listen), "listen",
+                 absl::StrCat("HOST:PORT with a port in 0..65535 (0 picks a free one), or unix:PATH; got \"",
+                              absl::CHexEscape(o.listen), "\"")),
            Check(o.batching == "step" || o.batching == "request", "batching", "step or request"),
            Check(o.max_batch_size >= 1, "max_batch_size", ">= 1"),
            Check(o.max_batch_cost >= 0, "max_batch_cost", ">= 0 (0 = derived)"),

@@ -74,6 +74,12 @@ struct CommandLine {
 // Looks up an environment variable; tests pass a fake.
 using GetEnvFn = std::function<std::optional<std::string>(const std::string&)>;
 GetEnvFn RealEnvironment();
+// The names of the process's environment variables.
+std::vector<std::string> EnvironmentNames();
+// A TOMESERVE_* variable that is no flag but within two edits of one (a misspelling such as
+// TOMESERVE_MAX_BATCHSIZE) is INVALID_ARGUMENT naming the variable and the flag meant; other TOMESERVE_*
+// variables (the test and client tools' own, such as TOMESERVE_TARGET) pass.
+absl::Status CheckEnvironmentNames(const std::vector<std::string>& names);
 
 // Parses argv[1..] (flags as --name=value or --name value; '-' and '_' are interchangeable), the environment
 // and the config file. Errors are INVALID_ARGUMENT with a one-line message naming the flag, variable or key.

@@ -198,6 +198,11 @@ TEST(OptionsTest, UsageErrorsNameTheProblem) {
       {{"--model", "/m", "--keepalive-timeout", "0"}, "--keepalive-timeout"},
       {{"--model", "/m", "--min-client-ping-interval", "-1"}, "--min-client-ping-interval"},
       {{"--model", "/m", "--max-connection-age-grace", "-5"}, "--max-connection-age-grace"},
+      // A listen address without a port would bind gRPC's default 443.
+      {{"--model", "/m", "--listen", "127.0.0.1"}, "--listen"},
+      {{"--model", "/m", "--listen", "127.0.0.1:"}, "--listen"},
+      {{"--model", "/m", "--listen", "127.0.0.1:65536"}, "--listen"},
+      {{"--model", "/m", "--listen", "::1"}, "--listen"},
   };
   for (const auto& [args, needle] : cases) {
     absl::StatusOr<CommandLine> c = ParseCommandLine(args, Env({}));
@@ -210,6 +215,29 @@ TEST(OptionsTest, UsageErrorsNameTheProblem) {
   const std::string config = WriteConfig("model: /m\nnot_a_flag: 1\n");
   absl::StatusOr<CommandLine> file = ParseCommandLine({"--config", config}, Env({}));
   EXPECT_NE(file.status().message().find("not_a_flag"), absl::string_view::npos) << file.status();
+}
+
+TEST(OptionsTest, ListenAddressForms) {
+  for (const std::string listen : {"127.0.0.1:0", "0.0.0.0:50051", "[::1]:9000", "localhost:1", "unix:/tmp/s"}) {
+    absl::StatusOr<CommandLine> c = ParseCommandLine({"--model", "/m", "--listen", listen}, Env({}));
+    EXPECT_TRUE(c.ok()) << listen << ": " << c.status();
+  }
+}
+
+TEST(OptionsTest, MisspeltEnvironmentVariableNamesTheFlagMeant) {
+  absl::Status s = CheckEnvironmentNames({"PATH", "TOMESERVE_MAX_BATCHSIZE"});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("TOMESERVE_MAX_BATCHSIZE"), absl::string_view::npos) << s;
+  EXPECT_NE(s.message().find("--max-batch-size"), absl::string_view::npos) << s;
+  EXPECT_EQ(s.message().find('\n'), absl::string_view::npos) << s;
+  EXPECT_EQ(CheckEnvironmentNames({"TOMESERVE_DEVICE"}).code(), absl::StatusCode::kInvalidArgument);
+  // Real settings and the other tools' own variables pass.
+  EXPECT_TRUE(CheckEnvironmentNames({"TOMESERVE_MAX_BATCH_SIZE", "TOMESERVE_LISTEN", "TOMESERVE_CONFIG",
+                                     "TOMESERVE_TARGET", "TOMESERVE_TINY_MODEL", "TOMESERVE_SD15_MODEL",
+                                     "TOMESERVE_REF_DIR", "TOMESERVE_BIN_DIR", "TOMESERVE_PYTHON",
+                                     "TOMESERVE_CLI_GRPC_LOG", "TOMESERVE_PLOT_OUT", "TOMESERVE_EXTRA_APT",
+                                     "TOMESERVE_TEST_TOKENIZER_DIR", "TOMESERVE_TINY_LEGACY_MODEL"})
+                  .ok());
 }
 
 }  // namespace

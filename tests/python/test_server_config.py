@@ -76,3 +76,30 @@ def test_missing_tls_file_fails_fast(tiny_model, tmp_path):
     with pytest.raises(RuntimeError, match="--tls-cert"):
         start_server(["--model", tiny_model, "--tls-cert", str(tmp_path / "none.pem"), "--tls-key",
                       str(tmp_path / "none.key")])
+
+
+def test_second_server_on_a_taken_port_exits_naming_the_address(tiny_model):
+    """gRPC sets SO_REUSEPORT by default, so a second server on a taken port used to bind as well and split the
+    traffic with the first. It must fail at startup (exit 1) with one line naming the address."""
+    with running_server(["--model", f"other={tiny_model}"]) as first:
+        address = f"127.0.0.1:{first.port}"
+        run = subprocess.run([str(binary("tomeserve")), "--model", tiny_model, "--listen", address],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1, run.stderr
+        ours = [line for line in run.stderr.splitlines() if "startup failed" in line]
+        assert len(ours) == 1 and f"cannot listen on {address}" in ours[0], run.stderr
+        # The first server still answers alone.
+        stub = pb_grpc.ImageGeneratorStub(first.channel)
+        assert [m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models] == ["other"]
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    (["--listen", "127.0.0.1"], {}, "--listen"),
+    ([], {"TOMESERVE_MAX_BATCHSIZE": "4"}, "TOMESERVE_MAX_BATCH_SIZE (--max-batch-size)"),
+])
+def test_usage_errors_exit_2_with_one_line(tiny_model, args, env, needle):
+    import os
+    run = subprocess.run([str(binary("tomeserve")), "--model", tiny_model, *args], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, **env})
+    assert run.returncode == 2, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and needle in run.stderr, run.stderr
