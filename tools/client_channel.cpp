@@ -1,5 +1,6 @@
 #include "tools/client_channel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -7,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "grpcpp/create_channel.h"
@@ -29,6 +31,25 @@ absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& 
   return text.str();
 }
 
+// HOST:PORT, or a gRPC target URI (dns:///, unix:, ipv4:, ipv6:) passed through. http(s):// is an HTTP URL, not a
+// gRPC target (gRPC would look the whole string up in DNS); a bare host would dial port 0.
+absl::Status CheckTarget(const std::string& target) {
+  if (absl::StartsWith(target, "http://") || absl::StartsWith(target, "https://")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--target ", target, ": give HOST:PORT without http:// or https:// (for TLS add --tls-ca FILE)"));
+  }
+  for (const char* scheme : {"dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:"}) {
+    if (absl::StartsWith(target, scheme)) return absl::OkStatus();
+  }
+  const size_t colon = target.rfind(':');
+  const std::string port = colon == std::string::npos ? "" : target.substr(colon + 1);
+  if (port.empty() || !std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+      (target.find(':') != colon && target[0] != '[')) {
+    return absl::InvalidArgumentError(absl::StrCat("--target ", target, ": needs a port, HOST:PORT (e.g. 127.0.0.1:50051)"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ConnectionOptions> ParseConnectionOptions(const CliArgs& args) {
@@ -39,6 +60,7 @@ absl::StatusOr<ConnectionOptions> ParseConnectionOptions(const CliArgs& args) {
     o.target = env;
   }
   if (o.target.empty()) return absl::InvalidArgumentError("--target HOST:PORT is required");
+  if (absl::Status s = CheckTarget(o.target); !s.ok()) return s;
   o.tls_ca = args.Get("tls-ca").value_or("");
   o.tls_cert = args.Get("tls-cert").value_or("");
   o.tls_key = args.Get("tls-key").value_or("");

@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_replace.h"
 
 namespace tomeserve::tools {
@@ -16,7 +17,8 @@ const char kExitCodeHelp[] =
     "   4  NOT_FOUND (unknown model; health: unknown service)\n"
     "   5  UNAVAILABLE (server unreachable, starting or draining; health: not SERVING)\n"
     "   6  DEADLINE_EXCEEDED (--timeout passed)\n"
-    "   7  RESOURCE_EXHAUSTED (queue full or out of memory; retry later)\n"
+    "   7  RESOURCE_EXHAUSTED (queue full or out of memory; retry later; a request over the server's\n"
+    "      --max-request-bytes exits 3 instead: retrying cannot help)\n"
     "   8  CANCELLED or ABORTED\n"
     "   9  UNAUTHENTICATED or PERMISSION_DENIED\n"
     "  10  any other server error (INTERNAL, UNKNOWN, UNIMPLEMENTED, DATA_LOSS, ...)\n"
@@ -96,8 +98,23 @@ std::string OneLine(const std::string& text) {
 }
 
 int RpcError(const grpc::Status& status) {
-  std::fprintf(stderr, "tomeserve-cli: %s: %s\n", StatusCodeName(status.error_code()),
-               OneLine(status.error_message()).c_str());
+  const std::string message = OneLine(status.error_message());
+  // gRPC's own size check ("Received message larger than max (80010 vs. 65536)") answers RESOURCE_EXHAUSTED,
+  // whose exit code means "retry later"; retrying the same request cannot help: it is a bad request.
+  if (status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED &&
+      absl::StrContains(message, "larger than max")) {
+    std::fprintf(stderr,
+                 "tomeserve-cli: RESOURCE_EXHAUSTED: the request is larger than the server accepts (shorten the "
+                 "prompt; the server's --max-request-bytes bounds it): %s\n",
+                 message.c_str());
+    return kExitRejected;
+  }
+  std::string hint;
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE && absl::StrContains(message, "Socket closed")) {
+    hint = " (if the server uses TLS, pass --tls-ca FILE)";
+  }
+  std::fprintf(stderr, "tomeserve-cli: %s: %s%s\n", StatusCodeName(status.error_code()), message.c_str(),
+               hint.c_str());
   return ExitCodeFor(status.error_code());
 }
 

@@ -145,6 +145,8 @@ def test_deadline(cli, tmp_path):
         (["--target", "h:1", "--timeout", "0", "list-models"], "--timeout must be a number"),
         (["--target", "h:1", "--tls-cert", "c.pem", "list-models"], "--tls-cert and --tls-key go together"),
         (["--target", "h:1", "list-models", "--raw"], "unknown flag --raw"),
+        (["--target", "127.0.0.1", "health"], "--target 127.0.0.1: needs a port, HOST:PORT"),
+        (["--target", "http://127.0.0.1:5", "health"], "without http:// or https://"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(cli, args, needle):

@@ -102,6 +102,14 @@ def test_cli_rejected_request_exit_code_and_one_line(cli, server, tmp_path, flag
     assert run(cli, "--target", server.address, "health").returncode == 0
 
 
+def test_cli_request_over_the_size_limit_is_a_bad_request_naming_the_flag(cli, server, tmp_path):
+    # gRPC answers RESOURCE_EXHAUSTED, whose exit code means "retry later"; retrying cannot help.
+    r = run(cli, "--target", server.address, "generate", "--prompt", "x" * 80_000, "-o", tmp_path / "x.png")
+    assert r.returncode == 3, r
+    line = one_line(r.stderr)
+    assert "larger than the server accepts" in line and "--max-request-bytes" in line, line
+
+
 # --- a Python grpcio client generated from the .proto ---
 
 def test_python_client_generate_list_models_stream_health(server):
