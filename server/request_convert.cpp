@@ -53,11 +53,12 @@ absl::Status CheckPrompt(const char* field, const std::string& text, bool requir
                                 limits.max_prompt_bytes, " bytes"));
   }
   if (model.tokenizer != nullptr && !text.empty()) {
-    // One token past the limit is enough to know it is too long.
-    const size_t tokens = model.tokenizer->Encode(text, limits.max_prompt_tokens + 1).size();
+    // Counted in full (a token covers at least one byte, and the text is at most max_prompt_bytes), so the
+    // message says by how much the prompt is over.
+    const size_t tokens = model.tokenizer->Encode(text, limits.max_prompt_bytes + 2).size();
     if (static_cast<int>(tokens) > limits.max_prompt_tokens) {
-      return Invalid(absl::StrCat(field, " is longer than ", limits.max_prompt_tokens,
-                                  " CLIP tokens (including start and end tokens); allowed: at most ",
+      return Invalid(absl::StrCat(field, " is longer than ", limits.max_prompt_tokens, " CLIP tokens: it has ",
+                                  tokens, " (including start and end tokens); allowed: at most ",
                                   limits.max_prompt_tokens, " tokens, shorten it"));
     }
   }
