@@ -23,6 +23,13 @@ double SecondsSince(std::chrono::steady_clock::time_point t0) {
 
 absl::StatusOr<std::unique_ptr<StableDiffusion>> StableDiffusion::Create(const PipelineOptions& options) {
   const std::filesystem::path& dir = options.model_dir;
+  if (std::filesystem::is_regular_file(dir)) {
+    // What A1111 and Civitai users have: one .safetensors/.ckpt with every component in the original layout.
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir.string(), " is a single-file checkpoint; tomeserve serves diffusers model folders (model_index.json, "
+        "unet/, vae/, text_encoder/, tokenizer/, scheduler/): convert it once, offline, with "
+        "scripts/convert_single_file.py (diffusers' from_single_file) and pass the folder it writes"));
+  }
   if (absl::StatusOr<nlohmann::json> index = ReadJsonFile(dir / "model_index.json"); !index.ok()) {
     return absl::Status(index.status().code(),
                         absl::StrCat(index.status().message(), " (is ", dir.string(), " a diffusers model folder?)"));

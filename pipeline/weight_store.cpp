@@ -6,7 +6,9 @@
 #include <sstream>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "nlohmann/json.hpp"
 
 namespace tomeserve::pipeline {
@@ -38,11 +40,45 @@ absl::StatusOr<WeightStore> WeightStore::OpenComponent(const std::filesystem::pa
   if (std::filesystem::exists(single)) return OpenFile(single);
 
   const std::filesystem::path index_path = dir / absl::StrCat(stem, ".safetensors.index.json");
-  if (!std::filesystem::exists(index_path)) {
-    return absl::NotFoundError(absl::StrCat("no weights in ", dir.string(), ": expected ", single.filename().string(),
-                                            " or ", index_path.filename().string(),
-                                            " (only safetensors weights are supported)"));
+  if (std::filesystem::exists(index_path)) return OpenIndex(dir, index_path);
+
+  // No plain weights: diffusers' variant files (Hugging Face folders often carry only fp16 ones), named
+  // <stem>.<variant>.safetensors or, sharded, <stem>.safetensors.index.<variant>.json, are used when they are
+  // the only variant present.
+  std::map<std::string, std::filesystem::path> variants;  // variant -> its file or index
+  const std::string file_prefix = absl::StrCat(stem, "."), index_prefix = absl::StrCat(stem, ".safetensors.index.");
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    std::string variant;
+    if (absl::StartsWith(name, index_prefix) && absl::EndsWith(name, ".json")) {
+      variant = name.substr(index_prefix.size(), name.size() - index_prefix.size() - 5);
+    } else if (absl::StartsWith(name, file_prefix) && absl::EndsWith(name, ".safetensors")) {
+      variant = name.substr(file_prefix.size(), name.size() - file_prefix.size() - 12);
+    }
+    // Shards of a sharded variant (<stem>.fp16-00001-of-00002.safetensors) are read through its index.
+    if (variant.empty() || absl::StrContains(variant, '.') || absl::StrContains(variant, '-')) continue;
+    variants[variant] = entry.path();
   }
+  if (variants.size() == 1) {
+    const std::filesystem::path& path = variants.begin()->second;
+    return absl::EndsWith(path.filename().string(), ".json") ? OpenIndex(dir, path) : OpenFile(path);
+  }
+  if (variants.size() > 1) {
+    std::vector<std::string> names;
+    for (const auto& [variant, path] : variants) names.push_back(path.filename().string());
+    return absl::InvalidArgumentError(absl::StrCat("several weight variants in ", dir.string(), " (",
+                                                   absl::StrJoin(names, ", "), ") and no ", single.filename().string(),
+                                                   ": keep one variant in the folder"));
+  }
+  return absl::NotFoundError(absl::StrCat("no weights in ", dir.string(), ": expected ", single.filename().string(),
+                                          " or ", index_path.filename().string(),
+                                          " or one variant of them such as ", stem,
+                                          ".fp16.safetensors (only safetensors weights are supported)"));
+}
+
+absl::StatusOr<WeightStore> WeightStore::OpenIndex(const std::filesystem::path& dir,
+                                                   const std::filesystem::path& index_path) {
   std::ifstream in(index_path);
   std::stringstream text;
   text << in.rdbuf();

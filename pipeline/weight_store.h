@@ -19,6 +19,8 @@ class WeightStore {
   // Opens `dir/<stem>.safetensors`, or, when that is absent, `dir/<stem>.safetensors.index.json` and every shard
   // its weight_map names. `stem` is "model" for transformers components and "diffusion_pytorch_model" for
   // diffusers ones. A tensor listed twice, or listed in the index but missing from its shard, is an error.
+  // Without either, diffusers' variant files (`<stem>.fp16.safetensors`, `<stem>.safetensors.index.fp16.json`)
+  // are used when exactly one variant is present; several variants are an error naming them.
   static absl::StatusOr<WeightStore> OpenComponent(const std::filesystem::path& dir, absl::string_view stem);
 
   // A store over one already-opened file (tests, --init-latents).
@@ -36,6 +38,8 @@ class WeightStore {
   const std::string& source() const { return source_; }
 
  private:
+  // `index_path` and every shard (in `dir`) its weight_map names.
+  static absl::StatusOr<WeightStore> OpenIndex(const std::filesystem::path& dir, const std::filesystem::path& index_path);
   absl::Status AddFile(std::unique_ptr<SafetensorsFile> file);
 
   std::string source_;

@@ -256,6 +256,37 @@ TEST_F(WeightStoreTest, RejectsShardPathEscapes) {
   EXPECT_THAT(store.status().message(), HasSubstr("plain file name"));
 }
 
+TEST_F(WeightStoreTest, OpensTheOnlyVariantFile) {
+  Write("model.fp16.safetensors", R"({"x":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}})", Bytes(4));
+  auto store = WeightStore::OpenComponent(dir_, "model");
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_EQ(store->Names(), std::vector<std::string>({"x"}));
+}
+
+TEST_F(WeightStoreTest, OpensTheOnlyShardedVariant) {
+  Write("model.fp16-00001-of-00002.safetensors", R"({"a":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}})",
+        Bytes(4));
+  Write("model.fp16-00002-of-00002.safetensors", R"({"b":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}})",
+        Bytes(4));
+  std::ofstream(dir_ / "model.safetensors.index.fp16.json")
+      << R"({"weight_map":{"a":"model.fp16-00001-of-00002.safetensors","b":"model.fp16-00002-of-00002.safetensors"}})";
+  auto store = WeightStore::OpenComponent(dir_, "model");
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_EQ(store->Names(), std::vector<std::string>({"a", "b"}));
+}
+
+TEST_F(WeightStoreTest, PlainWeightsWinOverVariantsAndSeveralVariantsAreNamed) {
+  Write("model.fp16.safetensors", R"({"half":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}})", Bytes(4));
+  Write("model.bf16.safetensors", R"({"brain":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}})", Bytes(4));
+  auto several = WeightStore::OpenComponent(dir_, "model");
+  ASSERT_FALSE(several.ok());
+  EXPECT_THAT(several.status().message(), HasSubstr("model.bf16.safetensors, model.fp16.safetensors"));
+  Write("model.safetensors", R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", Bytes(4));
+  auto plain = WeightStore::OpenComponent(dir_, "model");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ(plain->Names(), std::vector<std::string>({"x"}));
+}
+
 TEST_F(WeightStoreTest, ReportsMissingWeights) {
   auto store = WeightStore::OpenComponent(dir_, "diffusion_pytorch_model");
   ASSERT_FALSE(store.ok());

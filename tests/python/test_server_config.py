@@ -3,6 +3,7 @@ mutual TLS with certificates made by the openssl CLI (skipped when it is missing
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import grpc
 import pytest
@@ -103,3 +104,31 @@ def test_usage_errors_exit_2_with_one_line(tiny_model, args, env, needle):
                          timeout=60, env={**os.environ, **env})
     assert run.returncode == 2, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and needle in run.stderr, run.stderr
+
+
+def test_variant_only_folder_serves_the_same_image(tiny_model, tmp_path):
+    """Hugging Face folders often carry only variant files (diffusion_pytorch_model.fp16.safetensors,
+    model.fp16.safetensors): they load when they are the only weights, and give the plain folder's image."""
+    variant = tmp_path / "tiny-fp16-variant"
+    shutil.copytree(tiny_model, variant)
+    renamed = 0
+    for weights in variant.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+        renamed += 1
+    assert renamed >= 3
+    request = pb.GenerateRequest(prompt="a lighthouse", num_inference_steps=2, seed=5)
+    images = []
+    for folder in (tiny_model, variant):
+        with running_server(["--model", f"m={folder}"]) as s:
+            r = pb_grpc.ImageGeneratorStub(s.channel).Generate(request, timeout=60)
+            images.append(r.images[0].data)
+    assert images[0] == images[1]
+
+
+def test_single_file_checkpoint_is_refused_with_the_conversion(tiny_model, tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    shutil.copy(next(Path(tiny_model).glob("unet/*.safetensors")), checkpoint)
+    run = subprocess.run([str(binary("tomeserve")), "--model", str(checkpoint), "--listen", "127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert "single-file checkpoint" in run.stderr and "convert_single_file.py" in run.stderr, run.stderr
