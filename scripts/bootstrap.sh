@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Usage: scripts/bootstrap.sh [--build]
 # Installs everything tomeserve needs on a fresh Debian 12 machine: the C++ toolchain's libraries from apt and the
 # Python reference stack (plus libtorch, which ships inside the torch wheel) in .venv. Idempotent: a second run
 # only checks. Timings of each step go to stderr so install cost stays visible in CI logs.
@@ -8,6 +9,7 @@
 # Where the machine has no CUDA toolkit (nvcc) but the torch wheel is a CUDA build, the toolkit pieces that
 # torch's CMake config needs (nvcc, nvvm, crt, cccl headers) come from NVIDIA's PyPI wheels
 # (requirements-cuda-toolkit.txt) and .venv/cuda-toolkit is made a toolkit root over them; cmake/ finds it.
+for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

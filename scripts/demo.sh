@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
+# Usage: [MODEL_DIR=DIR] scripts/demo.sh        (no arguments; the environment variables below adjust it)
 # The README's demo command: on a fresh Debian 12 machine, install (scripts/bootstrap.sh, idempotent), build the
 # server and the CLI, start the server on 127.0.0.1, generate the same prompt and seed at ToMe ratios 0 and 0.5
 # through tomeserve-cli, write the images under demo-out/, and stop the server (also on failure or Ctrl-C).
 #   MODEL_DIR=/models/sd15   a real SD 1.x diffusers folder (default: the random-weight tiny test model, created
 #                            once under $BUILD_DIR/testdata/tiny; its images are noise, the path is the point)
 #   BUILD_DIR=build  DEMO_OUT=demo-out  DEMO_STEPS=N  DEMO_PROMPT=TEXT  DEMO_DEVICES=auto|cpu|cuda:0
+for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

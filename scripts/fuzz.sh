@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
+# Usage: scripts/fuzz.sh [TARGET ...]   (default: fuzz_request fuzz_safetensors fuzz_tokenizer fuzz_png fuzz_config)
 # Builds the libFuzzer targets (tests/fuzz, clang with ASan + UBSan) and runs each for FUZZ_SECONDS on a copy of
 # its checked-in corpus (tests/fuzz/corpus/TARGET), then appends one line per target to FUZZ_LOG. Not part of
 # scripts/test.sh: a run is minutes per target. A crash or sanitizer report stops that target, leaves the
 # reproducer in build-fuzz/findings/TARGET/ and makes the script exit 1.
-#   scripts/fuzz.sh [TARGET ...]     FUZZ_SECONDS=600 FUZZ_JOBS=2 FUZZ_LOG=build-fuzz/fuzz.log
+#   FUZZ_SECONDS=600 FUZZ_JOBS=2 FUZZ_LOG=build-fuzz/fuzz.log
 # New inputs the fuzzer finds stay in build-fuzz/corpus/ (merge them into tests/fuzz/corpus by hand with
 # `-merge=1` when they add coverage worth keeping).
+for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Usage: bash scripts/gpu-bench.sh              (no arguments; run on the GPU machine, environment below)
 # The GPU session's one command (torch 2.11 + CUDA, no network, none of our apt packages), run from the
 # repository root after scripts/gpu-prepare.sh has filled .devbuild/ and .whl/ here and the device call carried
 # them. Phases, in priority order, each bounded so that the whole run ends inside GPU_BENCH_BUDGET seconds:
@@ -14,6 +15,7 @@
 #   GPU_BENCH_PHASES="tests serve bench"   (a follow-up run can pick; "bench-short" = headline + UNet batch 1;
 #                                           "table" = the seed's grid, scripts/bench_table.py)
 # Dry run on a CPU machine (plumbing only): PATH=.venv/bin:$PATH GPU_DEVICE=cpu GPU_BENCH_MODEL=build/testdata/tiny
+for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -uo pipefail
 out="${OUT:-/tmp/gpu-out}"
 mkdir -p "$out"

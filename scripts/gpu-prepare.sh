@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Usage: scripts/gpu-prepare.sh                 (no arguments; after a build)
 # Prepares what scripts/gpu-bench.sh needs on a GPU machine that has torch 2.11 + CUDA but none of our apt
 # packages (no gRPC, no abseil) and no network. Everything lands in two git-ignored folders that the device call
 # carries (64 MiB limit on all that travels, working tree included; this script checks the size):
@@ -11,6 +12,7 @@
 #   .devbuild/cache  the CLIP BPE file the model generator builds the tokenizer from
 #   .whl             diffusers and tomesd wheels (the GPU image has torch and transformers, not these)
 #   BUILD_DIR=build  GPU_CARRY_LIMIT_MIB=60
+for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
+# Usage: BIN=DIR scripts/gpu-serve.sh NAME MODEL_DIR SIZE STEPS OUT_DIR   (BIN: folder of tomeserve/tomeserve-cli launchers)
 # A served request on the GPU machine (part of scripts/gpu-bench.sh): starts tomeserve on 127.0.0.1 with one
 # model on cuda:0, checks health, makes CLI calls at two ToMe ratios and a burst of concurrent calls at mixed
 # ratios (step-level batching), scrapes /metrics, then SIGTERM and expects exit 0. Bounded: every wait has a limit.
-#   gpu-serve.sh NAME MODEL_DIR SIZE STEPS OUT_DIR     (BIN: folder of tomeserve/tomeserve-cli launchers)
+for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
+[ $# -eq 5 ] || { sed -n '2s/^# //p' "$0" >&2; exit 2; }
 set -uo pipefail
 name="$1" model="$2" size="$3" steps="$4" out="$5"
 bin="${BIN:?BIN must name the launcher folder}"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
+# Usage: scripts/image-base.sh [CACHE_DIR]   (default build/image-cache; needs root, debootstrap, podman)
 # Makes the Dockerfile's base image, debian:12, from the Debian mirror when no container registry is reachable
 # (these machines reach Debian and PyPI only): debootstrap a bookworm minbase root with the same apt sources as
 # Docker Hub's debian:12 (bookworm, bookworm-updates, bookworm-security), and import it into podman under the
 # name the Dockerfile's FROM resolves to with --pull=never. The root is cached as a tarball; re-runs import it.
-#   scripts/image-base.sh [CACHE_DIR]      (default build/image-cache; needs root, debootstrap, podman)
+for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${1:-$root/build/image-cache}"

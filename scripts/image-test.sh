@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Usage: scripts/image-test.sh                  (no arguments; root; environment below)
 # Builds the container image from the Dockerfile for real and runs it: debian:12 made from the Debian mirror
 # (scripts/image-base.sh; no registry is reachable), `podman build --pull=never --isolation=chroot`, then the
 # server started inside the image with `buildah run --isolation=chroot` (the host's network, so 127.0.0.1) on the
@@ -6,6 +7,7 @@
 # /metrics scrape, SIGTERM, exit 0 expected. Bounded in time; removes its container and images at the end
 # (IMAGE_TEST_KEEP=1 keeps them for a faster re-run). Needs root (podman/buildah here run rootful).
 #   IMAGE_TEST_TIMEOUT=5400   seconds for the whole build     BUILD_JOBS=2   compile jobs inside the build
+for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

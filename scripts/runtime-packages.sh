@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
+# Usage: scripts/runtime-packages.sh PREFIX
 # Prints the Debian packages that the shared libraries of an installed tomeserve tree come from, one per line:
 # every library ldd resolves for PREFIX/bin/* and PREFIX/lib/site-packages/torch/lib/*.so that is not itself
 # inside PREFIX. The Dockerfile's runtime stage installs exactly these. Fails on a library ldd cannot find or
 # no package owns, so the list cannot silently miss one. The one exception is libcuda.so.1 (needed by
 # libcaffe2_nvrtc.so): the GPU driver's library, which the NVIDIA container runtime mounts from the node.
-#   scripts/runtime-packages.sh PREFIX
+for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -euo pipefail
 prefix="${1:?usage: scripts/runtime-packages.sh PREFIX}"
 prefix="$(cd "$prefix" && pwd)"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
+# Usage: scripts/sanitize.sh [address|thread]   (default address: ASan + UBSan, build-asan/; thread: TSan, build-tsan/)
 # Sanitizer builds of the whole project (server included), then the server's unit tests (scheduler, admission,
 # conversion, options, auth) and a short soak (scripts/soak.py) against the sanitized server. Any report aborts
 # the process that hit it, which fails that test or shows as lost calls / a bad exit status in the soak. Not part
 # of scripts/test.sh (a build takes about half an hour on 2 cores).
-#   scripts/sanitize.sh [address|thread]     (default address: ASan + UBSan, build-asan/; thread: TSan, build-tsan/)
 #   SANITIZE_SOAK_CALLS=300  BUILD_JOBS=2
 # libtorch and gRPC come uninstrumented (prebuilt): the sanitizers check what our code does, not their insides.
 # Leak checking is off (both keep process-lifetime allocations that LeakSanitizer would report at exit), and RSS
@@ -14,6 +14,7 @@
 # abseil (Debian's source package of the installed version, its patches and CMake options) with -fsanitize=thread
 # into $build/abseil once, and runs everything with it first on LD_LIBRARY_PATH (same SONAMEs and ABI, so gRPC
 # and our binaries load the instrumented copy).
+for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

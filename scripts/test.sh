@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
+# Usage: scripts/test.sh                        (no arguments; environment below)
 # The README's test command: install (idempotent), configure, build, run every test (C++ unit tests, parity
 # tests against diffusers/transformers, CLI tests). Exits non-zero on any failure. Works on a fresh machine.
 #   BUILD_DIR=build   where to build (test data is cached under $BUILD_DIR/testdata)
 #   CTEST_ARGS=...    extra ctest arguments, e.g. "-R Tokenizer"
+for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
