@@ -2,9 +2,11 @@
 """What each Token Merging ratio buys, as one PNG: UNet step time, end-to-end latency and speed-up vs ratio 0, by
 ratio, one line per resolution. For a person without Grafana.
 
-    plot_ratios.py --prometheus http://127.0.0.1:9090 [--window 5m] [--job tomeserve] --out ratios.png
-                   [--write-csv ratios.csv]
-    plot_ratios.py --csv ratios.csv --out ratios.png
+    .venv/bin/python scripts/plot_ratios.py --prometheus http://127.0.0.1:9090 [--window 5m] [--job tomeserve]
+                                            --out ratios.png [--write-csv ratios.csv]
+    .venv/bin/python scripts/plot_ratios.py --csv ratios.csv --out ratios.png
+
+It needs matplotlib, which .venv has (scripts/bootstrap.sh makes it); another python says so and exits 2.
 
 --prometheus reads a live Prometheus that scrapes tomeserve (the same expressions as the recording rules in
 deploy/prometheus/rules/tomeserve-recording.yml, evaluated now over --window). --csv reads a table with columns
@@ -122,6 +124,12 @@ def main():
     ap.add_argument("--out", required=True, help="PNG to write")
     ap.add_argument("--write-csv", help="also write the rows as CSV")
     args = ap.parse_args()
+    try:
+        import matplotlib  # noqa: F401  (checked first: a missing one should not cost a Prometheus query)
+    except ImportError:
+        print(f"plot_ratios.py: {sys.executable} has no matplotlib; run it with the repository's venv: "
+              ".venv/bin/python scripts/plot_ratios.py ... (scripts/bootstrap.sh makes .venv)", file=sys.stderr)
+        return 2
     try:
         rows = from_prometheus(args.prometheus, args.window, args.job) if args.prometheus else from_csv(args.csv)
     except (OSError, RuntimeError, KeyError, ValueError) as e:
