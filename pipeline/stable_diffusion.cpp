@@ -27,8 +27,9 @@ absl::StatusOr<std::unique_ptr<StableDiffusion>> StableDiffusion::Create(const P
     // What A1111 and Civitai users have: one .safetensors/.ckpt with every component in the original layout.
     return absl::InvalidArgumentError(absl::StrCat(
         dir.string(), " is a single-file checkpoint; tomeserve serves diffusers model folders (model_index.json, "
-        "unet/, vae/, text_encoder/, tokenizer/, scheduler/): convert it once, offline, with diffusers "
-        "(StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR)) and pass DIR"));
+        "unet/, vae/, text_encoder/, tokenizer/, scheduler/): convert it once, offline, with "
+        ".venv/bin/python scripts/convert_single_file.py ", dir.string(), " OUT_DIR --config-dir <a diffusers SD 1.5 "
+        "folder> (diffusers' from_single_file) and serve OUT_DIR"));
   }
   if (absl::StatusOr<nlohmann::json> index = ReadJsonFile(dir / "model_index.json"); !index.ok()) {
     return absl::Status(index.status().code(),

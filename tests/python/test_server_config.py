@@ -131,4 +131,4 @@ def test_single_file_checkpoint_is_refused_with_the_conversion(tiny_model, tmp_p
     run = subprocess.run([str(binary("tomeserve")), "--model", str(checkpoint), "--listen", "127.0.0.1:0"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stderr
-    assert "single-file checkpoint" in run.stderr and "from_single_file" in run.stderr, run.stderr
+    assert "single-file checkpoint" in run.stderr and "scripts/convert_single_file.py" in run.stderr, run.stderr
