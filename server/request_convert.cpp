@@ -53,12 +53,14 @@ absl::Status CheckPrompt(const char* field, const std::string& text, bool requir
                                 limits.max_prompt_bytes, " bytes"));
   }
   if (model.tokenizer != nullptr && !text.empty()) {
-    // Counted in full (a token covers at least one byte, and the text is at most max_prompt_bytes), so the
-    // message says by how much the prompt is over.
-    const size_t tokens = model.tokenizer->Encode(text, limits.max_prompt_bytes + 2).size();
+    // Counted up to a cap of max_prompt_bytes + 2 (about one token per byte; text that sanitising or NFC
+    // grows may reach the cap, and is then reported as "at least"), so the message says how far over it is.
+    const int cap = limits.max_prompt_bytes + 2;
+    const size_t tokens = model.tokenizer->Encode(text, cap).size();
     if (static_cast<int>(tokens) > limits.max_prompt_tokens) {
       return Invalid(absl::StrCat(field, " is longer than ", limits.max_prompt_tokens, " CLIP tokens: it has ",
-                                  tokens, " (including start and end tokens); allowed: at most ",
+                                  static_cast<int>(tokens) >= cap ? "at least " : "", tokens,
+                                  " (including start and end tokens); allowed: at most ",
                                   limits.max_prompt_tokens, " tokens, shorten it"));
     }
   }
