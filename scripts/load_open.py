@@ -3,12 +3,23 @@
 ToMe ratios) sent with Poisson arrivals at several offered loads, against request-level batching, step-level
 batching, and step-level batching with the SLO ratio controller. A benchmark, not a test.
 
+    load_open.py --model DIR --trace FILE --load X [--slo] [--modes request,step] [--json FILE] [--devices cpu]
     load_open.py --model DIR [--modes request,step,step+slo] [--loads 0.5,1,1.5,2,3] [--requests 40]
                  [--max-seconds 90] [--seed 7] [--threads 1] [--max-batch-size 8] [--max-queue-delay-ms 20]
                  [--slo-target-factor 2.0] [--adaptive-max-ratio 0.75] [--calibration 6] [--call-timeout 300]
                  [--doc docs/benchmarks.md] [--section NAME] [--plot docs/load_open.png] [--json FILE]
                  [--bin build/bin]
 
+With --trace (the form tomeserve-sim shares; scripts/make_trace.py writes one): the trace's JSON lines are
+played with the simulator's meaning of X. Every trace call is first run alone on an idle --batching step server
+(after one warm-up call per size): its unloaded latency. mean_solo_s = their mean; arrival seconds = t x
+mean_solo_s / X (--arrival-scale S instead: t x S). With --slo a call with slo_x sends latency_target_seconds =
+slo_x x its own unloaded latency and tome.max_ratio = its max_ratio; otherwise every call runs at its ratio. Per
+mode a fresh server replays the trace open loop and one JSON line is printed with tomeserve-sim's keys (p50_s,
+p95_s, p99_s, throughput_rps, completed, refused, slo_attainment, mean_ratio, mean_rows_per_call (null: the
+server does not report it), mean_solo_s, arrival_scale_s) plus mode; --json also keeps every call's outcome.
+
+Without --trace (the original sweep):
 1. Trace: random.Random(--seed) draws --requests requests (mostly 256x256, some 128x128; 10-50 steps; ToMe ratio
    0 / 0.3 / 0.5; DDIM, Euler, Euler a, DPM++ 2M Karras, PNDM; guidance 7.5, sometimes 1.0; distinct prompts and
    seeds) and unit-rate exponential inter-arrival gaps. Every mode and load replays the same trace, its arrival
@@ -334,6 +345,125 @@ def report(args, trace, calib, rows, goals, plotted):
     return "\n".join(lines)
 
 
+TRACE_SCHEDULERS = {"pndm": "PNDM", "ddim": "DDIM", "euler": "EULER", "euler_a": "EULER_ANCESTRAL",
+                    "dpmpp_2m": "DPMPP_2M", "dpmpp_2m_karras": "DPMPP_2M_KARRAS"}
+
+
+def read_trace(path):
+    """tomeserve-sim's trace: one JSON object per line (t, width, height, steps, scheduler, guidance, num_images,
+    ratio, seed, prompt; optional max_ratio, slo_x)."""
+    calls = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        c = json.loads(line)
+        missing = [k for k in ("t", "width", "height", "steps", "scheduler", "guidance", "num_images", "ratio",
+                               "seed", "prompt") if k not in c]
+        if missing or c["scheduler"] not in TRACE_SCHEDULERS:
+            sys.exit(f"load_open.py: {path}:{n}: missing {missing} or unknown scheduler {c.get('scheduler')!r}")
+        calls.append(c)
+    if not calls:
+        sys.exit(f"load_open.py: {path}: no calls")
+    return calls
+
+
+def trace_request(pb2, c, rid, target=None):
+    tome = pb2.TokenMerging(ratio=c["ratio"])
+    if target is not None and c.get("max_ratio") is not None:
+        tome.max_ratio = c["max_ratio"]
+    req = pb2.GenerateRequest(prompt=c["prompt"], width=c["width"], height=c["height"],
+                              num_inference_steps=c["steps"], guidance_scale=c["guidance"], seed=c["seed"],
+                              num_images=c["num_images"],
+                              scheduler=pb2.Scheduler.Value("SCHEDULER_" + TRACE_SCHEDULERS[c["scheduler"]]),
+                              tome=tome, request_id=rid)
+    if target is not None:
+        req.latency_target_seconds = target
+    return req
+
+
+async def trace_solo(args, calls):
+    """Each trace call alone on an idle --batching step server, after one warm-up call per size."""
+    pb2, pb2_grpc = proto()
+    server = start(args, "step")
+    solo = []
+    try:
+        async with channel(server.address) as ch:
+            stub = pb2_grpc.ImageGeneratorStub(ch)
+            for w, h in sorted({(c["width"], c["height"]) for c in calls}):
+                warm = dict(calls[0], width=w, height=h, steps=4, ratio=0.0, num_images=1)
+                await stub.Generate(trace_request(pb2, warm, f"warm-{w}x{h}"), timeout=args.call_timeout)
+            for i, c in enumerate(calls):
+                t0 = time.perf_counter()
+                await stub.Generate(trace_request(pb2, c, f"solo-{i}"), timeout=args.call_timeout)
+                solo.append(time.perf_counter() - t0)
+    finally:
+        server.channel.close()
+        server.stop()
+    return solo
+
+
+async def trace_mode(args, mode, calls, solo, scale):
+    """The trace open loop against a fresh `mode` server: arrival t x scale seconds."""
+    import grpc
+
+    pb2, pb2_grpc = proto()
+    server = start(args, mode)
+    try:
+        async with channel(server.address) as ch:
+            stub = pb2_grpc.ImageGeneratorStub(ch)
+            for w, h in sorted({(c["width"], c["height"]) for c in calls}):
+                warm = dict(calls[0], width=w, height=h, steps=4, ratio=0.0, num_images=1)
+                await stub.Generate(trace_request(pb2, warm, f"warm-{w}x{h}"), timeout=args.call_timeout)
+            t_start = time.perf_counter()
+
+            async def one(i, c):
+                await asyncio.sleep(max(0.0, t_start + c["t"] * scale - time.perf_counter()))
+                target = c["slo_x"] * solo[i] if args.slo and c.get("slo_x") is not None else None
+                t0 = time.perf_counter()
+                try:
+                    r = await stub.Generate(trace_request(pb2, c, f"{mode}-{i}", target), timeout=args.call_timeout)
+                except grpc.aio.AioRpcError as e:
+                    return {"code": e.code().name, "arrival": t0 - t_start, "target": target}
+                end = time.perf_counter()
+                return {"code": "OK", "arrival": t0 - t_start, "latency": end - t0, "end": end - t_start,
+                        "ratio": r.tome.ratio, "batch": r.batch_size, "target": target}
+
+            outcomes = await asyncio.gather(*(one(i, c) for i, c in enumerate(calls)))
+    finally:
+        server.channel.close()
+        server.stop()
+    ok = [o for o in outcomes if o["code"] == "OK"]
+    lat = sorted(o["latency"] for o in ok)
+    slo_calls = [o for o in outcomes if o["target"] is not None]
+    makespan = (max(o["end"] for o in ok) - min(o["arrival"] for o in outcomes)) if ok else 0.0
+    summary = {"mode": mode, "p50_s": percentile(lat, 50) if lat else None,
+               "p95_s": percentile(lat, 95) if lat else None, "p99_s": percentile(lat, 99) if lat else None,
+               "throughput_rps": len(ok) / makespan if makespan > 0 else 0.0, "completed": len(ok),
+               "refused": len(outcomes) - len(ok),
+               "slo_attainment": (sum(o["code"] == "OK" and o["latency"] <= o["target"] for o in slo_calls)
+                                  / len(slo_calls)) if args.slo and slo_calls else None,
+               "mean_ratio": statistics.mean(o["ratio"] for o in ok) if ok else None, "mean_rows_per_call": None,
+               "mean_solo_s": statistics.mean(solo), "arrival_scale_s": scale, "load": args.load,
+               "mean_batch_images": statistics.mean(o["batch"] for o in ok) if ok else None,
+               "errors": sorted({o["code"] for o in outcomes if o["code"] != "OK"})}
+    return summary, outcomes
+
+
+async def run_trace(args):
+    calls = read_trace(args.trace)
+    solo = await trace_solo(args, calls)
+    scale = args.arrival_scale if args.arrival_scale is not None else statistics.mean(solo) / args.load
+    print(json.dumps({"mean_solo_s": statistics.mean(solo), "arrival_scale_s": scale}), file=sys.stderr, flush=True)
+    results = {}
+    for mode in args.mode_list:
+        summary, outcomes = await trace_mode(args, mode, calls, solo, scale)
+        print(json.dumps(summary), flush=True)
+        results[mode] = {"summary": summary, "calls": outcomes}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"trace": args.trace, "solo_s": solo, "arrival_scale_s": scale,
+                                               "modes": results}, indent=1))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder: the script starts one server per mode on it")
@@ -357,7 +487,22 @@ def main():
     p.add_argument("--plot", default=str(REPO / "docs" / "load_open.png"))
     p.add_argument("--bin", default=str(REPO / "build" / "bin"))
     p.add_argument("--json", help="also write calibration, rows and goal checks here")
+    p.add_argument("--trace", help="tomeserve-sim's trace (JSON lines); with --load X or --arrival-scale S")
+    p.add_argument("--load", type=float, help="--trace: arrival seconds = t x mean_solo_s / X")
+    p.add_argument("--arrival-scale", type=float, help="--trace: arrival seconds = t x S")
+    p.add_argument("--slo", action="store_true", help="--trace: calls with slo_x send their target and max_ratio")
     args = p.parse_args()
+    if args.trace:
+        args.mode_list = (args.modes if args.modes != "request,step,step+slo" else "request,step").split(",")
+        if not set(args.mode_list) <= {"request", "step"}:
+            p.error("--trace: --modes takes request and step (--slo sends the trace's targets)")
+        if (args.load is None) == (args.arrival_scale is None):
+            p.error("--trace needs exactly one of --load and --arrival-scale")
+        if args.load is not None and not args.load > 0:
+            p.error("--load must be > 0")
+        args.requests = sum(1 for line in Path(args.trace).read_text().splitlines() if line.strip())
+        asyncio.run(run_trace(args))
+        return
     args.mode_list = args.modes.split(",")
     if not set(args.mode_list) <= {"request", "step", "step+slo"}:
         p.error("--modes takes request, step and step+slo")

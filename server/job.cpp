@@ -10,6 +10,25 @@ std::string ToString(const BatchKey& key) {
                       tome::ToString(key.tome), "]");
 }
 
+PolicyCall Job::policy_call(uint64_t id) const {
+  const GenerationRequest& r = request_;
+  return {.id = id,
+          .batch_key = absl::HashOf(r.key),
+          .model = r.key.model,
+          .width = r.key.width,
+          .height = r.key.height,
+          .latent_pixels = r.latent_pixels(),
+          .images = r.num_images,
+          .rows = r.rows(),
+          .unet_calls = r.unet_calls(),
+          .ratio = r.tome.ratio,
+          .max_ratio = r.tome_max_ratio,
+          .target_seconds = r.latency_target_seconds,
+          .enqueued = PolicyTime(enqueued_),
+          .deadline = deadline_ == absl::InfiniteFuture() ? kNever : PolicyTime(deadline_),
+          .priority = r.priority};
+}
+
 absl::Status Job::StopReason(absl::Time now) const {
   // The deadline first: gRPC also cancels a call whose deadline passed, and the log should say why.
   if (now >= deadline_) return absl::DeadlineExceededError("the call's deadline passed");

@@ -18,6 +18,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "pipeline/scheduler_config.h"
+#include "server/batching_policy.h"
 #include "tome/token_merging.h"
 
 namespace tomeserve::server {
@@ -43,6 +44,9 @@ struct BatchKey {
 // "model=tiny 64x64 steps=20 scheduler=pndm tome[ratio=0.5 ...]" for logs.
 std::string ToString(const BatchKey& key);
 
+// The batching policy's clock: seconds since the Unix epoch.
+inline double PolicyTime(absl::Time t) { return absl::ToDoubleSeconds(t - absl::UnixEpoch()); }
+
 // A validated request with every default filled in.
 struct GenerationRequest {
   std::string request_id;
@@ -58,6 +62,7 @@ struct GenerationRequest {
   // the ratio is fixed); the end-to-end target in seconds (0: none).
   double tome_max_ratio = 0;
   double latency_target_seconds = 0;
+  Priority priority = Priority::kInteractive;  // orders best-effort calls (BatchingPolicy)
 
   // UNet rows per step: 2 per image with classifier-free guidance (guidance_scale > 1), else 1.
   int rows() const { return num_images * (guidance_scale > 1.0 ? 2 : 1); }
@@ -65,14 +70,8 @@ struct GenerationRequest {
   int64_t latent_pixels() const { return static_cast<int64_t>(key.width / 8) * (key.height / 8); }
   // What the job takes of a worker's batch budget: rows x latent pixels.
   int64_t cost() const { return rows() * latent_pixels(); }
-};
-
-// The controller's decision for one job (GenerateResponse.slo).
-struct SloDecision {
-  bool applied = false;  // the request had a ratio range and a target
-  double target_seconds = 0;
-  double predicted_seconds = 0;  // the predicted end-to-end latency at the chosen ratio (0: no prediction)
-  bool target_met = false;       // some ratio in range was predicted to meet the target
+  // UNet calls per sample (PNDM's PLMS warm-up adds one; the worker counts the real schedule's).
+  int unet_calls() const { return key.steps + (key.scheduler == pipeline::SchedulerKind::kPndm ? 1 : 0); }
 };
 
 // A queued call's place and the step-time model's estimates (seconds from now; negative: no estimate).
@@ -142,6 +141,9 @@ class Job {
   // The first call wins and reaches the observer; later calls are ignored. Returns whether this call won.
   bool Finish(const absl::StatusOr<GenerationResult>& result);
   bool finished() const { return finished_.load(); }
+
+  // The call as the batching policy sees it; `enqueued` on the policy clock (PolicyTime).
+  PolicyCall policy_call(uint64_t id) const;
 
   // Set once by the scheduler when a worker admits the job (before the worker reads it): the ToMe settings to
   // run with and the controller's decision. Until then effective_tome() is the request's.

@@ -204,13 +204,15 @@ int Run(int argc, char** argv, bool huge_pages) {
   if (!o.metrics_listen.empty())
     spdlog::info("metrics on http://{}/metrics (port {})", o.metrics_listen, (*metrics)->port());
 
-  StepTimeModel step_times;
+  // One step-time model per worker (each learns its own device); queue estimates use the first worker's.
+  std::vector<std::unique_ptr<StepTimeModel>> step_times;
+  for (size_t i = 0; i < devices->size(); ++i) step_times.push_back(std::make_unique<StepTimeModel>());
   Scheduler scheduler(
       {.mode = o.batching == "request" ? BatchingMode::kRequest : BatchingMode::kStep,
        .max_batch_images = o.max_batch_size,
        .max_queue_delay = absl::Milliseconds(o.max_queue_delay_ms),
        .max_queue_size = o.max_queue_size},
-      &step_times, [m = metrics->get()](int depth) { m->SetQueueDepth(depth); });
+      step_times.front().get(), [m = metrics->get()](int depth) { m->SetQueueDepth(depth); });
   RequestLimits limits{.max_prompt_bytes = o.max_prompt_bytes,
                        .max_prompt_tokens = o.max_prompt_tokens,
                        .max_side = o.max_side,
@@ -331,7 +333,7 @@ int Run(int argc, char** argv, bool huge_pages) {
                         .inject_fault_every = o.inject_fault_every,
                         .step_timeout_seconds = o.step_timeout_seconds,
                         .on_out_of_service = on_out_of_service},
-                       metrics->get(), &step_times);
+                       metrics->get(), step_times[workers.size()].get());
     if (!worker.ok()) {
       server->Shutdown();
       return Fail(worker.status());

@@ -210,6 +210,17 @@ absl::StatusOr<GenerationRequest> ConvertRequest(const v1::GenerateRequest& requ
   } else if (limits.adaptive_tome_max_ratio > out.tome.ratio) {
     out.tome_max_ratio = std::min(limits.adaptive_tome_max_ratio, tome::MaxRatio(out.tome.sx, out.tome.sy));
   }
+  switch (request.priority()) {
+    case v1::PRIORITY_INTERACTIVE:
+      out.priority = Priority::kInteractive;
+      break;
+    case v1::PRIORITY_BATCH:
+      out.priority = Priority::kBatch;
+      break;
+    default:
+      return Invalid(absl::StrCat("priority is ", static_cast<int>(request.priority()),
+                                  "; allowed: PRIORITY_INTERACTIVE (0) or PRIORITY_BATCH (1)"));
+  }
   if (request.has_latency_target_seconds()) {
     const double target = request.latency_target_seconds();
     if (!std::isfinite(target) || target <= 0 || target > limits.max_latency_target_seconds) {

@@ -5,23 +5,16 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "server/admission.h"
 
 namespace tomeserve::server {
-namespace {
 
-bool SameSize(const Job& job, const RunningView& v) {
-  return job.key().model == v.model && job.key().width == v.width && job.key().height == v.height;
-}
-
-}  // namespace
-
-std::string_view BatchingModeName(BatchingMode mode) {
-  return mode == BatchingMode::kStep ? "step" : "request";
-}
-
-Scheduler::Scheduler(SchedulerOptions options, const StepTimeModel* model, DepthFn on_depth)
-    : options_(options), model_(model), on_depth_(std::move(on_depth)) {
+Scheduler::Scheduler(SchedulerOptions options, const StepCost* estimates, DepthFn on_depth)
+    : options_(options),
+      policy_({.mode = options.mode,
+               .max_batch_images = options.max_batch_images,
+               .max_queue_delay_seconds = absl::ToDoubleSeconds(options.max_queue_delay)}),
+      estimates_(estimates),
+      on_depth_(std::move(on_depth)) {
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -38,7 +31,8 @@ absl::Status Scheduler::Enqueue(std::shared_ptr<Job> job) {
     return absl::ResourceExhaustedError(absl::StrCat("the queue is full (", options_.max_queue_size,
                                                      " requests, --max-queue-size); retry later"));
   }
-  queue_.push_back({std::move(job), -1});
+  PolicyCall call = job->policy_call(next_id_++);
+  queue_.push_back({std::move(job), std::move(call), -1});
   wake_ = true;
   cv_.SignalAll();
   return absl::OkStatus();
@@ -96,8 +90,9 @@ bool Scheduler::DropStoppedLocked(absl::Time now, std::vector<std::shared_ptr<Jo
   return queue_.size() != before;
 }
 
-std::vector<std::shared_ptr<Job>> Scheduler::Admit(const RunningView& running) {
-  std::vector<std::shared_ptr<Job>> out, stopped;
+std::vector<AdmittedCall> Scheduler::Admit(const WorkerView& worker) {
+  std::vector<AdmittedCall> out;
+  std::vector<std::shared_ptr<Job>> stopped;
   Refused refused;
   {
     absl::MutexLock lock(&mu_);
@@ -105,12 +100,13 @@ std::vector<std::shared_ptr<Job>> Scheduler::Admit(const RunningView& running) {
       const absl::Time now = absl::Now();
       DropStoppedLocked(now, &stopped);
       if (stopping_) break;
-      out = options_.mode == BatchingMode::kStep ? TakeStepLocked(running, now, &refused)
-                                                 : TakeRequestLocked(running, now, &refused);
-      if (!out.empty() || !running.idle || !stopped.empty() || !refused.empty()) break;
+      out = TakeLocked(worker, now, &refused);
+      if (!out.empty() || !worker.idle() || !stopped.empty() || !refused.empty()) break;
       // Idle and nothing to start: wait for a job, a drain, a stop, the request-mode delay or an expiry.
-      const absl::Time until = std::min(RequestReadyAtLocked(), NextExpiryLocked());
-      cv_.WaitWithDeadline(&mu_, until);
+      const double ready = RequestReadyAtLocked();
+      const absl::Time ready_at = ready == kNever ? absl::InfiniteFuture()
+                                                  : absl::UnixEpoch() + absl::Seconds(std::max(0.0, ready));
+      cv_.WaitWithDeadline(&mu_, std::min(ready_at, NextExpiryLocked()));
     }
     if (!out.empty() || !stopped.empty() || !refused.empty()) {
       wake_ = true;  // positions changed: let the housekeeping thread report them
@@ -122,86 +118,36 @@ std::vector<std::shared_ptr<Job>> Scheduler::Admit(const RunningView& running) {
   return out;
 }
 
-std::vector<std::shared_ptr<Job>> Scheduler::TakeStepLocked(const RunningView& running, absl::Time now,
-                                                             Refused* refused) {
-  std::vector<std::shared_ptr<Job>> out;
+double Scheduler::RequestReadyAtLocked() const {
+  std::vector<PolicyCall> calls;
+  calls.reserve(queue_.size());
+  for (const Entry& e : queue_) calls.push_back(e.call);
+  return policy_.RequestReadyAt(calls, draining_);
+}
+
+std::vector<AdmittedCall> Scheduler::TakeLocked(const WorkerView& worker, absl::Time now, Refused* refused) {
+  std::vector<AdmittedCall> out;
   if (queue_.empty()) return out;
-  RunningView v = running;
-  if (v.idle) {
-    const Job& oldest = *queue_.front().job;
-    v.model = oldest.key().model;
-    v.width = oldest.key().width;
-    v.height = oldest.key().height;
-  }
-  // Fairness across sizes: only jobs queued before the oldest job of another size may join (the queue is in
-  // arrival order).
+  std::vector<PolicyCall> calls;
+  calls.reserve(queue_.size());
+  for (const Entry& e : queue_) calls.push_back(e.call);
+  const AdmitPlan plan = policy_.Admit(worker, calls, PolicyTime(now), draining_);
   std::vector<size_t> taken;
-  for (size_t i = 0; i < queue_.size(); ++i) {
-    const std::shared_ptr<Job>& job = queue_[i].job;
-    if (!SameSize(*job, v)) break;
-    const bool empty = v.images == 0;
-    const bool fits = v.images + job->num_images() <= v.max_images && v.cost + job->request().cost() <= v.budget;
-    if (!fits && !empty) break;  // oldest first within a size: later jobs wait behind it
-    taken.push_back(i);
-    AdmissionDecision d = DecideAdmission(*job, v, model_, now);
-    if (!d.refusal.ok()) {
-      refused->emplace_back(job, d.refusal);
-      continue;
-    }
-    job->SetAdmitted(d.tome, d.slo);
-    v.images += job->num_images();
-    v.cost += job->request().cost();
-    v.rows += job->request().rows();
-    v.tome_rows += job->request().rows() * d.tome.ratio;
-    out.push_back(job);
+  for (const Admission& a : plan.admit) {
+    Entry& e = queue_[a.index];
+    tome::TokenMerging tome = e.job->request().tome;
+    tome.ratio = a.ratio;
+    e.job->SetAdmitted(tome, a.slo);
+    e.call.ratio = a.ratio;
+    out.push_back({e.job, e.call});
+    taken.push_back(a.index);
   }
+  for (const Refusal& r : plan.refuse) {
+    refused->emplace_back(queue_[r.index].job, absl::DeadlineExceededError(r.why));
+    taken.push_back(r.index);
+  }
+  std::sort(taken.begin(), taken.end());
   for (auto it = taken.rbegin(); it != taken.rend(); ++it) queue_.erase(queue_.begin() + static_cast<long>(*it));
-  return out;
-}
-
-absl::Time Scheduler::RequestReadyAtLocked() const {
-  if (options_.mode != BatchingMode::kRequest || queue_.empty()) return absl::InfiniteFuture();
-  if (draining_) return absl::InfinitePast();
-  // Full: the oldest key has max_batch_images queued.
-  const BatchKey& key = queue_.front().job->key();
-  int images = 0;
-  for (const Entry& e : queue_) {
-    if (!(e.job->key() == key)) continue;
-    images += e.job->num_images();
-    if (images >= options_.max_batch_images) return absl::InfinitePast();
-  }
-  return queue_.front().job->enqueued() + options_.max_queue_delay;
-}
-
-std::vector<std::shared_ptr<Job>> Scheduler::TakeRequestLocked(const RunningView& running, absl::Time now,
-                                                                Refused* refused) {
-  std::vector<std::shared_ptr<Job>> out;
-  if (!running.idle || queue_.empty() || now < RequestReadyAtLocked()) return out;
-  const BatchKey key = queue_.front().job->key();
-  RunningView v = running;
-  v.model = key.model;
-  v.width = key.width;
-  v.height = key.height;
-  int images = 0;
-  for (auto it = queue_.begin(); it != queue_.end();) {
-    const bool fits = out.empty() || images + it->job->num_images() <= options_.max_batch_images;
-    if (it->job->key() == key && fits) {
-      AdmissionDecision d = DecideAdmission(*it->job, v, model_, now);
-      if (!d.refusal.ok()) {
-        refused->emplace_back(std::move(it->job), d.refusal);
-        it = queue_.erase(it);
-        continue;
-      }
-      images += it->job->num_images();
-      it->job->SetAdmitted(d.tome, d.slo);
-      v.rows += it->job->request().rows();
-      v.tome_rows += it->job->request().rows() * d.tome.ratio;
-      out.push_back(std::move(it->job));
-      it = queue_.erase(it);
-    } else {
-      ++it;
-    }
-  }
   return out;
 }
 
@@ -216,17 +162,14 @@ std::vector<Scheduler::Update> Scheduler::ChangedPositionsLocked() {
   const int workers = std::max<int>(1, static_cast<int>(backlog_.size()));
   const double backlog = backlog_.empty() ? 0.0 : *std::min_element(backlog_.begin(), backlog_.end());
   double ahead = 0;  // seconds of work queued ahead, each job as if alone
-  bool known = model_ != nullptr;
+  bool known = estimates_ != nullptr;
   for (int i = 0; i < static_cast<int>(queue_.size()); ++i) {
-    const Job& job = *queue_[i].job;
-    const int rows = job.request().rows();
-    std::optional<double> step =
-        known ? model_->Predict(job.request().latent_pixels(), rows, rows * job.request().tome.ratio)
-              : std::nullopt;
-    known = known && step.has_value();
+    std::optional<double> solo =
+        known ? BatchingPolicy::SoloSeconds(estimates_, queue_[i].call, queue_[i].call.ratio) : std::nullopt;
+    known = known && solo.has_value();
     QueuedInfo info{.position = i};
     if (known) {
-      const double alone = job.key().steps * *step;
+      const double alone = *solo;
       info.estimated_start_seconds = backlog + ahead / workers;
       info.estimated_finish_seconds = info.estimated_start_seconds + alone;
       ahead += alone;

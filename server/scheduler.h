@@ -2,16 +2,9 @@
 // the admission policy the workers ask at every step boundary (Triton's scheduler contract: Enqueue, Stop,
 // counts; the workers pull).
 //
-// Batching modes:
-//  - step (default): a worker holds one running batch of one model and latent size and re-forms it at every
-//    step boundary. Admit() hands it queued jobs of its size, oldest first, while they fit its cost budget
-//    (rows x latent pixels) and image cap; steps, scheduler, guidance, seed and ToMe settings may all differ.
-//    An idle worker starts the oldest queued job at once (no queue delay). Fairness across sizes: while a job
-//    of another size waits, only jobs queued before it join, so the batch drains and that size goes next
-//    (oldest first across sizes; no size starves).
-//  - request: the pre-step-level behaviour, kept for comparison: an idle worker takes the oldest job's whole
-//    BatchKey (model, size, steps, scheduler, ToMe settings) up to max_batch_images, once the batch is full,
-//    the oldest job has waited max_queue_delay, or the server is draining; nothing joins a running batch.
+// What joins a running batch, in which order and at which ToMe ratio is decided by the BatchingPolicy
+// (server/batching_policy.h, both modes); the scheduler owns the queue, its bounds, expiry and position
+// reports, and hands the policy's choices to the worker that asked.
 //
 // Queue rules (both modes): Enqueue answers RESOURCE_EXHAUSTED when max_queue_size live jobs are queued,
 // UNAVAILABLE after Stop(). A queued job whose call was cancelled or whose deadline passed is finished by the
@@ -35,14 +28,11 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "server/batching_policy.h"
 #include "server/job.h"
-#include "server/step_time_model.h"
+#include "server/step_cost.h"
 
 namespace tomeserve::server {
-
-enum class BatchingMode { kStep, kRequest };
-// "step" / "request".
-std::string_view BatchingModeName(BatchingMode mode);
 
 struct SchedulerOptions {
   BatchingMode mode = BatchingMode::kStep;
@@ -51,25 +41,18 @@ struct SchedulerOptions {
   int max_queue_size = 64;                                  // queued jobs
 };
 
-// What a worker is running when it asks for more (a snapshot; the worker owns the batch).
-struct RunningView {
-  bool idle = true;  // nothing running: any size may start (the call may block)
-  std::string model;  // the running batch's model and size (when !idle)
-  int width = 0, height = 0;
-  int images = 0;      // images in the batch, parked ones included
-  int64_t cost = 0;    // their cost (GenerationRequest::cost)
-  int rows = 0;        // their UNet rows per step
-  double tome_rows = 0;  // sum of their rows' ToMe ratios (StepTimeModel)
-  int64_t budget = 0;  // the worker's cost budget now; a job larger than it runs alone
-  int max_images = 0;  // the worker's image cap now (lowered for a while after an out-of-memory error)
+// A call handed to a worker, with the policy's view of it (the worker reports it back in WorkerView).
+struct AdmittedCall {
+  std::shared_ptr<Job> job;
+  PolicyCall call;
 };
 
 class Scheduler {
  public:
   using DepthFn = std::function<void(int)>;  // called with the queue depth whenever it changes
 
-  // `model` (may be null) gives queued calls their start/finish estimates; it must outlive the scheduler.
-  Scheduler(SchedulerOptions options, const StepTimeModel* model, DepthFn on_depth = nullptr);
+  // `estimates` (may be null) gives queued calls their start/finish estimates; it must outlive the scheduler.
+  Scheduler(SchedulerOptions options, const StepCost* estimates, DepthFn on_depth = nullptr);
   ~Scheduler();  // Stop()s
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
@@ -89,9 +72,10 @@ class Scheduler {
 
   int queue_depth() const;
 
-  // Worker thread, at a step boundary: queued jobs to add to the running batch now, oldest first, taken out of
-  // the queue. For an idle worker, blocks until a job can start or Stop() (then returns empty).
-  std::vector<std::shared_ptr<Job>> Admit(const RunningView& running);
+  // Worker thread, at a step boundary: queued jobs to add to the running batch now, in the order to start them,
+  // taken out of the queue (the policy's choice; refused ones are finished here). For an idle worker, blocks
+  // until a job can start or Stop() (then returns empty).
+  std::vector<AdmittedCall> Admit(const WorkerView& worker);
 
   // A worker's view of the load, for estimates: seconds until its running batch is done (set at every step
   // boundary). Thread-safe.
@@ -101,14 +85,12 @@ class Scheduler {
   void Run();
   bool DropStoppedLocked(absl::Time now, std::vector<std::shared_ptr<Job>>* finished)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Jobs refused at admission (their deadline cannot be met) go to `refused` with the status to finish with.
+  // The policy's plan for `worker` now, applied: admitted jobs out of the queue (their settings set), refused
+  // ones to `refused` with their status.
   using Refused = std::vector<std::pair<std::shared_ptr<Job>, absl::Status>>;
-  std::vector<std::shared_ptr<Job>> TakeStepLocked(const RunningView& running, absl::Time now, Refused* refused)
+  std::vector<AdmittedCall> TakeLocked(const WorkerView& worker, absl::Time now, Refused* refused)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::vector<std::shared_ptr<Job>> TakeRequestLocked(const RunningView& running, absl::Time now,
-                                                      Refused* refused) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Request mode: when the oldest key's batch may leave (full, delayed enough, or draining).
-  absl::Time RequestReadyAtLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  double RequestReadyAtLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Time NextExpiryLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   struct Update {
     std::shared_ptr<Job> job;
@@ -117,14 +99,17 @@ class Scheduler {
   std::vector<Update> ChangedPositionsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const SchedulerOptions options_;
-  const StepTimeModel* const model_;
+  const BatchingPolicy policy_;
+  const StepCost* const estimates_;
   const DepthFn on_depth_;
 
   mutable absl::Mutex mu_;
   struct Entry {
     std::shared_ptr<Job> job;
+    PolicyCall call;
     int reported_position = -1;  // last position sent to the job's observer
   };
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<Entry> queue_ ABSL_GUARDED_BY(mu_);
   std::vector<double> backlog_ ABSL_GUARDED_BY(mu_);  // per worker, seconds
   absl::CondVar cv_;  // queue changed, stop, drain: every waiter re-checks (SignalAll)

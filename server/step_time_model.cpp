@@ -1,13 +1,17 @@
 #include "server/step_time_model.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstdlib>
+#include <vector>
 
 namespace tomeserve::server {
 namespace {
 
 // Weight kept by older steps per new step: ~50 steps of memory.
 constexpr double kForget = 0.98;
+// Fixed costs per call: ~20 calls of memory.
+constexpr double kForgetFixed = 0.95;
 // Ridge on (a, b, c), relative to the data's scale; keeps the 3x3 system solvable with one row count or one
 // ratio seen, pulling the unidentified coefficients toward 0 (c) or toward the per-row mean (a, b).
 constexpr double kRidge[3] = {1e-6, 1e-6, 1e-3};
@@ -35,17 +39,26 @@ bool Solve3(double m[3][3], double v[3], double x[3]) {
 
 }  // namespace
 
-void StepTimeModel::Observe(int64_t latent_pixels, int rows, double tome_rows, double seconds) {
+void StepTimeModel::Observe(std::string_view model, int64_t latent_pixels, int rows, double tome_rows,
+                            double seconds) {
   if (rows <= 0 || !(seconds >= 0) || !std::isfinite(seconds)) return;
   const double x[3] = {1.0, static_cast<double>(rows), tome_rows};
   absl::MutexLock lock(&mu_);
-  Fit& fit = fits_[latent_pixels];
+  Fit& fit = fits_[Key(model, latent_pixels)];
   for (int i = 0; i < 3; ++i) {
     for (int j = 0; j < 3; ++j) fit.xx[i][j] = kForget * fit.xx[i][j] + x[i] * x[j];
     fit.xy[i] = kForget * fit.xy[i] + x[i] * seconds;
   }
   ++fit.n;
   ++observations_;
+}
+
+void StepTimeModel::ObserveFixed(std::string_view model, int64_t latent_pixels, int images, double seconds) {
+  if (images <= 0 || !(seconds >= 0) || !std::isfinite(seconds)) return;
+  absl::MutexLock lock(&mu_);
+  Fit& fit = fits_[Key(model, latent_pixels)];
+  fit.fixed_sum = kForgetFixed * fit.fixed_sum + seconds / images;
+  fit.fixed_weight = kForgetFixed * fit.fixed_weight + 1.0;
 }
 
 std::optional<double> StepTimeModel::Evaluate(const Fit& fit, int rows, double tome_rows) {
@@ -65,26 +78,42 @@ std::optional<double> StepTimeModel::Evaluate(const Fit& fit, int rows, double t
   return std::max(t, 0.05 * mean);
 }
 
-std::optional<double> StepTimeModel::Predict(int64_t latent_pixels, int rows, double tome_rows) const {
-  absl::MutexLock lock(&mu_);
-  if (fits_.empty()) return std::nullopt;
-  auto it = fits_.find(latent_pixels);
-  if (it != fits_.end()) return Evaluate(it->second, rows, tome_rows);
-  // The nearest size seen (in log pixels), scaled linearly by pixels.
-  const Fit* best = nullptr;
-  int64_t best_pixels = 0;
-  double best_distance = 0;
-  for (const auto& [pixels, fit] : fits_) {
-    const double d = std::abs(std::log(static_cast<double>(pixels) / static_cast<double>(latent_pixels)));
-    if (best == nullptr || d < best_distance) {
-      best = &fit;
-      best_pixels = pixels;
-      best_distance = d;
-    }
+template <typename F>
+std::optional<double> StepTimeModel::Borrow(std::string_view model, int64_t latent_pixels, F value) const {
+  // The model's sizes with a value, nearest first in log pixels.
+  std::vector<std::pair<double, double>> seen;  // (log pixels, log value)
+  for (auto it = fits_.lower_bound(Key(model, 0)); it != fits_.end() && it->first.first == model; ++it) {
+    std::optional<double> v = value(it->second);
+    if (!v || *v <= 0) continue;
+    if (it->first.second == latent_pixels) return v;
+    seen.emplace_back(std::log(static_cast<double>(it->first.second)), std::log(*v));
   }
-  std::optional<double> t = Evaluate(*best, rows, tome_rows);
-  if (!t) return std::nullopt;
-  return *t * static_cast<double>(latent_pixels) / static_cast<double>(best_pixels);
+  if (seen.empty()) return std::nullopt;
+  const double x = std::log(static_cast<double>(latent_pixels));
+  std::sort(seen.begin(), seen.end(),
+            [x](const auto& a, const auto& b) { return std::abs(a.first - x) < std::abs(b.first - x); });
+  double exponent = kSizeExponent;
+  if (seen.size() >= 2 && std::abs(seen[1].first - seen[0].first) > 1e-9) {
+    // Between two seen sizes (or beyond them): the power law through the nearest two, clamped to a sane range.
+    exponent = std::clamp((seen[1].second - seen[0].second) / (seen[1].first - seen[0].first), 0.3, 2.0);
+  }
+  return std::exp(seen[0].second + exponent * (x - seen[0].first));
+}
+
+std::optional<double> StepTimeModel::StepSeconds(std::string_view model, int64_t latent_pixels, int rows,
+                                                 double tome_rows) const {
+  absl::MutexLock lock(&mu_);
+  // Borrowed sizes scale the same batch (rows and mean ratio) from the seen sizes' fits.
+  return Borrow(model, latent_pixels, [&](const Fit& f) { return Evaluate(f, rows, tome_rows); });
+}
+
+double StepTimeModel::FixedSeconds(std::string_view model, int64_t latent_pixels, int images) const {
+  absl::MutexLock lock(&mu_);
+  std::optional<double> per_image = Borrow(model, latent_pixels, [](const Fit& f) -> std::optional<double> {
+    if (f.fixed_weight <= 0) return std::nullopt;
+    return f.fixed_sum / f.fixed_weight;
+  });
+  return per_image.value_or(0.0) * images;
 }
 
 int64_t StepTimeModel::observations() const {

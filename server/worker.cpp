@@ -91,7 +91,7 @@ absl::Status Worker::Impl::Load() {
              [&](int done, int) {
                const auto now = std::chrono::steady_clock::now();
                if (done > 1) {
-                 step_times->Observe(static_cast<int64_t>(width / 8) * (height / 8), 2, 0.0,
+                 step_times->Observe(spec.name, static_cast<int64_t>(width / 8) * (height / 8), 2, 0.0,
                                      std::chrono::duration<double>(now - last).count());
                }
                last = now;
@@ -220,14 +220,14 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
       Readmit();
       const bool was_idle = jobs.empty();
       // Blocks only when nothing is running; empty then means the scheduler stopped.
-      std::vector<std::shared_ptr<Job>> admitted = scheduler->Admit(View());
+      std::vector<AdmittedCall> admitted = scheduler->Admit(View());
       if (admitted.empty() && jobs.empty()) {
         if (scheduler->stopped()) break;
         mark = std::chrono::steady_clock::now();
         continue;
       }
       if (was_idle) mark = std::chrono::steady_clock::now();  // the wait for work is not the worker's time
-      for (const std::shared_ptr<Job>& job : admitted) Start(job);
+      for (const AdmittedCall& call : admitted) Start(call);
       RetireStopped();
       charge("admit");
       Step();
@@ -293,27 +293,29 @@ void Worker::Impl::ReportGauges() const {
   for (const MemoryReading& m : ReadDeviceMemory(target.device)) metrics->SetDeviceMemory(options.device, m.kind, m.bytes);
 }
 
-RunningView Worker::Impl::View() const {
-  RunningView v{.idle = jobs.empty(),
-                .model = batch_model,
-                .width = batch_width,
-                .height = batch_height,
-                .budget = budget,
-                .max_images = std::min(options.max_batch_images, oom_cap)};
+WorkerView Worker::Impl::View() const {
+  WorkerView v{.cost = step_times, .max_images = std::min(options.max_batch_images, oom_cap), .budget = budget};
   for (const auto& run : jobs) {
     if (run->ended) continue;
-    v.images += run->job->num_images();
-    v.cost += run->job->request().cost();
-    v.rows += run->job->request().rows();
-    v.tome_rows += run->job->request().rows() * run->tome.ratio;
+    // UNet calls until the call's last sample is done (a parked sample keeps its place in its schedule).
+    int left = 0;
+    for (int i = 0; i < static_cast<int>(run->images.size()); ++i) {
+      if (run->images[i]) continue;
+      const int id = run->sample_ids[i];
+      const int done = id >= 0 ? batch->sample(id).state->step_index() : run->last_progress;
+      left = std::max(left, run->num_calls - done);
+    }
+    v.running.push_back({.call = run->call, .ratio = run->tome.ratio, .calls_left = left});
   }
   return v;
 }
 
-void Worker::Impl::Start(const std::shared_ptr<Job>& job) {
+void Worker::Impl::Start(const AdmittedCall& admitted) {
+  const std::shared_ptr<Job>& job = admitted.job;
   const GenerationRequest& req = job->request();
   auto run = std::make_unique<RunningJob>();
   run->job = job;
+  run->call = admitted.call;
   run->admitted = absl::Now();
   run->tome = job->effective_tome();
   run->images.resize(req.num_images);
@@ -416,6 +418,8 @@ void Worker::Impl::End(RunningJob& run, const absl::StatusOr<GenerationResult>& 
   if (result.ok()) {
     metrics->ObservePhases(result->queue_seconds, result->text_encoding_seconds, result->denoising_seconds,
                            result->decoding_seconds);
+    step_times->ObserveFixed(run.call.model, run.call.latent_pixels, run.call.images,
+                             result->text_encoding_seconds + result->decoding_seconds);
   }
   run.job->Finish(result);
 }
@@ -453,6 +457,7 @@ void Worker::Impl::Step() {
     for (const auto& run : jobs) step_jobs.push_back(run->job);
   }
   ++steps_run;
+  const auto wall_start = std::chrono::steady_clock::now();
   clock->Start();
   absl::Status status = InjectedFault();
   if (status.ok() && options.inject_oom_above_batch >= 0 && images > options.inject_oom_above_batch) {
@@ -475,7 +480,9 @@ void Worker::Impl::Step() {
                               (after.eager - before.eager) - (after.captures - before.captures));
     }
   }
-  const double seconds = clock->Stop();
+  clock->Stop();  // waits for the device: the wall time below includes it
+  // Host-inclusive: launches, ToMe's host work and the wait for the device, what the next step waits for.
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
   {
     absl::MutexLock lock(&watch_mu);
     step_deadline = absl::InfiniteFuture();
@@ -484,17 +491,20 @@ void Worker::Impl::Step() {
   if (!in_service.load()) return;  // the watchdog gave up on this step; its calls are failed
   if (status.ok()) {
     last_step_seconds = seconds;
-    step_times->Observe(batch->latent_height() * batch->latent_width(), rows, tome_rows, seconds);
+    step_times->Observe(batch_model, batch->latent_height() * batch->latent_width(), rows, tome_rows, seconds);
     metrics->ObserveBatch(images, rows);
-    // One observation per ToMe ratio present in the call (the time its rows' step took).
-    std::vector<std::string> seen;
+    // The step-time histogram's tome_ratio label means that ratio's work: a step whose rows mix ratios is not
+    // observed there (the step-time model's per-ratio marginal cost covers mixed batches).
+    std::optional<double> only_ratio;
+    bool mixed = false;
     for (auto& run : jobs) {
       run->result.batch_size = std::max(run->result.batch_size, images);
-      const std::string label = RatioLabel(tome::Canonical(run->tome).ratio);
-      if (run->ended || std::find(seen.begin(), seen.end(), label) != seen.end()) continue;
-      seen.push_back(label);
-      metrics->ObserveStep(tome::Canonical(run->tome).ratio, batch_width, batch_height, seconds);
+      if (run->ended) continue;
+      const double ratio = tome::Canonical(run->tome).ratio;
+      if (only_ratio && RatioLabel(*only_ratio) != RatioLabel(ratio)) mixed = true;
+      only_ratio = ratio;
     }
+    if (only_ratio && !mixed) metrics->ObserveStep(*only_ratio, batch_width, batch_height, seconds);
     return;
   }
   if (pipeline::IsOutOfMemory(status)) {

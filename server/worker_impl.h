@@ -37,6 +37,7 @@ inline double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
 // One admitted call on this worker (worker thread only).
 struct RunningJob {
   std::shared_ptr<Job> job;
+  PolicyCall call;  // as the batching policy admitted it
   const pipeline::StableDiffusion* model = nullptr;
   tome::TokenMerging tome;                              // effective settings
   std::shared_ptr<const tome::TokenMergingHooks> hooks;  // null: plain UNet
@@ -130,8 +131,8 @@ struct Worker::Impl {
   void Run(std::promise<absl::Status>* loaded);
   absl::Status Load();
   void Loop(Scheduler* scheduler);
-  RunningView View() const;
-  void Start(const std::shared_ptr<Job>& job);
+  WorkerView View() const;
+  void Start(const AdmittedCall& admitted);
   void Readmit();
   void RetireStopped();
   void Step();

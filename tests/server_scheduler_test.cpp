@@ -1,7 +1,9 @@
-// server::Scheduler (admission at step boundaries in both batching modes, fairness across sizes, the queue
-// bound, cancelled and expired jobs, positions, Stop), the step-time model and the SLO ratio controller.
+// server::Scheduler (the queue, its bound, cancelled and expired jobs, positions, Stop, and the policy's choices
+// handed to the worker that asks) and the step-time model. The policy's own decisions are pinned in
+// batching_policy_test.cpp.
 // Deterministic: the test plays the worker and calls Admit() itself with the running batch it describes, so
 // no assertion depends on thread timing. Waits have a generous limit only so a bug fails instead of hanging.
+#include <cmath>
 #include <memory>
 #include <string>
 #include <thread>
@@ -10,7 +12,6 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "gtest/gtest.h"
-#include "server/admission.h"
 #include "server/scheduler.h"
 #include "server/step_time_model.h"
 
@@ -93,22 +94,16 @@ class SchedulerTest : public ::testing::Test {
     return job;
   }
   // Ids ("job-N") of what Admit hands out.
-  std::vector<std::string> Ids(const std::vector<std::shared_ptr<Job>>& jobs) {
+  std::vector<std::string> Ids(const std::vector<AdmittedCall>& calls) {
     std::vector<std::string> out;
-    for (const auto& j : jobs) out.push_back(j->request().request_id);
+    for (const auto& c : calls) out.push_back(c.job->request().request_id);
     return out;
   }
-  static RunningView Running(const std::vector<std::shared_ptr<Job>>& jobs, int max_images = 8,
-                             int64_t budget = 1 << 30) {
-    RunningView v{.idle = jobs.empty(), .budget = budget, .max_images = max_images};
-    for (const auto& j : jobs) {
-      v.model = j->key().model;
-      v.width = j->key().width;
-      v.height = j->key().height;
-      v.images += j->num_images();
-      v.cost += j->request().cost();
-      v.rows += j->request().rows();
-    }
+  // A worker running `calls` (none started a step yet), without step costs unless `cost` is given.
+  static WorkerView Running(const std::vector<AdmittedCall>& calls, int max_images = 8, int64_t budget = 1 << 30,
+                            const StepCost* cost = nullptr) {
+    WorkerView v{.cost = cost, .max_images = max_images, .budget = budget};
+    for (const auto& c : calls) v.running.push_back({.call = c.call, .ratio = c.call.ratio, .calls_left = c.call.unet_calls});
     return v;
   }
   RecordingObserver& observer(int job) { return *observers_.at(job); }
@@ -133,7 +128,7 @@ TEST_F(SchedulerTest, StepModeAdmitsAnySettingsOfTheRunningSizeUpToTheCaps) {
   Enqueue({.steps = 3});   // fits, but waits behind the older job (oldest first within a size)
   auto joined = scheduler_->Admit(Running(first, 4));
   EXPECT_EQ(Ids(joined), (std::vector<std::string>{"job-1", "job-2"}));
-  std::vector<std::shared_ptr<Job>> running = first;
+  std::vector<AdmittedCall> running = first;
   running.insert(running.end(), joined.begin(), joined.end());
   EXPECT_TRUE(scheduler_->Admit(Running(running, 4)).empty());
   EXPECT_EQ(scheduler_->queue_depth(), 2);
@@ -174,7 +169,7 @@ TEST_F(SchedulerTest, RequestModeTakesOneKeyOnlyWhenIdle) {
 TEST_F(SchedulerTest, RequestModeWaitsForBatchMatesUntilTheDelay) {
   Start({.mode = BatchingMode::kRequest, .max_batch_images = 2, .max_queue_delay = absl::Hours(1)});
   Enqueue({});
-  std::vector<std::shared_ptr<Job>> got;
+  std::vector<AdmittedCall> got;
   absl::Notification admitted;
   std::thread worker([&] {
     got = scheduler_->Admit(Running({}));  // blocks: one image of two, the delay is an hour
@@ -205,7 +200,7 @@ TEST_F(SchedulerTest, QueueBoundStopAndIdleWorkersWakeOnStop) {
 TEST_F(SchedulerTest, IdleAdmitBlocksUntilWorkArrivesOrStop) {
   Start({});
   absl::Notification returned;
-  std::vector<std::shared_ptr<Job>> got;
+  std::vector<AdmittedCall> got;
   std::thread worker([&] {
     got = scheduler_->Admit(Running({}));
     returned.Notify();
@@ -233,75 +228,55 @@ TEST_F(SchedulerTest, CancelledAndExpiredQueuedJobsNeverStart) {
 }
 
 TEST_F(SchedulerTest, PositionsAndEstimatesAreReported) {
-  for (int i = 0; i < 20; ++i) model_.Observe(64, 2, 0, 0.01);  // 10 ms per 2-row step at 64x64
+  for (int i = 0; i < 20; ++i) model_.Observe("m", 64, 2, 0, 0.01);  // 10 ms per 2-row step at 64x64
   Start({}, &model_);
   Enqueue({.steps = 10});
   Enqueue({.steps = 10});
-  // The housekeeping thread reports each job's position once; the second has 10 steps of work ahead.
+  // The housekeeping thread reports each job's position once; the second has 11 UNet calls (PNDM) ahead.
   for (int i = 0; i < 3000 && observer(1).positions().empty(); ++i) absl::SleepFor(absl::Milliseconds(10));
   EXPECT_EQ(observer(0).positions(), std::vector<int>{0});
   EXPECT_EQ(observer(1).positions(), std::vector<int>{1});
-  EXPECT_NEAR(observer(1).last().estimated_start_seconds, 0.1, 0.02);
-  EXPECT_NEAR(observer(1).last().estimated_finish_seconds, 0.2, 0.04);
+  EXPECT_NEAR(observer(1).last().estimated_start_seconds, 0.11, 0.01);
+  EXPECT_NEAR(observer(1).last().estimated_finish_seconds, 0.22, 0.02);
 }
 
-// ---- step-time model and controller ----
+// ---- step-time model ----
 
 TEST(StepTimeModel, FitsRowsAndRatioAndBorrowsAcrossSizes) {
   StepTimeModel model;
-  EXPECT_FALSE(model.Predict(64, 2, 0).has_value());
+  EXPECT_FALSE(model.StepSeconds("m", 64, 2, 0).has_value());
   // seconds = 0.02 + 0.01 * rows - 0.008 * tome_rows at 4096 latent pixels.
   for (int i = 0; i < 200; ++i) {
     const int rows = 1 + i % 8;
     const double ratio = (i / 8) % 4 * 0.2;
-    model.Observe(4096, rows, rows * ratio, 0.02 + 0.01 * rows - 0.008 * rows * ratio);
+    model.Observe("m", 4096, rows, rows * ratio, 0.02 + 0.01 * rows - 0.008 * rows * ratio);
   }
-  EXPECT_NEAR(*model.Predict(4096, 4, 0), 0.06, 0.002);
-  EXPECT_NEAR(*model.Predict(4096, 4, 4 * 0.5), 0.044, 0.002);
-  // Another size: the nearest fit scaled by pixels.
-  EXPECT_NEAR(*model.Predict(8192, 4, 0), 0.12, 0.005);
-  EXPECT_EQ(model.observations(), 200);
+  EXPECT_NEAR(*model.StepSeconds("m", 4096, 4, 0), 0.06, 0.002);
+  EXPECT_NEAR(*model.StepSeconds("m", 4096, 4, 4 * 0.5), 0.044, 0.002);
+  // Another size with one size seen: the prior power law in pixels.
+  EXPECT_NEAR(*model.StepSeconds("m", 8192, 4, 0), 0.06 * std::pow(2.0, kSizeExponent), 0.005);
+  // Another model learns apart.
+  EXPECT_FALSE(model.StepSeconds("other", 4096, 4, 0).has_value());
+  // Two sizes seen: the power law through them (here cost ~ pixels^2), between and beyond.
+  for (int i = 0; i < 50; ++i) model.Observe("m", 1024, 4, 0, 0.06 / 16);
+  EXPECT_NEAR(*model.StepSeconds("m", 2048, 4, 0), 0.06 / 4, 0.002);
+  EXPECT_NEAR(*model.StepSeconds("m", 8192, 4, 0), 0.06 * 4, 0.02);
+  EXPECT_EQ(model.observations(), 250);
 }
 
-TEST(Controller, GridStartsAtTheRatioAndEndsAtTheMax) {
-  EXPECT_EQ(ControllerGrid(0.3, 0.5), (std::vector<double>{0.3, 0.35, 0.4, 0.45, 0.5}));
-  EXPECT_EQ(ControllerGrid(0.32, 0.41), (std::vector<double>{0.32, 0.35, 0.4, 0.41}));
-  EXPECT_EQ(ControllerGrid(0.5, 0.5), (std::vector<double>{0.5}));
-}
-
-TEST_F(SchedulerTest, ControllerPicksTheSmallestRatioThatMeetsTheTarget) {
+TEST(StepTimeModel, FixedCostsPerImage) {
   StepTimeModel model;
-  // 10 steps of 2 rows: 0.2 s at ratio 0, 0.1 s at ratio 0.5 (seconds = 0.01 * rows - 0.01 * tome_rows).
-  for (int i = 0; i < 100; ++i) {
-    const double ratio = (i % 6) * 0.1;
-    const int rows = 1 + i % 4;
-    model.Observe(64, rows, rows * ratio, 0.01 * rows - 0.01 * rows * ratio);
-  }
-  const absl::Time now = absl::Now();
-  auto tight = Make({.steps = 10, .ratio = 0.0, .max_ratio = 0.6, .target = 0.151});
-  AdmissionDecision d = DecideAdmission(*tight, Running({}), &model, now);
-  EXPECT_TRUE(d.slo.applied && d.slo.target_met);
-  EXPECT_NEAR(d.tome.ratio, 0.25, 1e-9);  // 0.2 * (1 - r) <= 0.15 first holds on the grid at 0.25
-  auto loose = Make({.steps = 10, .ratio = 0.1, .max_ratio = 0.6, .target = 5});
-  d = DecideAdmission(*loose, Running({}), &model, now);
-  EXPECT_TRUE(d.slo.target_met);
-  EXPECT_EQ(d.tome.ratio, 0.1);  // the request's own minimum
-  auto impossible = Make({.steps = 10, .ratio = 0.0, .max_ratio = 0.5, .target = 0.01});
-  d = DecideAdmission(*impossible, Running({}), &model, now);
-  EXPECT_FALSE(d.slo.target_met);
-  EXPECT_EQ(d.tome.ratio, 0.5);  // max_ratio, and the response says the target was not met
-  auto fixed = Make({.steps = 10, .ratio = 0.3, .target = 0.01});
-  d = DecideAdmission(*fixed, Running({}), &model, now);
-  EXPECT_FALSE(d.slo.applied);
-  EXPECT_EQ(d.tome.ratio, 0.3);
+  EXPECT_EQ(model.FixedSeconds("m", 4096, 2), 0.0);
+  for (int i = 0; i < 30; ++i) model.ObserveFixed("m", 4096, 2, 0.2);  // 0.1 s per image
+  EXPECT_NEAR(model.FixedSeconds("m", 4096, 3), 0.3, 1e-6);
 }
 
 TEST_F(SchedulerTest, DeadlineThatCannotBeMetIsRefusedAtAdmission) {
-  for (int i = 0; i < 20; ++i) model_.Observe(64, 2, 0, 0.5);
+  for (int i = 0; i < 20; ++i) model_.Observe("m", 64, 2, 0, 0.5);
   Start({}, &model_);
   Enqueue({.steps = 100, .deadline = absl::Now() + absl::Seconds(5)});  // needs ~50 s
   Enqueue({.steps = 2, .deadline = absl::Now() + absl::Seconds(60)});
-  EXPECT_EQ(Ids(scheduler_->Admit(Running({}))), std::vector<std::string>{"job-1"});
+  EXPECT_EQ(Ids(scheduler_->Admit(Running({}, 8, 1 << 30, &model_))), std::vector<std::string>{"job-1"});
   const absl::Status refused = observer(0).WaitDone();
   EXPECT_EQ(refused.code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_NE(refused.message().find("refused at admission"), std::string::npos) << refused;

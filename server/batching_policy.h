@@ -1,0 +1,151 @@
+// The batching policy: the one place that decides which queued calls join a worker's running batch at a step
+// boundary, in which order, at which Token Merging ratio (the SLO ratio controller), and which are refused. It
+// is pure — torch-free, gRPC-free, no clock, no state between calls — so the device workers (through the
+// Scheduler, on the real clock) and tomeserve-sim (on a virtual clock, with the same code) drive it alike.
+// Triton's scheduler contract: the worker asks, the policy answers.
+//
+// Step mode (the default):
+//  - Urgency: every queued call has a due time — enqueued + its latency target, or its hard deadline if
+//    earlier; a best-effort call's is enqueued + kBestEffortSlack[priority] x its unloaded latency. Calls are
+//    considered earliest due first (earliest deadline first), so calls with targets go ahead of best-effort
+//    ones, and a best-effort call's due time is its age bound.
+//  - Cost-aware joining: a call joins the running batch (same model and size, within the image cap and the cost
+//    budget) when that pays on THIS worker's measured step costs (WorkerView::cost). The policy projects the
+//    batch forward (a step costs cost(rows, tome rows) of the calls still in it; a call leaves after its last
+//    UNet call and its fixed costs) twice — the call joining now, and the call waiting until the batch drains
+//    — over the running calls, the candidate and the most urgent call that cannot join (another size, or over
+//    the caps: it starts when the batch drains), and takes the option with fewer missed limits (targets,
+//    deadlines), then the smaller total latency. On a GPU, where 8 rows cost about 2 rows' time, joining nearly
+//    always pays; on a CPU, where cost grows with rows, a long call joining a short one's batch is plain
+//    processor sharing and waits, while a short one joins a long one's (shortest remaining work first).
+//  - Age bound: once the most urgent call that cannot join is past its due time, nothing more joins: the batch
+//    drains for it. Without costs (none measured yet) the policy is strict: calls join in urgency order while
+//    they fit, and the first that cannot join stops the rest.
+//  - Controller: for a call with a ratio range [ratio, max_ratio] and a target, the smallest ratio of
+//    ControllerGrid at which the projection keeps this call within its target AND every running call that met
+//    its limit still meets it; none: max_ratio, target_met = false. Without costs: its ratio.
+//  - Refusal: a call whose hard deadline the projection says cannot be met at the chosen ratio is refused with
+//    DEADLINE_EXCEEDED when it would start; it never holds rows it would throw away. A missed latency target
+//    is not a refusal (the call runs, the response says target_met = false).
+//  - An idle worker starts the most urgent call at once, whatever its size; a call larger than the budget runs
+//    alone.
+// Request mode (the comparison baseline, the pre-step-level behaviour): an idle worker takes the oldest call's
+// whole batch key up to max_batch_images once that many are queued, the oldest waited max_queue_delay, or the
+// server drains; nothing joins a running batch.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "server/step_cost.h"
+
+namespace tomeserve::server {
+
+enum class BatchingMode { kStep, kRequest };
+// "step" / "request".
+std::string_view BatchingModeName(BatchingMode mode);
+
+// GenerateRequest.priority: orders best-effort calls (calls with a latency target or deadline come first).
+enum class Priority { kInteractive = 0, kBatch = 1 };
+// Best-effort due time, in multiples of the call's unloaded latency, by Priority.
+inline constexpr double kBestEffortSlack[] = {4.0, 16.0};
+
+inline constexpr double kNever = std::numeric_limits<double>::infinity();
+
+// One call as the policy sees it. Times are seconds on the caller's clock (real or virtual).
+struct PolicyCall {
+  uint64_t id = 0;            // the caller's handle, opaque here
+  uint64_t batch_key = 0;     // request mode: calls with equal keys may share a batch
+  std::string model;
+  int width = 0, height = 0;  // pixels
+  int64_t latent_pixels = 0;  // of one row
+  int images = 1;
+  int rows = 1;               // UNet rows per step (2 per image with classifier-free guidance)
+  int unet_calls = 1;         // UNet calls per sample (PNDM: steps + 1)
+  double ratio = 0;           // ToMe ratio asked for (the controller's floor)
+  double max_ratio = 0;       // controller ceiling; <= ratio: fixed
+  double target_seconds = 0;  // end-to-end latency target; 0: none
+  double enqueued = 0;
+  double deadline = kNever;   // hard: the call is cancelled at this time
+  Priority priority = Priority::kInteractive;
+
+  int64_t cost() const { return static_cast<int64_t>(rows) * latent_pixels; }  // of the batch budget
+  bool has_range() const { return target_seconds > 0 && max_ratio > ratio; }
+};
+
+// An admitted call in a worker's batch.
+struct RunningCall {
+  PolicyCall call;
+  double ratio = 0;    // effective
+  int calls_left = 0;  // UNet calls until its last sample is done
+};
+
+// A worker at a step boundary.
+struct WorkerView {
+  const StepCost* cost = nullptr;    // this worker's step costs; null: none yet (calls join while they fit)
+  std::vector<RunningCall> running;  // one batch: one model and size
+  int max_images = 8;                // the image cap now (lowered for a while after an out-of-memory error)
+  int64_t budget = 0;                // rows x latent pixels; a call larger than it runs alone
+  bool idle() const { return running.empty(); }
+};
+
+// The controller's decision for one call (GenerateResponse.slo).
+struct SloDecision {
+  bool applied = false;  // the request had a ratio range and a target
+  double target_seconds = 0;
+  double predicted_seconds = 0;  // the predicted end-to-end latency at the chosen ratio (0: no prediction)
+  bool target_met = false;       // some ratio in range was predicted to meet the target
+};
+
+struct Admission {
+  size_t index = 0;  // into the queue passed to Admit
+  double ratio = 0;
+  SloDecision slo;
+};
+struct Refusal {
+  size_t index = 0;
+  std::string why;  // DEADLINE_EXCEEDED's message
+};
+struct AdmitPlan {
+  std::vector<Admission> admit;  // in the order to start them
+  std::vector<Refusal> refuse;
+};
+
+struct PolicyOptions {
+  BatchingMode mode = BatchingMode::kStep;
+  int max_batch_images = 8;
+  double max_queue_delay_seconds = 0.020;  // request mode only
+};
+
+class BatchingPolicy {
+ public:
+  explicit BatchingPolicy(PolicyOptions options) : options_(options) {}
+
+  const PolicyOptions& options() const { return options_; }
+
+  // What joins `worker`'s batch now, from `queue` (any order; live calls only).
+  AdmitPlan Admit(const WorkerView& worker, std::span<const PolicyCall> queue, double now, bool draining) const;
+
+  // Request mode: when an idle worker may take the oldest key's batch (-inf: now; +inf: never / step mode).
+  double RequestReadyAt(std::span<const PolicyCall> queue, bool draining) const;
+
+  // Seconds of one call run alone at `ratio`, its fixed costs included; nullopt without a cost.
+  static std::optional<double> SoloSeconds(const StepCost* cost, const PolicyCall& call, double ratio);
+
+  // The ratios the controller tries, in order: `min_ratio`, then multiples of 0.05 above it, then `max_ratio`.
+  static std::vector<double> ControllerGrid(double min_ratio, double max_ratio);
+
+ private:
+  AdmitPlan AdmitStep(const WorkerView& worker, std::span<const PolicyCall> queue, double now) const;
+  AdmitPlan AdmitRequest(const WorkerView& worker, std::span<const PolicyCall> queue, double now,
+                         bool draining) const;
+  static double DueTime(const StepCost* cost, const PolicyCall& call);
+
+  const PolicyOptions options_;
+};
+
+}  // namespace tomeserve::server

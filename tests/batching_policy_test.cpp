@@ -1,0 +1,196 @@
+// BatchingPolicy: the decisions themselves, on a fake cost model whose numbers are chosen so each expected
+// answer can be computed by hand. Pure and deterministic (no clock, no threads): the policy is a function.
+#include "server/batching_policy.h"
+
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace tomeserve::server {
+namespace {
+
+// step seconds = a + b * rows + c * tome_rows (per size: scaled by latent pixels / 64); fixed costs 0.
+class FakeCost : public StepCost {
+ public:
+  FakeCost(double a, double b, double c = 0) : a_(a), b_(b), c_(c) {}
+  std::optional<double> StepSeconds(std::string_view, int64_t pixels, int rows, double tome_rows) const override {
+    return (a_ + b_ * rows + c_ * tome_rows) * static_cast<double>(pixels) / 64.0;
+  }
+  double FixedSeconds(std::string_view, int64_t, int) const override { return 0; }
+
+ private:
+  double a_, b_, c_;
+};
+
+struct CallSpec {
+  int width = 64;
+  int images = 1;
+  int calls = 10;  // UNet calls
+  double enqueued = 0;
+  double ratio = 0, max_ratio = 0, target = 0;
+  double deadline = kNever;
+  Priority priority = Priority::kInteractive;
+};
+
+PolicyCall Call(uint64_t id, const CallSpec& s) {
+  return {.id = id,
+          .batch_key = static_cast<uint64_t>(s.width),
+          .model = "m",
+          .width = s.width,
+          .height = 64,
+          .latent_pixels = static_cast<int64_t>(s.width / 8) * 8,
+          .images = s.images,
+          .rows = 2 * s.images,
+          .unet_calls = s.calls,
+          .ratio = s.ratio,
+          .max_ratio = s.max_ratio,
+          .target_seconds = s.target,
+          .enqueued = s.enqueued,
+          .deadline = s.deadline,
+          .priority = s.priority};
+}
+
+RunningCall Running(const PolicyCall& c, int calls_left) { return {.call = c, .ratio = c.ratio, .calls_left = calls_left}; }
+
+std::vector<uint64_t> Admitted(const AdmitPlan& plan, const std::vector<PolicyCall>& queue) {
+  std::vector<uint64_t> ids;
+  for (const Admission& a : plan.admit) ids.push_back(queue[a.index].id);
+  return ids;
+}
+
+const BatchingPolicy kStep({.mode = BatchingMode::kStep, .max_batch_images = 8});
+
+TEST(BatchingPolicy, OnAGpuLikeDeviceALongCallJoinsAShortOnesBatch) {
+  // Rows nearly free: 10 ms per step plus 0.5 ms per row.
+  const FakeCost gpu(0.010, 0.0005);
+  const WorkerView worker{.cost = &gpu, .running = {Running(Call(0, {.calls = 10}), 10)}, .budget = 1 << 20};
+  const std::vector<PolicyCall> queue = {Call(1, {.calls = 50, .enqueued = 0})};
+  EXPECT_EQ(Admitted(kStep.Admit(worker, queue, 0, false), queue), std::vector<uint64_t>{1});
+}
+
+TEST(BatchingPolicy, OnACpuLikeDeviceLongCallsWaitAndShortOnesJoin) {
+  // Cost linear in rows (processor sharing): a 50-call newcomer would slow a 10-call batch fivefold in
+  // overlap and gain only the 10 calls it waits; a 5-call newcomer joining a 50-call batch gains 50 calls of
+  // waiting for 5 calls of slowdown.
+  const FakeCost cpu(0.0, 0.01);
+  const WorkerView short_batch{.cost = &cpu, .running = {Running(Call(0, {.calls = 10}), 10)}, .budget = 1 << 20};
+  const std::vector<PolicyCall> long_call = {Call(1, {.calls = 50})};
+  EXPECT_TRUE(kStep.Admit(short_batch, long_call, 0, false).admit.empty());
+  const WorkerView long_batch{.cost = &cpu, .running = {Running(Call(0, {.calls = 50}), 50)}, .budget = 1 << 20};
+  const std::vector<PolicyCall> short_call = {Call(1, {.calls = 5})};
+  EXPECT_EQ(Admitted(kStep.Admit(long_batch, short_call, 0, false), short_call), std::vector<uint64_t>{1});
+}
+
+TEST(BatchingPolicy, CallsWithTargetsGoFirstThenPriorityThenAge) {
+  const FakeCost cost(0.0, 0.01);
+  const WorkerView idle{.cost = &cost, .max_images = 1, .budget = 1 << 20};  // one call at a time
+  // Alone each runs 10 calls x 0.02 s = 0.2 s. Best-effort due: enqueued + 4 x 0.2 (interactive), + 16 x 0.2
+  // (batch); the target call's due is enqueued + its target.
+  const std::vector<PolicyCall> queue = {
+      Call(0, {.enqueued = 0.0, .priority = Priority::kBatch}),  // due 3.2
+      Call(1, {.enqueued = 0.1}),                                // due 0.9
+      Call(2, {.enqueued = 0.2, .target = 0.5}),                 // due 0.7
+  };
+  EXPECT_EQ(Admitted(kStep.Admit(idle, queue, 0.3, false), queue), std::vector<uint64_t>{2});
+  const std::vector<PolicyCall> rest = {queue[0], queue[1]};
+  EXPECT_EQ(Admitted(kStep.Admit(idle, rest, 0.3, false), rest), std::vector<uint64_t>{1});
+  // Long enough in the queue, the batch-priority call's due time comes first (the age bound).
+  const std::vector<PolicyCall> aged = {queue[0], Call(3, {.enqueued = 3.0})};
+  EXPECT_EQ(Admitted(kStep.Admit(idle, aged, 3.0, false), aged), std::vector<uint64_t>{0});
+}
+
+TEST(BatchingPolicy, ControllerPicksTheSmallestRatioThatMeetsTheTarget) {
+  // 10 calls of 2 rows: 0.2 s at ratio 0, 0.1 s at ratio 0.5 (seconds = 0.01 * rows - 0.01 * tome_rows).
+  const FakeCost cost(0.0, 0.01, -0.01);
+  const WorkerView idle{.cost = &cost, .budget = 1 << 20};
+  auto decide = [&](const CallSpec& s) {
+    const std::vector<PolicyCall> q = {Call(0, s)};
+    const AdmitPlan plan = kStep.Admit(idle, q, 0, false);
+    EXPECT_EQ(plan.admit.size(), 1u);
+    return plan.admit.at(0);
+  };
+  Admission a = decide({.ratio = 0.0, .max_ratio = 0.6, .target = 0.151});
+  EXPECT_TRUE(a.slo.applied && a.slo.target_met);
+  EXPECT_NEAR(a.ratio, 0.25, 1e-9);  // 0.2 * (1 - r) <= 0.151 first holds on the grid at 0.25
+  EXPECT_NEAR(a.slo.predicted_seconds, 0.15, 1e-9);
+  a = decide({.ratio = 0.1, .max_ratio = 0.6, .target = 5});
+  EXPECT_TRUE(a.slo.target_met);
+  EXPECT_EQ(a.ratio, 0.1);  // the request's own minimum
+  a = decide({.ratio = 0.0, .max_ratio = 0.5, .target = 0.01});
+  EXPECT_FALSE(a.slo.target_met);
+  EXPECT_EQ(a.ratio, 0.5);  // the ceiling, and the response says the target was not met
+  a = decide({.ratio = 0.3, .target = 0.01});
+  EXPECT_FALSE(a.slo.applied);
+  EXPECT_EQ(a.ratio, 0.3);
+}
+
+TEST(BatchingPolicy, ControllerKeepsTheRunningCallsWithinTheirTargets) {
+  // step = 0.01 + 0.005 * rows - 0.01 * tome_rows. A running call (2 rows, 10 calls left: 0.2 s alone) with a
+  // 0.2201 s target; a newcomer's 2 rows at ratio r make shared steps 0.03 - 0.02 r, so the running call stays
+  // within its target only from r = 0.4 (10 x 0.022 s = 0.22 s), although the newcomer's own loose target would
+  // be met at its floor, 0.
+  const FakeCost cost(0.01, 0.005, -0.01);
+  const PolicyCall running = Call(0, {.calls = 10, .target = 0.2201});
+  const WorkerView worker{.cost = &cost, .running = {Running(running, 10)}, .budget = 1 << 20};
+  const std::vector<PolicyCall> queue = {Call(1, {.calls = 10, .ratio = 0.0, .max_ratio = 0.75, .target = 10})};
+  const AdmitPlan plan = kStep.Admit(worker, queue, 0, false);
+  ASSERT_EQ(plan.admit.size(), 1u);
+  EXPECT_TRUE(plan.admit[0].slo.target_met);
+  EXPECT_NEAR(plan.admit[0].ratio, 0.4, 1e-9);
+}
+
+TEST(BatchingPolicy, ACallThatCannotJoinIsWeighedAndAgedIn) {
+  const FakeCost gpu(0.010, 0.0005);
+  const WorkerView worker{.cost = &gpu, .running = {Running(Call(0, {.calls = 20}), 20)}, .budget = 1 << 20};
+  // A 128-wide call waits for the 64-wide batch to drain (due 4 x its unloaded 20 x 0.022 s = 1.76 s); a
+  // same-size call (due 1.0 + 4 x 0.22 = 1.88 s) may still join while that pays, but not once the blocked call
+  // is past its due time.
+  const std::vector<PolicyCall> queue = {Call(1, {.width = 128, .calls = 20, .enqueued = 0}),
+                                         Call(2, {.calls = 20, .enqueued = 1.0})};
+  EXPECT_EQ(Admitted(kStep.Admit(worker, queue, 1.2, false), queue), std::vector<uint64_t>{2});
+  EXPECT_TRUE(kStep.Admit(worker, queue, 2.0, false).admit.empty());
+}
+
+TEST(BatchingPolicy, WithoutCostsCallsJoinInOrderWhileTheyFit) {
+  const WorkerView worker{.running = {Running(Call(0, {}), 10)}, .max_images = 3, .budget = 1 << 20};
+  const std::vector<PolicyCall> queue = {Call(1, {.enqueued = 1}), Call(2, {.images = 2, .enqueued = 2}),
+                                         Call(3, {.enqueued = 3})};
+  // job 2 does not fit (4 images > 3): job 3 waits behind it.
+  EXPECT_EQ(Admitted(kStep.Admit(worker, queue, 5, false), queue), std::vector<uint64_t>{1});
+}
+
+TEST(BatchingPolicy, ADeadlineThatCannotBeMetIsRefused) {
+  const FakeCost cost(0.0, 0.25);  // 0.5 s per 2-row step
+  const WorkerView idle{.cost = &cost, .budget = 1 << 20};
+  const std::vector<PolicyCall> queue = {Call(0, {.calls = 100, .deadline = 5}), Call(1, {.calls = 2, .deadline = 60})};
+  const AdmitPlan plan = kStep.Admit(idle, queue, 0, false);
+  EXPECT_EQ(Admitted(plan, queue), std::vector<uint64_t>{1});
+  ASSERT_EQ(plan.refuse.size(), 1u);
+  EXPECT_EQ(plan.refuse[0].index, 0u);
+  EXPECT_NE(plan.refuse[0].why.find("refused at admission"), std::string::npos);
+}
+
+TEST(BatchingPolicy, RequestModeTakesOneKeyWhenIdleAfterTheDelay) {
+  const BatchingPolicy request({.mode = BatchingMode::kRequest, .max_batch_images = 3, .max_queue_delay_seconds = 1});
+  const WorkerView idle{.budget = 1 << 20};
+  const std::vector<PolicyCall> queue = {Call(0, {.enqueued = 0}), Call(1, {.width = 128, .enqueued = 0.1}),
+                                         Call(2, {.images = 2, .enqueued = 0.2}), Call(3, {.enqueued = 0.3})};
+  EXPECT_EQ(request.RequestReadyAt(queue, false), -kNever);  // 3 images of the oldest key: full
+  EXPECT_EQ(Admitted(request.Admit(idle, queue, 0.5, false), queue), (std::vector<uint64_t>{0, 2}));
+  const std::vector<PolicyCall> one = {queue[1]};
+  EXPECT_DOUBLE_EQ(request.RequestReadyAt(one, false), 1.1);
+  EXPECT_TRUE(request.Admit(idle, one, 1.0, false).admit.empty());
+  EXPECT_EQ(Admitted(request.Admit(idle, one, 1.0, /*draining=*/true), one), std::vector<uint64_t>{1});
+  const WorkerView busy{.running = {Running(queue[0], 5)}, .budget = 1 << 20};
+  EXPECT_TRUE(request.Admit(busy, queue, 5, false).admit.empty());  // nothing joins a running batch
+}
+
+TEST(BatchingPolicy, ControllerGrid) {
+  EXPECT_EQ(BatchingPolicy::ControllerGrid(0.3, 0.5), (std::vector<double>{0.3, 0.35, 0.4, 0.45, 0.5}));
+  EXPECT_EQ(BatchingPolicy::ControllerGrid(0.32, 0.41), (std::vector<double>{0.32, 0.35, 0.4, 0.41}));
+  EXPECT_EQ(BatchingPolicy::ControllerGrid(0.5, 0.5), (std::vector<double>{0.5}));
+}
+
+}  // namespace
+}  // namespace tomeserve::server
