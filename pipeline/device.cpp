@@ -14,16 +14,25 @@ namespace tomeserve::pipeline {
 absl::StatusOr<c10::Device> ParseDevice(absl::string_view text) {
   if (text == "cpu") return c10::Device(c10::kCPU);
   int index = 0;
+  if (absl::StartsWith(text, "cpu:")) {
+    // A name for one of several CPU workers (the server's --devices cpu:0,cpu:1); the device is the CPU.
+    absl::string_view digits = text.substr(4);
+    auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), index);
+    if (ec != std::errc() || end != digits.data() + digits.size() || digits.empty() || index < 0 || index > 255) {
+      return absl::InvalidArgumentError(absl::StrCat("device \"", text, "\": expected cpu, cpu:N, cuda or cuda:N"));
+    }
+    return c10::Device(c10::kCPU);
+  }
   if (text == "cuda") {
     index = 0;
   } else if (absl::StartsWith(text, "cuda:")) {
     absl::string_view digits = text.substr(5);
     auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), index);
     if (ec != std::errc() || end != digits.data() + digits.size() || digits.empty() || index < 0 || index > 255) {
-      return absl::InvalidArgumentError(absl::StrCat("device \"", text, "\": expected cpu, cuda or cuda:N"));
+      return absl::InvalidArgumentError(absl::StrCat("device \"", text, "\": expected cpu, cpu:N, cuda or cuda:N"));
     }
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("device \"", text, "\": expected cpu, cuda or cuda:N"));
+    return absl::InvalidArgumentError(absl::StrCat("device \"", text, "\": expected cpu, cpu:N, cuda or cuda:N"));
   }
   const int64_t count = torch::cuda::is_available() ? static_cast<int64_t>(torch::cuda::device_count()) : 0;
   if (index >= count) {

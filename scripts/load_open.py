@@ -14,7 +14,8 @@ With --trace (the form tomeserve-sim shares; scripts/make_trace.py writes one): 
 played with the simulator's meaning of X. Every trace call is first run alone on an idle --batching step server
 (after one warm-up call per size): its unloaded latency. mean_solo_s = their mean; arrival seconds = t x
 mean_solo_s / X (--arrival-scale S instead: t x S). With --slo a call with slo_x sends latency_target_seconds =
-slo_x x its own unloaded latency and tome.max_ratio = its max_ratio; otherwise every call runs at its ratio. Per
+slo_x x its own unloaded latency and tome.max_ratio = its max_ratio; otherwise every call runs at its ratio
+(--solo-from an earlier --json output reuses its unloaded latencies; --server-flags adds tomeserve flags). Per
 mode a fresh server replays the trace open loop and one JSON line is printed with tomeserve-sim's keys (p50_s,
 p95_s, p99_s, throughput_rps, completed, refused, slo_attainment, mean_ratio, mean_rows_per_call (null: the
 server does not report it), mean_solo_s, arrival_scale_s) plus mode; --json also keeps every call's outcome.
@@ -100,6 +101,7 @@ def start(args, mode):
         flags += ["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
     if mode == "step+slo":
         flags += ["--adaptive-tome-max-ratio", str(args.adaptive_max_ratio)]
+    flags += getattr(args, "server_flags", "").split()
     return start_server(flags, env={"OMP_NUM_THREADS": str(args.threads)}, startup_timeout=args.start_timeout,
                         binary=Path(args.bin) / "tomeserve")
 
@@ -451,7 +453,12 @@ async def trace_mode(args, mode, calls, solo, scale):
 
 async def run_trace(args):
     calls = read_trace(args.trace)
-    solo = await trace_solo(args, calls)
+    if args.solo_from:
+        solo = json.loads(Path(args.solo_from).read_text())["solo_s"]
+        if len(solo) != len(calls):
+            sys.exit(f"load_open.py: --solo-from {args.solo_from} has {len(solo)} calls, the trace {len(calls)}")
+    else:
+        solo = await trace_solo(args, calls)
     scale = args.arrival_scale if args.arrival_scale is not None else statistics.mean(solo) / args.load
     print(json.dumps({"mean_solo_s": statistics.mean(solo), "arrival_scale_s": scale}), file=sys.stderr, flush=True)
     results = {}
@@ -491,6 +498,8 @@ def main():
     p.add_argument("--load", type=float, help="--trace: arrival seconds = t x mean_solo_s / X")
     p.add_argument("--arrival-scale", type=float, help="--trace: arrival seconds = t x S")
     p.add_argument("--slo", action="store_true", help="--trace: calls with slo_x send their target and max_ratio")
+    p.add_argument("--solo-from", help="--trace: reuse the unloaded latencies (solo_s) of an earlier --json output")
+    p.add_argument("--server-flags", default="", help="--trace: extra tomeserve flags, space-separated")
     args = p.parse_args()
     if args.trace:
         args.mode_list = (args.modes if args.modes != "request,step,step+slo" else "request,step").split(",")

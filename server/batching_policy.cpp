@@ -12,12 +12,15 @@ namespace {
 // Projected times within this of a limit meet it (sums of step times are not exact).
 constexpr double kSlackEpsilon = 1e-9;
 
-// A call in a projection: its rows at its ratio, UNet calls left, and when it must end (kNever: no limit).
+// A call in a projection: its rows at its ratio, UNet calls left, its due time (the urgency order), when it
+// must end (kNever: no limit), and its lane (the running batch of its model and size).
 struct Member {
   const PolicyCall* call;
   double ratio;
   int calls_left;
+  double due;
   double limit;
+  int lane;
 };
 
 // When a call must end to count as on time: its latency target or its hard deadline, the earlier.
@@ -26,10 +29,10 @@ double Limit(const PolicyCall& c) {
   return std::min(target, c.deadline);
 }
 
-// The outcome of one option: finish times (seconds) per member, in member order.
+// The outcome of one option: finish times (seconds) per member, in member order, and when each lane drains.
 struct Outcome {
   std::vector<double> finish;
-  double drain = 0;  // when the batch's last member ends
+  std::vector<double> lane_drain;  // by lane; `now` for a lane without members
 };
 
 // Missed limits first, then total latency: the option with the smaller pair wins.
@@ -43,45 +46,56 @@ struct Score {
 
 class Projector {
  public:
-  Projector(const StepCost& cost, const PolicyCall& shape)
-      : cost_(cost), model_(shape.model), pixels_(shape.latent_pixels) {}
+  Projector(const StepCost& cost, int lanes) : cost_(cost), lanes_(lanes) {}
 
-  // Finish times of `members` sharing one batch from `now`: the batch steps at cost(rows, tome rows) of the
-  // members still running; a member leaves after its last call. nullopt: no cost known.
+  // Finish times of `members` from `now`, as the worker runs them: the lane holding the most urgent call steps
+  // (PickBatch), so lanes run one after the other, most urgent first (their order fixed at `now`); within a
+  // lane every step costs cost(its rows, its tome rows) over the members still in it, and a member leaves after
+  // its last call and its fixed costs. nullopt: no cost known.
   std::optional<Outcome> Shared(const std::vector<Member>& members, double now) const {
-    std::vector<size_t> order(members.size());
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](size_t a, size_t b) { return members[a].calls_left < members[b].calls_left; });
-    int rows = 0;
-    double tome_rows = 0;
-    for (const Member& m : members) {
-      rows += m.call->rows;
-      tome_rows += m.call->rows * m.ratio;
-    }
-    Outcome out{.finish = std::vector<double>(members.size(), now), .drain = now};
+    Outcome out{.finish = std::vector<double>(members.size(), now), .lane_drain = std::vector<double>(lanes_, now)};
+    std::vector<double> lane_due(lanes_, kNever);
+    for (const Member& m : members) lane_due[m.lane] = std::min(lane_due[m.lane], m.due);
+    std::vector<int> lane_order(lanes_);
+    std::iota(lane_order.begin(), lane_order.end(), 0);
+    std::stable_sort(lane_order.begin(), lane_order.end(), [&](int a, int b) { return lane_due[a] < lane_due[b]; });
     double t = now;
-    int done = 0;
-    for (size_t k : order) {
-      const Member& m = members[k];
-      if (m.calls_left > done) {
-        std::optional<double> step = cost_.StepSeconds(model_, pixels_, rows, tome_rows);
-        if (!step) return std::nullopt;
-        t += (m.calls_left - done) * *step;
-        done = m.calls_left;
+    for (int lane : lane_order) {
+      std::vector<size_t> order;
+      int rows = 0;
+      double tome_rows = 0;
+      for (size_t i = 0; i < members.size(); ++i) {
+        if (members[i].lane != lane) continue;
+        order.push_back(i);
+        rows += members[i].call->rows;
+        tome_rows += members[i].call->rows * members[i].ratio;
       }
-      out.finish[k] = t + cost_.FixedSeconds(model_, pixels_, m.call->images);
-      out.drain = std::max(out.drain, out.finish[k]);
-      rows -= m.call->rows;
-      tome_rows -= m.call->rows * m.ratio;
+      if (order.empty()) continue;
+      std::stable_sort(order.begin(), order.end(),
+                       [&](size_t a, size_t b) { return members[a].calls_left < members[b].calls_left; });
+      const PolicyCall& shape = *members[order.front()].call;
+      int done = 0;
+      for (size_t k : order) {
+        const Member& m = members[k];
+        if (m.calls_left > done) {
+          std::optional<double> step = cost_.StepSeconds(shape.model, shape.latent_pixels, rows, tome_rows);
+          if (!step) return std::nullopt;
+          t += (m.calls_left - done) * *step;
+          done = m.calls_left;
+        }
+        out.finish[k] = t + cost_.FixedSeconds(m.call->model, m.call->latent_pixels, m.call->images);
+        out.lane_drain[lane] = std::max(out.lane_drain[lane], out.finish[k]);
+        rows -= m.call->rows;
+        tome_rows -= m.call->rows * m.ratio;
+      }
+      t = out.lane_drain[lane];  // fixed costs run on the worker's thread too
     }
     return out;
   }
 
  private:
   const StepCost& cost_;
-  const std::string& model_;
-  const int64_t pixels_;
+  const int lanes_;
 };
 
 bool SameBatch(const PolicyCall& a, const PolicyCall& b) {
@@ -138,9 +152,9 @@ struct JoinEval {
 // The controller: the smallest grid ratio at which the candidate meets its target and no member that met its
 // limit in `base` misses it; none: the ceiling. Calls without a range keep their ratio.
 JoinEval ChooseRatio(const Projector& proj, std::vector<Member> members, const std::optional<Outcome>& base,
-                     const PolicyCall& c, double now) {
+                     const PolicyCall& c, double due, int lane, double now) {
   JoinEval e{.ratio = c.ratio};
-  members.push_back({&c, c.ratio, c.unet_calls, Limit(c)});
+  members.push_back({&c, c.ratio, c.unet_calls, due, Limit(c), lane});
   if (!c.has_range()) {
     e.joined = proj.Shared(members, now);
     return e;
@@ -198,64 +212,98 @@ AdmitPlan BatchingPolicy::AdmitStep(const WorkerView& worker, std::span<const Po
     if (queue[a].priority != queue[b].priority) return queue[a].priority < queue[b].priority;
     return queue[a].enqueued < queue[b].enqueued;
   });
+  // Without costs a second batch cannot be judged: one at a time.
+  const int max_lanes = cost_model == nullptr ? 1 : std::max(1, worker.max_batches);
 
+  // Lanes: one per model and size, in order of first appearance, with their images and cost.
+  std::vector<const PolicyCall*> lane_shape;
+  std::vector<int> lane_images;
+  std::vector<int64_t> lane_cost;
+  auto lane_of = [&](const PolicyCall& c) {
+    for (size_t l = 0; l < lane_shape.size(); ++l) {
+      if (SameBatch(c, *lane_shape[l])) return static_cast<int>(l);
+    }
+    return -1;
+  };
   std::vector<Member> members;
-  const PolicyCall* shape = nullptr;  // the batch's model and size
-  int images = 0;
-  int64_t cost = 0;
-  for (const RunningCall& r : worker.running) {
-    members.push_back({&r.call, r.ratio, r.calls_left, Limit(r.call)});
-    shape = &r.call;
-    images += r.call.images;
-    cost += r.call.cost();
-  }
-  const PolicyCall* blocked = nullptr;  // the most urgent call that cannot join: it starts when the batch drains
+  auto add = [&](const PolicyCall& c, double ratio, int calls_left, double call_due) {
+    int lane = lane_of(c);
+    if (lane < 0) {
+      lane = static_cast<int>(lane_shape.size());
+      lane_shape.push_back(&c);
+      lane_images.push_back(0);
+      lane_cost.push_back(0);
+    }
+    members.push_back({&c, ratio, calls_left, call_due, Limit(c), lane});
+    lane_images[lane] += c.images;
+    lane_cost[lane] += c.cost();
+  };
+  for (const RunningCall& r : worker.running) add(r.call, r.ratio, r.calls_left, DueTime(cost_model, r.call));
 
+  const PolicyCall* blocked = nullptr;  // the most urgent call that cannot start now
+  int blocked_lane = -1;                // its lane, if it has one (else it waits for the first lane to drain)
   for (size_t idx : order) {
     const PolicyCall& c = queue[idx];
-    const bool empty = members.empty();
-    const bool fits = images + c.images <= worker.max_images && cost + c.cost() <= worker.budget;
-    if (!empty && (!SameBatch(c, *shape) || !fits)) {
-      // Without costs nothing can judge a detour: later calls wait behind this one (the batch drains for it).
+    const int lane = lane_of(c);
+    const bool fits = lane >= 0 ? lane_images[lane] + c.images <= worker.max_images &&
+                                      lane_cost[lane] + c.cost() <= worker.budget
+                                : static_cast<int>(lane_shape.size()) < max_lanes;
+    if (!members.empty() && !fits) {
+      // Without costs nothing can judge a detour: later calls wait behind this one.
       if (cost_model == nullptr) break;
-      if (blocked == nullptr) blocked = &c;
+      if (blocked == nullptr) {
+        blocked = &c;
+        blocked_lane = lane;
+      }
       continue;
     }
-    // The age bound: once the blocked call is overdue, nothing more joins; the batch drains for it.
+    // The age bound: once the blocked call is overdue, nothing more starts; the worker drains for it.
     if (blocked != nullptr && now > due[static_cast<size_t>(blocked - queue.data())]) break;
+    const int candidate_lane = lane >= 0 ? lane : static_cast<int>(lane_shape.size());
+    const int lanes = static_cast<int>(lane_shape.size()) + (lane >= 0 ? 0 : 1);
     std::optional<double> decision_ratio;
     JoinEval e;
     if (cost_model == nullptr) {
       e.ratio = c.ratio;
       decision_ratio = c.ratio;  // no costs: join while it fits
     } else {
-      const Projector proj(*cost_model, c);
+      const Projector proj(*cost_model, lanes);
       const std::optional<Outcome> base = proj.Shared(members, now);
-      e = ChooseRatio(proj, members, base, c, now);
-      if (empty || !e.joined || !base) {
+      e = ChooseRatio(proj, members, base, c, due[idx], candidate_lane, now);
+      if (members.empty() || !e.joined || !base) {
         decision_ratio = e.ratio;  // an idle worker starts the most urgent call; no cost: join
       } else {
-        // Join now vs wait for the drain, over the members, the candidate and the blocked call.
+        // Start now vs wait (for its batch to drain, or for every batch to drain when it has none), over the
+        // running calls, the candidate and the blocked call.
         std::vector<Member> all = members;
-        all.push_back({&c, e.ratio, c.unet_calls, Limit(c)});
+        all.push_back({&c, e.ratio, c.unet_calls, due[idx], Limit(c), candidate_lane});
         std::vector<double> join_finish = e.joined->finish;
         std::vector<double> wait_finish = base->finish;
-        const double wait_ratio = c.has_range() ? c.max_ratio : c.ratio;
-        const std::optional<double> solo = SoloSeconds(cost_model, c, wait_ratio);
-        wait_finish.push_back(base->drain + solo.value_or(0));
+        const double all_drained = *std::max_element(base->lane_drain.begin(), base->lane_drain.end());
+        const double wait_start = lane >= 0 ? base->lane_drain[lane] : all_drained;
+        const std::optional<double> solo = SoloSeconds(cost_model, c, c.has_range() ? c.max_ratio : c.ratio);
+        wait_finish.push_back(wait_start + solo.value_or(0));
         if (blocked != nullptr) {
           const double blocked_ratio = blocked->has_range() ? blocked->max_ratio : blocked->ratio;
           if (std::optional<double> b = SoloSeconds(cost_model, *blocked, blocked_ratio)) {
-            all.push_back({blocked, blocked->ratio, blocked->unet_calls, Limit(*blocked)});
-            join_finish.push_back(e.joined->drain + *b);
-            wait_finish.push_back(base->drain + *b);
+            all.push_back({blocked, blocked->ratio, blocked->unet_calls, 0, Limit(*blocked), 0});
+            auto start_of = [&](const Outcome& o) {
+              return blocked_lane >= 0 && blocked_lane < static_cast<int>(o.lane_drain.size())
+                         ? o.lane_drain[blocked_lane]
+                         : *std::max_element(o.lane_drain.begin(), o.lane_drain.end());
+            };
+            join_finish.push_back(start_of(*e.joined) + *b);
+            wait_finish.push_back(start_of(*base) + *b);
           }
         }
         if (ScoreOf(all, join_finish) <= ScoreOf(all, wait_finish)) decision_ratio = e.ratio;
       }
     }
     if (!decision_ratio) {
-      if (blocked == nullptr) blocked = &c;
+      if (blocked == nullptr) {
+        blocked = &c;
+        blocked_lane = lane;
+      }
       continue;
     }
     if (c.deadline != kNever && e.joined && e.joined->finish.back() > c.deadline) {
@@ -263,12 +311,22 @@ AdmitPlan BatchingPolicy::AdmitStep(const WorkerView& worker, std::span<const Po
       continue;
     }
     plan.admit.push_back({idx, *decision_ratio, e.slo});
-    members.push_back({&c, *decision_ratio, c.unet_calls, Limit(c)});
-    shape = &c;
-    images += c.images;
-    cost += c.cost();
+    add(c, *decision_ratio, c.unet_calls, due[idx]);
   }
   return plan;
+}
+
+size_t BatchingPolicy::PickBatch(const WorkerView& worker) const {
+  size_t best = 0;
+  double best_due = kNever;
+  for (size_t i = 0; i < worker.running.size(); ++i) {
+    const double d = DueTime(worker.cost, worker.running[i].call);
+    if (i == 0 || d < best_due) {
+      best = i;
+      best_due = d;
+    }
+  }
+  return best;
 }
 
 double BatchingPolicy::RequestReadyAt(std::span<const PolicyCall> queue, bool draining) const {
@@ -303,15 +361,15 @@ AdmitPlan BatchingPolicy::AdmitRequest(const WorkerView& worker, std::span<const
     if (c.batch_key != key || (!members.empty() && images + c.images > options_.max_batch_images)) continue;
     JoinEval e{.ratio = c.ratio};
     if (worker.cost != nullptr) {
-      const Projector proj(*worker.cost, c);
-      e = ChooseRatio(proj, members, proj.Shared(members, now), c, now);
+      const Projector proj(*worker.cost, 1);
+      e = ChooseRatio(proj, members, proj.Shared(members, now), c, 0, 0, now);
     }
     if (c.deadline != kNever && e.joined && e.joined->finish.back() > c.deadline) {
       plan.refuse.push_back({idx, DeadlineMessage(e.joined->finish.back() - now, c.unet_calls, c.deadline - now)});
       continue;
     }
     plan.admit.push_back({idx, e.ratio, e.slo});
-    members.push_back({&c, e.ratio, c.unet_calls, Limit(c)});
+    members.push_back({&c, e.ratio, c.unet_calls, 0, Limit(c), 0});
     images += c.images;
   }
   return plan;

@@ -84,12 +84,14 @@ struct RunningCall {
   int calls_left = 0;  // UNet calls until its last sample is done
 };
 
-// A worker at a step boundary.
+// A worker at a step boundary. Its running calls form batches, one per model and size; each batch takes one
+// step per round (the worker steps them in turn).
 struct WorkerView {
   const StepCost* cost = nullptr;    // this worker's step costs; null: none yet (calls join while they fit)
-  std::vector<RunningCall> running;  // one batch: one model and size
-  int max_images = 8;                // the image cap now (lowered for a while after an out-of-memory error)
-  int64_t budget = 0;                // rows x latent pixels; a call larger than it runs alone
+  std::vector<RunningCall> running;  // every batch's calls
+  int max_images = 8;                // per batch (lowered for a while after an out-of-memory error)
+  int64_t budget = 0;                // rows x latent pixels over all batches; a call larger than it runs alone
+  int max_batches = 1;               // batches of different sizes the worker may run side by side
   bool idle() const { return running.empty(); }
 };
 
@@ -129,6 +131,11 @@ class BatchingPolicy {
 
   // What joins `worker`'s batch now, from `queue` (any order; live calls only).
   AdmitPlan Admit(const WorkerView& worker, std::span<const PolicyCall> queue, double now, bool draining) const;
+
+  // Which batch steps next: the index in `worker.running` of a call whose batch it is — the batch holding the
+  // most urgent call (earliest due), so a call with a tight target is not stuck behind another size's batch.
+  // `worker.running` must not be empty.
+  size_t PickBatch(const WorkerView& worker) const;
 
   // Request mode: when an idle worker may take the oldest key's batch (-inf: now; +inf: never / step mode).
   double RequestReadyAt(std::span<const PolicyCall> queue, bool draining) const;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <fstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "pipeline/device.h"
@@ -42,9 +43,11 @@ absl::StatusOr<std::vector<std::string>> ResolveDevices(const std::string& spec)
     absl::StatusOr<c10::Device> device = pipeline::ParseDevice(d);
     if (!device.ok())
       return absl::InvalidArgumentError(absl::StrCat("--devices: ", device.status().message()));
-    const std::string name = device->str();
+    // CPU workers are told apart by their name (cpu:0, cpu:1: one worker thread each, sharing the cores).
+    const std::string name = absl::StartsWith(d, "cpu:") ? std::string(d) : device->str();
     if (std::find(devices.begin(), devices.end(), name) != devices.end()) {
-      return absl::InvalidArgumentError(absl::StrCat("--devices: ", name, " is listed twice"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--devices: ", name, " is listed twice", name == "cpu" ? " (several CPU workers: cpu:0,cpu:1)" : ""));
     }
     devices.push_back(name);
   }

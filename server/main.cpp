@@ -322,6 +322,7 @@ int Run(int argc, char** argv, bool huge_pages) {
                         .dtype = o.dtype,
                         .models = o.models,
                         .max_batch_images = o.max_batch_size,
+                        .max_running_batches = o.max_running_batches,
                         .max_batch_cost = o.max_batch_cost,
                         .inject_oom_above_batch = o.inject_oom_above_batch,
                         .warmup_steps = o.warmup_steps,

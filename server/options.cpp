@@ -32,13 +32,18 @@ ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address HOST:PORT (port 0 
 ABSL_FLAG(std::string, metrics_listen, "", "Prometheus /metrics address HOST:PORT; empty turns metrics off.");
 ABSL_FLAG(std::string, devices, "auto",
           "auto (every CUDA device, else cpu), cpu, or cuda:0,cuda:1,...; one "
-          "worker thread per device.");
+          "worker thread per device (cpu:0,cpu:1,... names several CPU workers sharing the cores).");
 ABSL_FLAG(std::string, dtype, "auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.");
 ABSL_FLAG(std::string, batching, "step",
-          "step: one running batch per worker, re-formed at every denoising step (calls join and leave at step "
-          "boundaries; any steps, scheduler, guidance and ToMe settings share a UNet call); request: a batch of "
-          "calls with equal settings runs start to end (the pre-step-level behaviour, for comparison).");
+          "step: running batches re-formed at every denoising step (calls join and leave at step boundaries "
+          "when the batching policy finds it pays; any steps, scheduler, guidance and ToMe settings share a UNet "
+          "call); request: a batch of calls with equal settings runs start to end (the pre-step-level "
+          "behaviour, for comparison).");
 ABSL_FLAG(int32_t, max_batch_size, 8, "Most images in one UNet batch.");
+ABSL_FLAG(int32_t, max_running_batches, 2,
+          "--batching step: batches of different model or size a worker holds side by side; at each step "
+          "boundary the one with the most urgent call steps, so a call of another size need not wait for a "
+          "running batch to drain. 1 = one at a time.");
 ABSL_FLAG(int64_t, max_batch_cost, 0,
           "Budget of one running batch in UNet rows x latent pixels (a guided 512x512 image is 2 x 64 x 64 = "
           "8192); a call larger than it runs alone. 0 = derived: on CUDA from the memory left after loading, on "
@@ -396,6 +401,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   o.dtype = absl::GetFlag(FLAGS_dtype);
   o.batching = absl::GetFlag(FLAGS_batching);
   o.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
+  o.max_running_batches = absl::GetFlag(FLAGS_max_running_batches);
   o.max_batch_cost = absl::GetFlag(FLAGS_max_batch_cost);
   o.default_latency_target_seconds = absl::GetFlag(FLAGS_default_latency_target_seconds);
   o.adaptive_tome_max_ratio = absl::GetFlag(FLAGS_adaptive_tome_max_ratio);
@@ -447,6 +453,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
                               absl::CHexEscape(o.listen), "\"")),
            Check(o.batching == "step" || o.batching == "request", "batching", "step or request"),
            Check(o.max_batch_size >= 1, "max_batch_size", ">= 1"),
+           Check(o.max_running_batches >= 1 && o.max_running_batches <= 16, "max_running_batches", "1..16"),
            Check(o.max_batch_cost >= 0, "max_batch_cost", ">= 0 (0 = derived)"),
            Check(o.default_latency_target_seconds >= 0 && o.default_latency_target_seconds <= 3600,
                  "default_latency_target_seconds", "[0, 3600] seconds (0 = none)"),

@@ -29,6 +29,7 @@ struct ServerOptions {
   std::string dtype = "auto";
   std::string batching = "step";  // "step" or "request"
   int max_batch_size = 8;
+  int max_running_batches = 2;
   int64_t max_batch_cost = 0;  // rows x latent pixels; 0 = derived per device
   double default_latency_target_seconds = 0;
   double adaptive_tome_max_ratio = 0;

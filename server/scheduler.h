@@ -58,6 +58,8 @@ class Scheduler {
   Scheduler& operator=(const Scheduler&) = delete;
 
   const SchedulerOptions& options() const { return options_; }
+  // The policy the workers also ask which of their batches steps next (immutable; any thread).
+  const BatchingPolicy& policy() const { return policy_; }
 
   // Queues `job`. On error the job is NOT finished: the caller reports it.
   absl::Status Enqueue(std::shared_ptr<Job> job);

@@ -206,6 +206,7 @@ bool Worker::CheckStuck(absl::Time now) {
 
 void Worker::Impl::Loop(Scheduler* scheduler) {
   clock = std::make_unique<PhaseClock>(target.device);
+  policy = &scheduler->policy();
   metrics->SetWorkerHealthy(options.device, true);
   // Host time per part of the loop while there is work (tomeserve_worker_seconds_total): the UNet call is
   // "step"; anything large elsewhere is overhead that keeps the device waiting.
@@ -242,14 +243,10 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
       spdlog::error("worker {} on {}: {}", options.index, options.device, e.what());
       for (auto& run : jobs) End(*run, absl::InternalError(absl::StrCat("internal error: ", e.what())));
       parked.clear();
-      batch.reset();
     }
     DropEnded();
-    if (jobs.empty()) {
-      batch.reset();
-      hooks_by_setting.clear();
-      oom_cap = INT_MAX;
-    }
+    DropIdleBatches();
+    if (jobs.empty()) oom_cap = INT_MAX;
     scheduler->ReportBacklog(options.index, in_service.load() ? Backlog() : 0);
     ReportGauges();
     charge("bookkeeping");
@@ -260,6 +257,7 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
     for (auto& run : jobs) End(*run, absl::UnavailableError(absl::StrCat(options.device, " is out of service")));
     jobs.clear();
     parked.clear();
+    batches.clear();
   }
 }
 
@@ -289,25 +287,53 @@ absl::Status Worker::Impl::InjectedFault() {
 }
 
 void Worker::Impl::ReportGauges() const {
-  metrics->SetRunningSamples(options.device, batch != nullptr ? batch->active_samples() : 0);
+  int active = 0;
+  for (const auto& b : batches) active += b->denoise->active_samples();
+  metrics->SetRunningSamples(options.device, active);
   for (const MemoryReading& m : ReadDeviceMemory(target.device)) metrics->SetDeviceMemory(options.device, m.kind, m.bytes);
 }
 
-WorkerView Worker::Impl::View() const {
-  WorkerView v{.cost = step_times, .max_images = std::min(options.max_batch_images, oom_cap), .budget = budget};
+WorkerView Worker::Impl::View(std::vector<RunningJob*>* order) const {
+  WorkerView v{.cost = step_times,
+               .max_images = std::min(options.max_batch_images, oom_cap),
+               .budget = budget,
+               .max_batches = options.max_running_batches};
   for (const auto& run : jobs) {
     if (run->ended) continue;
+    if (order != nullptr && run->batch->denoise->active_samples() == 0) continue;
     // UNet calls until the call's last sample is done (a parked sample keeps its place in its schedule).
     int left = 0;
     for (int i = 0; i < static_cast<int>(run->images.size()); ++i) {
       if (run->images[i]) continue;
       const int id = run->sample_ids[i];
-      const int done = id >= 0 ? batch->sample(id).state->step_index() : run->last_progress;
+      const int done = id >= 0 ? run->batch->denoise->sample(id).state->step_index() : run->last_progress;
       left = std::max(left, run->num_calls - done);
     }
     v.running.push_back({.call = run->call, .ratio = run->tome.ratio, .calls_left = left});
+    if (order != nullptr) order->push_back(run.get());
   }
   return v;
+}
+
+RunningBatch& Worker::Impl::BatchFor(const GenerationRequest& req, const pipeline::StableDiffusion& model) {
+  for (auto& b : batches) {
+    if (b->model == req.key.model && b->width == req.key.width && b->height == req.key.height) return *b;
+  }
+  auto b = std::make_unique<RunningBatch>();
+  b->denoise = std::make_unique<pipeline::DenoiseBatch>(model, req.key.height / model.vae_scale(),
+                                                        req.key.width / model.vae_scale());
+  if (auto it = graphs.find(req.key.model); it != graphs.end()) b->denoise->set_graphs(it->second.get());
+  b->model = req.key.model;
+  b->width = req.key.width;
+  b->height = req.key.height;
+  batches.push_back(std::move(b));
+  return *batches.back();
+}
+
+void Worker::Impl::DropIdleBatches() {
+  std::erase_if(batches, [this](const std::unique_ptr<RunningBatch>& b) {
+    return std::none_of(jobs.begin(), jobs.end(), [&](const auto& run) { return run->batch == b.get(); });
+  });
 }
 
 void Worker::Impl::Start(const AdmittedCall& admitted) {
@@ -329,12 +355,13 @@ void Worker::Impl::Start(const AdmittedCall& admitted) {
     return;
   }
   run->model = model->second.get();
+  run->batch = &BatchFor(req, *run->model);
   uint64_t hook_seed = 0;
   if (tome::IsActive(run->tome)) {
     tome::TokenMerging setting = tome::Canonical(run->tome);
     hook_seed = setting.seed;
     setting.seed = 0;
-    std::shared_ptr<tome::TokenMergingHooks>& hooks = hooks_by_setting[setting];
+    std::shared_ptr<tome::TokenMergingHooks>& hooks = run->batch->hooks_by_setting[setting];
     if (hooks == nullptr) {
       absl::StatusOr<std::shared_ptr<tome::TokenMergingHooks>> created = tome::TokenMergingHooks::Create(setting);
       if (!created.ok()) {
@@ -371,18 +398,10 @@ void Worker::Impl::Start(const AdmittedCall& admitted) {
   }
   run->result.text_encoding_seconds = text_seconds;
   run->num_calls = (*samples)[0].state->schedule().num_calls();
-  if (batch == nullptr) {
-    batch = std::make_unique<pipeline::DenoiseBatch>(*run->model, req.key.height / run->model->vae_scale(),
-                                                     req.key.width / run->model->vae_scale());
-    if (auto it = graphs.find(req.key.model); it != graphs.end()) batch->set_graphs(it->second.get());
-    batch_model = req.key.model;
-    batch_width = req.key.width;
-    batch_height = req.key.height;
-  }
   for (int i = 0; i < req.num_images; ++i) {
-    absl::StatusOr<int> id = batch->Add(std::move((*samples)[i]));
-    if (!id.ok()) {  // the scheduler only admits the batch's size
-      for (int j = 0; j < i; ++j) batch->Remove(run->sample_ids[j]);
+    absl::StatusOr<int> id = run->batch->denoise->Add(std::move((*samples)[i]));
+    if (!id.ok()) {  // BatchFor matched the batch's size
+      for (int j = 0; j < i; ++j) run->batch->denoise->Remove(run->sample_ids[j]);
       job->Finish(id.status());
       return;
     }
@@ -393,11 +412,20 @@ void Worker::Impl::Start(const AdmittedCall& admitted) {
 
 void Worker::Impl::Readmit() {
   const int cap = std::min(options.max_batch_images, oom_cap);
-  while (!parked.empty() && batch != nullptr && batch->active_samples() < cap) {
-    Parked p = std::move(parked.front());
-    parked.pop_front();
-    if (p.run->ended) continue;
-    absl::StatusOr<int> id = batch->Add(std::move(p.sample));
+  // Oldest evicted first; a sample waits while its batch is at the cap (a later one of another batch may pass).
+  for (auto it = parked.begin(); it != parked.end();) {
+    if (it->run->ended) {
+      it = parked.erase(it);
+      continue;
+    }
+    pipeline::DenoiseBatch& denoise = *it->run->batch->denoise;
+    if (denoise.active_samples() >= cap) {
+      ++it;
+      continue;
+    }
+    Parked p = std::move(*it);
+    it = parked.erase(it);
+    absl::StatusOr<int> id = denoise.Add(std::move(p.sample));
     if (!id.ok()) {
       End(*p.run, id.status());
       continue;
@@ -409,11 +437,9 @@ void Worker::Impl::Readmit() {
 void Worker::Impl::End(RunningJob& run, const absl::StatusOr<GenerationResult>& result) {
   if (run.ended) return;
   run.ended = true;
-  if (batch != nullptr) {
-    for (int& id : run.sample_ids) {
-      if (id >= 0) batch->Remove(id);
-      id = -1;
-    }
+  for (int& id : run.sample_ids) {
+    if (id >= 0) run.batch->denoise->Remove(id);
+    id = -1;
   }
   if (result.ok()) {
     metrics->ObservePhases(result->queue_seconds, result->text_encoding_seconds, result->denoising_seconds,
@@ -438,11 +464,17 @@ void Worker::Impl::RetireStopped() {
 }
 
 void Worker::Impl::Step() {
-  if (batch == nullptr || batch->Done()) return;
+  // The batch to step: the policy's pick among the batches with an active sample.
+  std::vector<RunningJob*> order;
+  const WorkerView view = View(&order);
+  if (order.empty()) return;
+  RunningBatch& b = *order[policy != nullptr ? policy->PickBatch(view) : 0]->batch;
+  pipeline::DenoiseBatch* const batch = b.denoise.get();
   const int images = batch->active_samples();
   const int rows = batch->active_rows();
   double tome_rows = 0;
   for (const auto& run : jobs) {
+    if (run->batch != &b) continue;
     for (int id : run->sample_ids) {
       if (id >= 0 && batch->sample(id).active()) tome_rows += batch->sample(id).rows_per_call() * run->tome.ratio;
     }
@@ -465,7 +497,7 @@ void Worker::Impl::Step() {
     status = pipeline::OutOfMemoryError(absl::StrCat("injected out of memory (--inject-oom-above-batch ",
                                                      options.inject_oom_above_batch, ") for a batch of ", images));
   } else if (status.ok()) {
-    const auto graphs_of_model = graphs.find(batch_model);
+    const auto graphs_of_model = graphs.find(b.model);
     pipeline::UNetGraphs* model_graphs = graphs_of_model == graphs.end() ? nullptr : graphs_of_model->second.get();
     const pipeline::UNetGraphs::Stats before = model_graphs ? model_graphs->stats() : pipeline::UNetGraphs::Stats{};
     status = batch->Step();
@@ -491,24 +523,25 @@ void Worker::Impl::Step() {
   if (!in_service.load()) return;  // the watchdog gave up on this step; its calls are failed
   if (status.ok()) {
     last_step_seconds = seconds;
-    step_times->Observe(batch_model, batch->latent_height() * batch->latent_width(), rows, tome_rows, seconds);
+    step_times->Observe(b.model, batch->latent_height() * batch->latent_width(), rows, tome_rows, seconds);
     metrics->ObserveBatch(images, rows);
     // The step-time histogram's tome_ratio label means that ratio's work: a step whose rows mix ratios is not
     // observed there (the step-time model's per-ratio marginal cost covers mixed batches).
     std::optional<double> only_ratio;
     bool mixed = false;
     for (auto& run : jobs) {
+      if (run->batch != &b) continue;
       run->result.batch_size = std::max(run->result.batch_size, images);
       if (run->ended) continue;
       const double ratio = tome::Canonical(run->tome).ratio;
       if (only_ratio && RatioLabel(*only_ratio) != RatioLabel(ratio)) mixed = true;
       only_ratio = ratio;
     }
-    if (only_ratio && !mixed) metrics->ObserveStep(*only_ratio, batch_width, batch_height, seconds);
+    if (only_ratio && !mixed) metrics->ObserveStep(*only_ratio, b.width, b.height, seconds);
     return;
   }
   if (pipeline::IsOutOfMemory(status)) {
-    Evict(status, images);
+    Evict(b, status, images);
     return;
   }
   if (pipeline::IsDeviceFatal(status)) {
@@ -517,19 +550,22 @@ void Worker::Impl::Step() {
     TakeOutOfService(status, calls);
     return;
   }
-  // A request-level error fails every call in the batch (a failed scheduler step leaves the batch unusable);
-  // the worker goes on with the next batch.
+  // A request-level error fails every call in the batch (a failed scheduler step leaves the batch unusable; it
+  // is dropped with its last call); the worker goes on with its other batches and the next calls.
   spdlog::error("step failed on {}: {}", options.device, std::string(status.message()));
-  for (auto& run : jobs) End(*run, status);
-  parked.clear();
-  batch.reset();
+  for (auto& run : jobs) {
+    if (run->batch == &b) End(*run, status);
+  }
 }
 
-void Worker::Impl::Evict(const absl::Status& oom, int active) {
+void Worker::Impl::Evict(RunningBatch& b, const absl::Status& oom, int active) {
   EmptyCache();
-  // Active samples, newest first.
+  pipeline::DenoiseBatch* const batch = b.denoise.get();
+  const int batch_width = b.width, batch_height = b.height;
+  // The batch's active samples, newest first.
   std::vector<std::pair<RunningJob*, int>> newest_first;
   for (auto it = jobs.rbegin(); it != jobs.rend(); ++it) {
+    if ((*it)->batch != &b) continue;
     for (int i = static_cast<int>((*it)->sample_ids.size()) - 1; i >= 0; --i) {
       const int id = (*it)->sample_ids[i];
       if (id >= 0 && batch->sample(id).active()) newest_first.emplace_back(it->get(), i);
@@ -570,7 +606,7 @@ void Worker::Impl::NotifyProgress() {
       if (run->images[i]) continue;
       const int id = run->sample_ids[i];
       int at = run->last_progress;
-      if (id >= 0) at = batch->sample(id).state->step_index();
+      if (id >= 0) at = run->batch->denoise->sample(id).state->step_index();
       step = std::min(step, at);
     }
     if (step == INT_MAX) step = run->num_calls;
@@ -582,13 +618,17 @@ void Worker::Impl::NotifyProgress() {
 }
 
 double Worker::Impl::Backlog() const {
-  if (batch == nullptr) return 0;
-  int most = 0;
-  for (int id : batch->ids()) {
-    const auto& s = batch->sample(id);
-    if (s.active()) most = std::max(most, s.state->schedule().num_calls() - s.state->step_index());
+  // The batches step in turn: each one's longest remaining schedule, added up.
+  int calls = 0;
+  for (const auto& b : batches) {
+    int most = 0;
+    for (int id : b->denoise->ids()) {
+      const auto& s = b->denoise->sample(id);
+      if (s.active()) most = std::max(most, s.state->schedule().num_calls() - s.state->step_index());
+    }
+    calls += most;
   }
-  return most * last_step_seconds;
+  return calls * last_step_seconds;
 }
 
 void Worker::Impl::EmptyCache() const {

@@ -1,8 +1,10 @@
 // Device workers: one thread per device owning that device's model replicas (one StableDiffusion per served
-// model) and ONE running batch (pipeline::DenoiseBatch), re-formed at every step boundary:
+// model) and up to max_running_batches running batches (pipeline::DenoiseBatch, one per model and latent size),
+// re-formed at every step boundary:
 //   admit   parked samples first (see OOM), then what Scheduler::Admit hands out (text encoding + noise, once)
 //   retire  cancelled or expired calls leave at once (their other samples too)
-//   step    one UNet call for every active sample, each at its own step (mixed ToMe groups inside the blocks)
+//   step    one UNet call for every active sample of the batch the policy picks (BatchingPolicy::PickBatch: the
+//           one holding the most urgent call), each at its own step (mixed ToMe groups inside the blocks)
 //   retire  finished samples: decoded in chunks of 4 per boundary, encoded; a call finishes with its last image
 // Out of memory (real, or injected for tests with --inject-oom-above-batch; told apart by
 // pipeline::IsOutOfMemory): the CUDA cache is freed, the most recently admitted half of the samples is evicted
@@ -39,7 +41,9 @@ struct WorkerOptions {
   std::string device;  // "cpu", "cuda:0", ...
   std::string dtype;   // "auto", "fp32", "fp16", "bf16"
   std::vector<ModelSpec> models;
-  int max_batch_images = 8;
+  int max_batch_images = 8;  // per running batch
+  // Running batches of different model or size held side by side (BatchingPolicy::PickBatch steps one).
+  int max_running_batches = 2;
   // Cost budget of the running batch in rows x latent pixels; 0: derived (CUDA: from the memory left after
   // loading; CPU: kCpuBatchCost).
   int64_t max_batch_cost = 0;

@@ -34,10 +34,23 @@ namespace worker_internal {
 
 inline double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
 
+// One running batch of this worker: the samples of one model and latent size (worker thread only). The worker
+// holds up to WorkerOptions::max_running_batches of them; at each step boundary the batching policy picks the
+// one that steps (BatchingPolicy::PickBatch).
+struct RunningBatch {
+  std::unique_ptr<pipeline::DenoiseBatch> denoise;
+  std::string model;
+  int width = 0, height = 0;
+  // One hook factory per ToMe setting (seed excluded: it travels per sample), so equal settings share a group;
+  // dropped with the batch (a factory's merge counts belong to one latent size).
+  absl::flat_hash_map<tome::TokenMerging, std::shared_ptr<tome::TokenMergingHooks>> hooks_by_setting;
+};
+
 // One admitted call on this worker (worker thread only).
 struct RunningJob {
   std::shared_ptr<Job> job;
-  PolicyCall call;  // as the batching policy admitted it
+  PolicyCall call;              // as the batching policy admitted it
+  RunningBatch* batch = nullptr;  // where its samples are; the batch outlives every job that names it
   const pipeline::StableDiffusion* model = nullptr;
   tome::TokenMerging tome;                              // effective settings
   std::shared_ptr<const tome::TokenMergingHooks> hooks;  // null: plain UNet
@@ -76,6 +89,7 @@ struct Parked {
 
 using worker_internal::FinishedSample;
 using worker_internal::Parked;
+using worker_internal::RunningBatch;
 using worker_internal::RunningJob;
 
 struct Worker::Impl {
@@ -88,16 +102,12 @@ struct Worker::Impl {
   std::map<std::string, std::unique_ptr<pipeline::UNetGraphs>> graphs;
   int64_t budget = kCpuBatchCost;
 
-  // The running batch and what is in it (worker thread only).
-  std::unique_ptr<pipeline::DenoiseBatch> batch;
-  std::string batch_model;
-  int batch_width = 0, batch_height = 0;
+  // The running batches and what is in them (worker thread only). A batch is dropped when no job names it.
+  std::vector<std::unique_ptr<RunningBatch>> batches;
   std::vector<std::unique_ptr<RunningJob>> jobs;  // admission order
   std::deque<Parked> parked;                      // front: next to rejoin
-  int oom_cap = INT_MAX;                          // image cap after an OOM, until the batch drains
-  // One hook factory per ToMe setting (seed excluded: it travels per sample), so equal settings share a group.
-  // Cleared when the batch drains (a factory's merge counts belong to one latent size).
-  absl::flat_hash_map<tome::TokenMerging, std::shared_ptr<tome::TokenMergingHooks>> hooks_by_setting;
+  int oom_cap = INT_MAX;                          // image cap per batch after an OOM, until the worker drains
+  const BatchingPolicy* policy = nullptr;         // the scheduler's (Loop), for PickBatch
   double last_step_seconds = 0;
   std::unique_ptr<PhaseClock> clock;  // created on the worker thread (CUDA events belong to its device)
   int64_t steps_run = 0;              // steps started over the worker's life (fault injection counts them)
@@ -131,12 +141,16 @@ struct Worker::Impl {
   void Run(std::promise<absl::Status>* loaded);
   absl::Status Load();
   void Loop(Scheduler* scheduler);
-  WorkerView View() const;
+  // The policy's view of this worker; with `order`, the running call i of the view is (*order)[i]'s, and only
+  // calls of batches with an active sample are in it.
+  WorkerView View(std::vector<RunningJob*>* order = nullptr) const;
+  RunningBatch& BatchFor(const GenerationRequest& req, const pipeline::StableDiffusion& model);
+  void DropIdleBatches();
   void Start(const AdmittedCall& admitted);
   void Readmit();
   void RetireStopped();
   void Step();
-  void Evict(const absl::Status& oom, int active);
+  void Evict(RunningBatch& b, const absl::Status& oom, int active);
   void NotifyProgress();
   void RetireDone();
   void DecodeChunk(const std::vector<FinishedSample>& chunk);

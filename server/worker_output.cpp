@@ -25,8 +25,8 @@ void Worker::Impl::RetireDone() {
     if (run->ended) continue;
     for (int i = 0; i < static_cast<int>(run->sample_ids.size()); ++i) {
       const int id = run->sample_ids[i];
-      if (id < 0 || !batch->sample(id).done()) continue;
-      std::optional<pipeline::DenoiseBatch::Sample> s = batch->Remove(id);
+      if (id < 0 || !run->batch->denoise->sample(id).done()) continue;
+      std::optional<pipeline::DenoiseBatch::Sample> s = run->batch->denoise->Remove(id);
       run->sample_ids[i] = -1;
       finished.push_back({run.get(), i, s->latents});
     }
@@ -37,7 +37,7 @@ void Worker::Impl::RetireDone() {
   }
   // While samples are still denoising, images still encoding wait for a later boundary; once none is, the
   // worker waits for them (nothing else to do, and a run must not sit finished but unreported).
-  CollectEncoded(/*all=*/batch == nullptr || batch->Done());
+  CollectEncoded(/*all=*/std::all_of(batches.begin(), batches.end(), [](const auto& b) { return b->denoise->Done(); }));
   for (auto& run : jobs) {
     if (run->ended || run->images_left() > 0) continue;
     GenerationResult result = std::move(run->result);
@@ -67,6 +67,7 @@ void Worker::Impl::DecodeChunk(const std::vector<FinishedSample>& chunk) {
     if (!f.run->ended) live.push_back(f);
   }
   if (live.empty()) return;
+  const int batch_width = live.front().run->call.width, batch_height = live.front().run->call.height;
   clock->Start();
   absl::StatusOr<std::vector<at::Tensor>> rgb = pipeline::GuardTorch("batching latents", [&]() {
     std::vector<at::Tensor> latents;

@@ -208,3 +208,44 @@ def test_images_encoded_on_the_pool_equal_inline_ones_and_none_is_lost(tiny_mode
     for inline, pooled in zip(results[0], results[2]):
         assert [im.data for im in pooled.images] == [im.data for im in inline.images]
         assert [im.seed for im in pooled.images] == [im.seed for im in inline.images]
+
+
+# A long call of the native size, and a short call of another size with a latency target: more urgent (its due
+# time is its target; a best-effort call's is 4x its unloaded latency), so with two running batches allowed the
+# worker opens a second batch for it and steps that one first; with one, it waits for the long batch to drain.
+OTHER_SIZE = dict(prompt="another size", seed=3, num_inference_steps=4, guidance_scale=7.5, width=96, height=96,
+                  scheduler=pb.SCHEDULER_DDIM, latency_target_seconds=0.5)
+
+
+@pytest.mark.parametrize("batches,order", [(2, ["other", "long"]), (1, ["long", "other"])])
+def test_a_more_urgent_call_of_another_size_runs_beside_the_long_batch(tiny_model, batches, order):
+    binary("tomeserve")
+    args = ["--model", tiny_model, "--max-steps", "150", "--max-running-batches", str(batches)]
+    with running_server(args) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        long_stream = stub.GenerateStream(pb.GenerateRequest(request_id="long", **LONG), timeout=600)
+        first_progress(long_stream)  # running
+        other = stub.Generate(pb.GenerateRequest(request_id="other", **OTHER_SIZE), timeout=600)
+        long = list(long_stream)[-1].result
+        assert finished_order(s.log(), ["other", "long"]) == order, s.log()
+        # Separate batches: neither shared a UNet call, and each image equals its solo run.
+        assert other.batch_size == 1 and long.batch_size == 1
+        solo = stub.Generate(pb.GenerateRequest(**OTHER_SIZE), timeout=600)
+        assert np.abs(pixels(other.images[0]) - pixels(solo.images[0])).max() <= 1
+
+
+def test_two_cpu_workers_serve_two_calls_at_once(tiny_model):
+    binary("tomeserve")
+    # One image per UNet batch: two calls can only run at once on two workers.
+    args = ["--model", tiny_model, "--max-steps", "150", "--devices", "cpu:0,cpu:1", "--max-batch-size", "1"]
+    with running_server(args) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        with futures.ThreadPoolExecutor(2) as pool:
+            calls = [pool.submit(stub.Generate, pb.GenerateRequest(request_id=f"w{i}", **dict(LONG, seed=i)),
+                                 timeout=600) for i in range(2)]
+            results = [c.result() for c in calls]
+        # Neither queued behind the other (on one worker the second would wait the first's whole denoise).
+        for r in results:
+            assert r.batch_size == 1
+            assert r.timings.queue_seconds < 0.5 * min(x.timings.denoising_seconds for x in results), r.timings
+        assert "worker 0 on cpu:0" in s.log() and "worker 1 on cpu:1" in s.log(), s.log()

@@ -151,7 +151,7 @@ ReplayResult Replay(const std::vector<TraceCall>& trace, const CostProfile& prof
   auto boundary = [&](Worker& w) {
     double t = now;
     server::WorkerView view{.cost = w.model.get(), .running = w.running, .max_images = o.policy.max_batch_images,
-                            .budget = budget};
+                            .budget = budget, .max_batches = o.max_batches};
     const std::vector<server::PolicyCall> q = queued_calls();
     const server::AdmitPlan plan = policy.Admit(view, q, t, false);
     std::vector<size_t> taken;
@@ -174,19 +174,27 @@ ReplayResult Replay(const std::vector<TraceCall>& trace, const CostProfile& prof
       w.busy = false;
       return;
     }
+    // One step of one batch: the one the policy picks (server/worker.cpp does the same).
+    view.running = w.running;
+    const server::PolicyCall shape = w.running[policy.PickBatch(view)].call;
+    auto in_batch = [&](const server::RunningCall& r) {
+      return r.call.model == shape.model && r.call.width == shape.width && r.call.height == shape.height;
+    };
     int rows = 0;
     double tome_rows = 0;
     for (const server::RunningCall& r : w.running) {
+      if (!in_batch(r)) continue;
       rows += r.call.rows;
       tome_rows += r.call.rows * r.ratio;
     }
-    const server::PolicyCall& shape = w.running.front().call;
     const double dt = *profile.StepSeconds(kModel, shape.latent_pixels, rows, tome_rows);
     w.model->Observe(kModel, shape.latent_pixels, rows, tome_rows, dt);
     ++result.unet_calls;
     result.unet_rows += rows;
     t += dt;
-    for (server::RunningCall& r : w.running) --r.calls_left;
+    for (server::RunningCall& r : w.running) {
+      if (in_batch(r)) --r.calls_left;
+    }
     for (const server::RunningCall& r : w.running) {
       if (r.calls_left > 0) continue;
       const double image = profile.ImageSeconds(r.call.latent_pixels);

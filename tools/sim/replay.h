@@ -39,6 +39,7 @@ struct ReplayOptions {
   int max_queue_size = 64;
   int workers = 1;
   int64_t max_batch_cost = 0;  // 0: the profile's budget
+  int max_batches = 2;         // running batches (one per size) per worker (--max-running-batches)
   int warmup_steps = 2;
   bool slo = false;            // calls with slo_x get a target and their max_ratio
   double arrival_scale = 1;    // seconds per trace time unit
