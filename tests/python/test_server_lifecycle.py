@@ -110,15 +110,17 @@ def test_full_queue_cancel_frees_slot_and_deadline_while_queued(one_slot_server)
 
 def test_cancelled_call_leaves_its_batch_the_other_continues(tiny_model):
     binary("tomeserve")
-    # Two calls run in one batch (the second joins the first at a step boundary); 60 steps take far longer than
-    # a cancel needs to land, so it lands mid-run.
+    # Two calls run in one batch: the second, much shorter, joins the first at a step boundary (on a CPU the
+    # batching policy lets a short call join a long one's batch; one of equal length would wait). 60 steps take
+    # far longer than a cancel needs to land, so it lands mid-run.
     args = ["--model", tiny_model, "--max-batch-size", "2", "--max-queue-delay-ms", "30000"]
     with running_server(args) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
-        same = dict(num_inference_steps=60, tome=pb.TokenMerging(ratio=0.5))
-        cancelled = stub.GenerateStream(request(request_id="cancel-me", seed=1, **same), timeout=300)
-        kept = stub.GenerateStream(request(request_id="keep-me", seed=2, **same), timeout=300)
+        tome = dict(tome=pb.TokenMerging(ratio=0.5))
+        cancelled = stub.GenerateStream(request(request_id="cancel-me", seed=1, num_inference_steps=60, **tome),
+                                        timeout=300)
         first_event(cancelled, "progress")
+        kept = stub.GenerateStream(request(request_id="keep-me", seed=2, num_inference_steps=15, **tome), timeout=300)
         # Step-level batching: keep-me joins at a step boundary; once it has made a step, both shared a UNet call.
         first_progress = first_event(kept, "progress")
         cancelled.cancel()
