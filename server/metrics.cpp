@@ -87,7 +87,13 @@ struct Metrics::Impl {
       "Time per call phase: queue, text_encoding, denoising, decoding (CUDA event time on CUDA devices)");
   Family<Histogram>& steps = HistogramFamily(
       r, "tomeserve_unet_step_seconds",
-      "One denoising step (UNet call and scheduler updates) by the ToMe ratios and resolution of its rows");
+      "One denoising step (UNet call and scheduler updates) whose rows all share one ToMe ratio, by that ratio and "
+      "resolution (steps mixing ratios are not observed here: see tomeserve_step_marginal_seconds)");
+  Family<Gauge>& marginal = GaugeFamily(
+      r, "tomeserve_step_marginal_seconds",
+      "Predicted seconds one guided image at this ToMe ratio adds to a step of its batch (the worker's step-time "
+      "model at the batch's current rows), by ratio and resolution: the cost of that ratio's work under mixed "
+      "batches");
   Family<Counter>& images = CounterFamily(r, "tomeserve_images_total", "Images returned by ToMe ratio and resolution");
   Family<Counter>& tokens = CounterFamily(
       r, "tomeserve_tome_tokens_total",
@@ -183,6 +189,12 @@ void Metrics::ObserveStep(double tome_ratio, int width, int height, double secon
   impl_->steps
       .Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}}, StepBuckets())
       .Observe(seconds);
+}
+
+void Metrics::SetStepMarginal(double tome_ratio, int width, int height, double seconds) {
+  if (!impl_) return;
+  impl_->marginal.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
+      .Set(seconds);
 }
 
 void Metrics::ObserveBatch(int images, int rows) {

@@ -6,8 +6,11 @@
 //   tomeserve_requests_total{code}                                      finished Generate/GenerateStream calls
 //   tomeserve_request_latency_seconds{tome_ratio,resolution,code}       end to end, enqueue to finish
 //   tomeserve_phase_seconds{phase=queue|text_encoding|denoising|decoding} per call (device time on CUDA)
-//   tomeserve_unet_step_seconds{tome_ratio,resolution}                  one UNet call + scheduler updates, once per
-//                                                                       ToMe ratio present in the call
+//   tomeserve_unet_step_seconds{tome_ratio,resolution}                  one UNet call + scheduler updates, for steps
+//                                                                       whose rows all share that ratio
+//   tomeserve_step_marginal_seconds{tome_ratio,resolution}              gauge: predicted seconds one guided image
+//                                                                       at that ratio adds to its batch's step
+//                                                                       (what the ratio's work costs, mixed or not)
 //   tomeserve_images_total{tome_ratio,resolution}                       images returned
 //   tomeserve_tome_tokens_total{tome_ratio,stage=before|after}          tokens entering patched blocks and left
 //                                                                       after merging (merged fraction = 1 - after/before)
@@ -60,6 +63,7 @@ class Metrics {
   void ObserveRequest(double tome_ratio, int width, int height, absl::StatusCode code, double seconds);
   void ObservePhases(double queue, double text_encoding, double denoising, double decoding);
   void ObserveStep(double tome_ratio, int width, int height, double seconds);
+  void SetStepMarginal(double tome_ratio, int width, int height, double seconds);
   void ObserveBatch(int images, int rows);
   void CountImages(double tome_ratio, int width, int height, int images);
   void CountMergedTokens(double tome_ratio, int64_t before, int64_t after);

@@ -538,6 +538,22 @@ void Worker::Impl::Step() {
       only_ratio = ratio;
     }
     if (only_ratio && !mixed) metrics->ObserveStep(*only_ratio, b.width, b.height, seconds);
+    // What one more guided image at each ratio present (and at 0, the comparison's base) would add to this step.
+    const int64_t pixels = batch->latent_height() * batch->latent_width();
+    const std::optional<double> now_cost = step_times->StepSeconds(b.model, pixels, rows, tome_rows);
+    std::vector<std::string> marked;
+    auto mark_ratio = [&](double ratio) {
+      const std::string label = RatioLabel(ratio);
+      if (!now_cost || std::find(marked.begin(), marked.end(), label) != marked.end()) return;
+      marked.push_back(label);
+      if (std::optional<double> more = step_times->StepSeconds(b.model, pixels, rows + 2, tome_rows + 2 * ratio)) {
+        metrics->SetStepMarginal(ratio, b.width, b.height, std::max(0.0, *more - *now_cost));
+      }
+    };
+    mark_ratio(0.0);
+    for (const auto& run : jobs) {
+      if (run->batch == &b && !run->ended) mark_ratio(tome::Canonical(run->tome).ratio);
+    }
     return;
   }
   if (pipeline::IsOutOfMemory(status)) {
