@@ -97,7 +97,7 @@ absl::StatusOr<v1::GenerateRequest> BuildGenerateRequest(const CliArgs& args) {
     if (!g.ok()) return g.status();
     r.set_guidance_scale(static_cast<float>(*g));
   }
-  if (args.Has("seed")) {
+  if (args.Has("seed") && *args.Get("seed") != "-1") {  // -1: unset, the server draws one (A1111's convention)
     absl::StatusOr<uint64_t> seed = GetUint64(args, "seed");
     if (!seed.ok()) return seed.status();
     r.set_seed(*seed);

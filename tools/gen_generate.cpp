@@ -43,7 +43,11 @@ struct Options {
 
 // --tome-* flags onto tomesd's defaults; errors name the flags, not the request fields.
 absl::Status ParseTomeFlags(const CliArgs& a, tome::TokenMerging& t) {
-  auto ratio = a.GetDouble("tome-ratio", 0, 0, 1);
+  // --ratio is tomeserve-cli's name for the same setting; either one, not both.
+  if (a.Has("ratio") && a.Has("tome-ratio")) {
+    return absl::InvalidArgumentError("give --ratio or --tome-ratio (the same setting), not both");
+  }
+  auto ratio = a.GetDouble(a.Has("ratio") ? "ratio" : "tome-ratio", 0, 0, 1);
   auto max_downsample = a.GetInt("tome-max-downsample", t.max_downsample, 1, 8);
   auto sx = a.GetInt("tome-sx", t.sx, 1, tome::kMaxStride);
   auto sy = a.GetInt("tome-sy", t.sy, 1, tome::kMaxStride);
@@ -75,7 +79,7 @@ absl::StatusOr<Options> ParseOptions(const std::vector<std::string>& raw) {
   absl::StatusOr<CliArgs> a = CliArgs::Parse(
       args,
       {"model", "prompt", "negative-prompt", "width", "height", "steps", "guidance", "seed", "scheduler",
-       "num-images", "device", "dtype", "init-latents", "save-latents", "output", "tome-ratio",
+       "num-images", "device", "dtype", "init-latents", "save-latents", "output", "tome-ratio", "ratio",
        "tome-max-downsample", "tome-sx", "tome-sy", "tome-seed"},
       {"tome-no-rand", "tome-merge-crossattn", "tome-merge-mlp"});
   if (!a.ok()) return a.status();
@@ -106,9 +110,10 @@ absl::StatusOr<Options> ParseOptions(const std::vector<std::string>& raw) {
   o.batch.num_inference_steps = static_cast<int>(*steps);
   o.guidance = *guidance;
   o.num_images = static_cast<int>(*num_images);
-  if (auto seed = a->Get("seed")) {
+  if (auto seed = a->Get("seed"); seed && *seed != "-1") {  // -1: random (A1111's convention)
     if (!absl::SimpleAtoi(*seed, &o.seed)) {
-      return absl::InvalidArgumentError(absl::StrCat("--seed must be an integer in [0, 2^64), got \"", *seed, "\""));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--seed must be an integer in [0, 2^64) or -1 (random), got \"", *seed, "\""));
     }
   } else {
     o.seed = std::random_device{}() & 0xffffffffu;
@@ -153,8 +158,11 @@ int Generate(const std::vector<std::string>& args) {
   if (!parsed.ok()) return UsageError(parsed.status());
   Options& o = *parsed;
   // Fail before minutes of denoising, not after.
+  if (o.output == "-" && o.num_images > 1) {
+    return UsageError(absl::InvalidArgumentError("-o - writes one PNG to stdout; --num-images > 1 needs a file name"));
+  }
   const std::filesystem::path out_dir = std::filesystem::absolute(o.output).parent_path();
-  if (!std::filesystem::is_directory(out_dir)) {
+  if (o.output != "-" && !std::filesystem::is_directory(out_dir)) {
     return UsageError(absl::InvalidArgumentError(absl::StrCat("-o: folder ", out_dir.string(), " does not exist")));
   }
 
@@ -206,6 +214,14 @@ int Generate(const std::vector<std::string>& args) {
         pipeline::EncodePng(img.rgb8.data_ptr<uint8_t>(), width, height,
                             {{"parameters", pipeline::FormatA1111Parameters(params)}});
     if (!png.ok()) return RuntimeError(png.status());
+    if (o.output == "-") {  // the PNG is stdout; what would be printed there goes to stderr
+      if (std::fwrite(png->data(), 1, png->size(), stdout) != png->size() || std::fflush(stdout) != 0) {
+        return RuntimeError(absl::DataLossError("stdout: cannot write the image"));
+      }
+      std::fprintf(stderr, "- seed=%llu\n", static_cast<unsigned long long>(img.seed));
+      latents.push_back(img.latents);
+      continue;
+    }
     const std::string path = OutputPath(o.output, i, o.num_images);
     std::ofstream out(path, std::ios::binary | std::ios::trunc);
     out.write(png->data(), static_cast<std::streamsize>(png->size()));

@@ -74,6 +74,10 @@ def test_unset_flags_stay_unset(cli, fake, tmp_path):
     assert (req.width, req.height, req.num_inference_steps, req.num_images, req.scheduler) == (0, 0, 0, 0, 0)
     assert req.output_format == stubs()[0].OUTPUT_FORMAT_RAW_RGB8
     assert (tmp_path / "x.rgb").exists()  # one image: the name as given
+    # --seed -1 (A1111's "random") leaves the seed unset: the server draws one.
+    r = run(cli, "--target", fake.target, "generate", "--prompt", "x", "--seed", "-1", "-o", str(tmp_path / "y.png"))
+    assert r.returncode == 0, r.stderr
+    assert not fake.requests[-1].HasField("seed")
 
 
 def test_connection_flags_after_the_command(cli, fake):
@@ -137,7 +141,7 @@ def test_deadline(cli, tmp_path):
          '--steps must be an integer in [0, 1048576], got "many"'),
         (["--target", "h:1", "generate", "--prompt", "x", "--ratio", "1.5", "-o", "x.png"],
          "--ratio must be a number in [0, 1]"),
-        (["--target", "h:1", "generate", "--prompt", "x", "--seed", "-1", "-o", "x.png"], "--seed must be an integer"),
+        (["--target", "h:1", "generate", "--prompt", "x", "--seed", "-2", "-o", "x.png"], "--seed must be an integer"),
         (["--target", "h:1", "generate", "--prompt", "x", "--scheduler", "lms", "-o", "x.png"],
          "--scheduler must be one of pndm, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras"),
         (["--target", "h:1", "generate", "--prompt", "x", "-o", "/nonexistent/dir/x.png"], "does not exist"),

@@ -78,7 +78,7 @@ def test_several_images_and_latents_round_trip(gen, tiny_model, tmp_path):
         (["--model", "M", "--prompt", "x", "-o", "o.png", "--scheduler", "lms"], "--scheduler"),
         (["--model", "M", "--prompt", "x", "-o", "o.png", "--dtype", "fp8"], "--dtype"),
         (["--model", "M", "--prompt", "x", "-o", "o.png", "--device", "tpu"], "--device"),
-        (["--model", "M", "--prompt", "x", "-o", "o.png", "--seed", "-1"], "--seed"),
+        (["--model", "M", "--prompt", "x", "-o", "o.png", "--seed", "-2"], "--seed"),
     ],
 )
 def test_usage_errors(gen, args, needle):
@@ -111,3 +111,28 @@ def test_init_latents_of_wrong_size_and_missing_output_folder_exit_2(gen, tiny_m
     assert r.returncode == 2 and "init_latents must be [4, 8, 8]" in r.stderr, r.stderr
     r = run(gen, "--model", tiny_model, "--prompt", "x", "--steps", 1, "-o", tmp_path / "nope" / "o.png")
     assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
+
+
+def test_stdout_output_seed_minus_one_and_the_ratio_alias(gen, tiny_model, tmp_path):
+    common = ["--model", tiny_model, "--prompt", "a lighthouse", "--steps", 2, "--width", 64, "--height", 64]
+    out = tmp_path / "file.png"
+    assert run(gen, *common, "--seed", 5, "-o", out).returncode == 0
+    # -o -: the PNG bytes on stdout, byte for byte the file's; the seed line on stderr.
+    piped = subprocess.run([str(gen), "generate", *map(str, common), "--seed", "5", "-o", "-"], capture_output=True,
+                           timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == out.read_bytes()
+    assert b"- seed=5" in piped.stderr
+    r = run(gen, *common, "--num-images", 2, "-o", "-")
+    assert r.returncode == 2 and "--num-images > 1 needs a file name" in r.stderr
+    # --seed -1: a random seed (A1111's convention), printed.
+    r = run(gen, *common, "--seed", -1, "-o", tmp_path / "random.png")
+    assert r.returncode == 0, r.stderr
+    assert "seed=" in r.stdout and "seed=18446744073709551615" not in r.stdout
+    # --ratio is --tome-ratio under tomeserve-cli's name: the same image; both at once is a usage error.
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert run(gen, *common, "--seed", 5, "--tome-ratio", 0.5, "--tome-max-downsample", 2, "-o", a).returncode == 0
+    assert run(gen, *common, "--seed", 5, "--ratio", 0.5, "--tome-max-downsample", 2, "-o", b).returncode == 0
+    assert a.read_bytes() == b.read_bytes()
+    r = run(gen, *common, "--ratio", 0.5, "--tome-ratio", 0.5, "-o", a)
+    assert r.returncode == 2 and "not both" in r.stderr
