@@ -311,6 +311,15 @@ grpc::ServerUnaryReactor* ImageGeneratorService::ListModels(grpc::CallbackServer
     info->set_default_scheduler(ToProto(m.default_scheduler));
     for (const std::string& d : m.devices) info->add_devices(d);
     info->set_dtype(m.dtype);
+    const RequestLimits& l = context_->limits;
+    info->set_default_tome_ratio(static_cast<float>(l.default_tome_ratio));
+    v1::RequestLimits* limits = info->mutable_limits();
+    limits->set_max_side(static_cast<uint32_t>(l.max_side));
+    limits->set_max_pixels(static_cast<uint64_t>(l.max_pixels));
+    limits->set_max_steps(static_cast<uint32_t>(l.max_steps));
+    limits->set_max_images(static_cast<uint32_t>(l.max_images));
+    limits->set_max_prompt_tokens(static_cast<uint32_t>(l.max_prompt_tokens));
+    limits->set_max_prompt_bytes(static_cast<uint32_t>(l.max_prompt_bytes));
   }
   reactor->Finish(grpc::Status::OK);
   return reactor;

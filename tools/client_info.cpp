@@ -86,9 +86,12 @@ int ListModelsCommand(const ConnectionOptions& connection, const CliArgs& /*args
   grpc::Status status = stub->ListModels(&context, v1::ListModelsRequest(), &response);
   if (!status.ok()) return RpcError(status);
   for (const v1::ModelInfo& m : response.models()) {
-    std::printf("%s\t%ux%u\tscheduler %s\tdtype %s\tdevices %s\n", m.name().c_str(), m.native_width(),
-                m.native_height(), SchedulerName(m.default_scheduler()), m.dtype().c_str(),
-                absl::StrJoin(m.devices(), ",").c_str());
+    std::printf("%s\t%ux%u\tscheduler %s\tdtype %s\tdevices %s\tdefault ratio %g\tlimits: side <= %u, "
+                "pixels <= %llu, steps <= %u, images <= %u, prompt <= %u tokens\n",
+                m.name().c_str(), m.native_width(), m.native_height(), SchedulerName(m.default_scheduler()),
+                m.dtype().c_str(), absl::StrJoin(m.devices(), ",").c_str(), m.default_tome_ratio(),
+                m.limits().max_side(), static_cast<unsigned long long>(m.limits().max_pixels()),
+                m.limits().max_steps(), m.limits().max_images(), m.limits().max_prompt_tokens());
   }
   std::fflush(stdout);
   return kExitOk;

@@ -63,7 +63,9 @@ class FakeServer:
                 self._check(context)
                 return pb2.ListModelsResponse(models=[pb2.ModelInfo(
                     name="tiny", native_width=64, native_height=64, default_scheduler=pb2.SCHEDULER_PNDM,
-                    devices=["cpu"], dtype="fp32")])
+                    devices=["cpu"], dtype="fp32", default_tome_ratio=0.5,
+                    limits=pb2.RequestLimits(max_side=1024, max_pixels=1 << 20, max_steps=150, max_images=4,
+                                             max_prompt_tokens=77, max_prompt_bytes=4096))])
 
         class Health(health_pb2_grpc.HealthServicer):
             def Check(self, request, context):

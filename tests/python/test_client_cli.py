@@ -84,6 +84,8 @@ def test_connection_flags_after_the_command(cli, fake):
     r = run(cli, "list-models", "--target", fake.target, "--timeout", "5")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\t")[:3] == ["tiny", "64x64", "scheduler pndm"]
+    assert "default ratio 0.5\tlimits: side <= 1024, pixels <= 1048576, steps <= 150, images <= 4, prompt <= 77 " \
+           "tokens" in r.stdout
 
 
 def test_health(cli, fake):

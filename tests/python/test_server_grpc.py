@@ -46,6 +46,10 @@ def test_list_models(stub):
     assert tiny.default_scheduler == pb.SCHEDULER_PNDM
     assert list(tiny.devices) == ["cpu"]
     assert tiny.dtype == "fp32"
+    # What a client needs before its first call: the default ratio and the request limits (the server's flags).
+    assert tiny.default_tome_ratio == pytest.approx(0.5)
+    assert (tiny.limits.max_side, tiny.limits.max_pixels, tiny.limits.max_steps) == (1024, 1024 * 1024, 150)
+    assert (tiny.limits.max_images, tiny.limits.max_prompt_tokens, tiny.limits.max_prompt_bytes) == (4, 77, 4096)
 
 
 def test_generate_png_with_parameters(stub):
