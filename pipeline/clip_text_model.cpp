@@ -80,10 +80,11 @@ at::Tensor ClipTextModelImpl::forward(const at::Tensor& input_ids) const {
 }
 
 absl::StatusOr<std::shared_ptr<ClipTextModelImpl>> ClipTextModelImpl::Load(const std::filesystem::path& dir,
-                                                                           const ComputeTarget& target) {
+                                                                           const ComputeTarget& target,
+                                                                           absl::string_view variant) {
   absl::StatusOr<ClipTextConfig> config = ClipTextConfig::Load(dir / "config.json");
   if (!config.ok()) return config.status();
-  absl::StatusOr<WeightStore> weights = WeightStore::OpenComponent(dir, "model");
+  absl::StatusOr<WeightStore> weights = WeightStore::OpenComponent(dir, "model", variant);
   if (!weights.ok()) return weights.status();
   return GuardTorch(absl::StrCat("building the text encoder from ", dir.string()),
                     [&]() -> absl::StatusOr<std::shared_ptr<ClipTextModelImpl>> {

@@ -13,6 +13,7 @@
 #include <torch/nn/pimpl.h>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "pipeline/device.h"
 #include "pipeline/layers.h"
 #include "pipeline/model_config.h"
@@ -70,9 +71,10 @@ class ClipTextModelImpl : public torch::nn::Module {
  public:
   ClipTextModelImpl(const ClipTextConfig& config, const at::TensorOptions& options);
 
-  // Loads text_encoder/{config.json, model.safetensors} onto `target`.
+  // Loads text_encoder/{config.json, model.safetensors} onto `target`; `variant` as WeightStore::OpenComponent's.
   static absl::StatusOr<std::shared_ptr<ClipTextModelImpl>> Load(const std::filesystem::path& dir,
-                                                                 const ComputeTarget& target);
+                                                                 const ComputeTarget& target,
+                                                                 absl::string_view variant = "");
 
   // input_ids [B, L] (int64, L <= max_position_embeddings) -> last_hidden_state [B, L, hidden].
   at::Tensor forward(const at::Tensor& input_ids) const;

@@ -47,14 +47,14 @@ absl::StatusOr<std::unique_ptr<StableDiffusion>> StableDiffusion::Create(const P
   absl::StatusOr<std::unique_ptr<ClipTokenizer>> tokenizer = ClipTokenizer::Load(dir / "tokenizer");
   if (!tokenizer.ok()) return tokenizer.status();
   sd->tokenizer_ = *std::move(tokenizer);
-  absl::StatusOr<std::shared_ptr<ClipTextModelImpl>> text = ClipTextModelImpl::Load(dir / "text_encoder", options.target);
+  absl::StatusOr<std::shared_ptr<ClipTextModelImpl>> text = ClipTextModelImpl::Load(dir / "text_encoder", options.target, options.variant);
   if (!text.ok()) return text.status();
   sd->text_encoder_ = *std::move(text);
   absl::StatusOr<std::shared_ptr<UNet2DConditionModelImpl>> unet =
-      UNet2DConditionModelImpl::Load(dir / "unet", options.target);
+      UNet2DConditionModelImpl::Load(dir / "unet", options.target, options.variant);
   if (!unet.ok()) return unet.status();
   sd->unet_ = *std::move(unet);
-  absl::StatusOr<std::shared_ptr<VaeDecoderImpl>> vae = VaeDecoderImpl::Load(dir / "vae", options.target);
+  absl::StatusOr<std::shared_ptr<VaeDecoderImpl>> vae = VaeDecoderImpl::Load(dir / "vae", options.target, options.variant);
   if (!vae.ok()) return vae.status();
   sd->vae_ = *std::move(vae);
   if (absl::Status s = sd->CheckComponentsFit(); !s.ok()) return s;

@@ -33,6 +33,9 @@ namespace tomeserve::pipeline {
 struct PipelineOptions {
   std::filesystem::path model_dir;  // a diffusers folder: model_index.json, tokenizer/, text_encoder/, unet/, ...
   ComputeTarget target;
+  // diffusers' `variant=`: load <stem>.<variant>.safetensors (or its sharded index) in every component; empty:
+  // the plain weights, or the only variant present (WeightStore::OpenComponent).
+  std::string variant;
   // Text embeddings kept across calls (TextEmbeddingCache), most recently used first; 0 = none. An SD 1.x entry
   // is 77 x 768 values (118 KB in fp16).
   size_t text_cache_entries = 256;

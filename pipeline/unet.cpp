@@ -147,10 +147,10 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at:
 }
 
 absl::StatusOr<std::shared_ptr<UNet2DConditionModelImpl>> UNet2DConditionModelImpl::Load(
-    const std::filesystem::path& unet_dir, const ComputeTarget& target) {
+    const std::filesystem::path& unet_dir, const ComputeTarget& target, absl::string_view variant) {
   absl::StatusOr<UNet2DConditionConfig> config = UNet2DConditionConfig::Load(unet_dir / "config.json");
   if (!config.ok()) return config.status();
-  absl::StatusOr<WeightStore> weights = WeightStore::OpenComponent(unet_dir, "diffusion_pytorch_model");
+  absl::StatusOr<WeightStore> weights = WeightStore::OpenComponent(unet_dir, "diffusion_pytorch_model", variant);
   if (!weights.ok()) return weights.status();
   return GuardTorch(absl::StrCat("building the UNet from ", unet_dir.string()),
                     [&]() -> absl::StatusOr<std::shared_ptr<UNet2DConditionModelImpl>> {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "pipeline/device.h"
 #include "pipeline/layers.h"
 #include "pipeline/transformer_hook.h"
@@ -29,9 +30,11 @@ class UNet2DConditionModelImpl : public torch::nn::Module {
  public:
   UNet2DConditionModelImpl(const UNet2DConditionConfig& config, const at::TensorOptions& options);
 
-  // Loads unet/{config.json, diffusion_pytorch_model.safetensors (or its sharded index)} onto `target`.
+  // Loads unet/{config.json, diffusion_pytorch_model.safetensors (or its sharded index)} onto `target`;
+  // `variant` as WeightStore::OpenComponent's.
   static absl::StatusOr<std::shared_ptr<UNet2DConditionModelImpl>> Load(const std::filesystem::path& unet_dir,
-                                                                        const ComputeTarget& target);
+                                                                        const ComputeTarget& target,
+                                                                        absl::string_view variant = "");
 
   // sample [B, in_channels, h, w] (any h, w >= 1) in the model's dtype and device; timesteps [B], [1] or
   // 0-dim of any numeric dtype (fractional values allowed), on any device; encoder_hidden_states [B, L,

@@ -226,10 +226,11 @@ at::Tensor VaeDecoderImpl::DecodeTiled(const at::Tensor& latents) const {
 }
 
 absl::StatusOr<std::shared_ptr<VaeDecoderImpl>> VaeDecoderImpl::Load(const std::filesystem::path& vae_dir,
-                                                                     const ComputeTarget& target) {
+                                                                     const ComputeTarget& target,
+                                                                     absl::string_view variant) {
   absl::StatusOr<VaeConfig> config = VaeConfig::Load(vae_dir / "config.json");
   if (!config.ok()) return config.status();
-  absl::StatusOr<WeightStore> weights = WeightStore::OpenComponent(vae_dir, "diffusion_pytorch_model");
+  absl::StatusOr<WeightStore> weights = WeightStore::OpenComponent(vae_dir, "diffusion_pytorch_model", variant);
   if (!weights.ok()) return weights.status();
   return GuardTorch(absl::StrCat("building the VAE decoder from ", vae_dir.string()),
                     [&]() -> absl::StatusOr<std::shared_ptr<VaeDecoderImpl>> {

@@ -24,6 +24,7 @@
 #include <memory>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "pipeline/device.h"
 #include "pipeline/layers.h"
 #include "pipeline/resnet_block.h"
@@ -75,9 +76,10 @@ class VaeDecoderImpl : public torch::nn::Module {
   VaeDecoderImpl(const VaeConfig& config, const at::TensorOptions& options);
 
   // Loads vae/{config.json, diffusion_pytorch_model.safetensors} onto `target`, in target.dtype (see the note
-  // on precision above; the caller picks the dtype).
+  // on precision above; the caller picks the dtype); `variant` as WeightStore::OpenComponent's.
   static absl::StatusOr<std::shared_ptr<VaeDecoderImpl>> Load(const std::filesystem::path& vae_dir,
-                                                              const ComputeTarget& target);
+                                                              const ComputeTarget& target,
+                                                              absl::string_view variant = "");
 
   // latents: [B, latent_channels, h, w], as the denoiser leaves them (still multiplied by scaling_factor),
   // any floating dtype, any device. Divides by scaling_factor in the latents' own dtype (as diffusers'

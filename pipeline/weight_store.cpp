@@ -35,7 +35,28 @@ absl::StatusOr<WeightStore> WeightStore::OpenFile(const std::filesystem::path& p
   return store;
 }
 
-absl::StatusOr<WeightStore> WeightStore::OpenComponent(const std::filesystem::path& dir, absl::string_view stem) {
+absl::StatusOr<WeightStore> WeightStore::OpenComponent(const std::filesystem::path& dir, absl::string_view stem,
+                                                       absl::string_view variant) {
+  if (!variant.empty()) {
+    const std::filesystem::path file = dir / absl::StrCat(stem, ".", variant, ".safetensors");
+    if (std::filesystem::exists(file)) return OpenFile(file);
+    const std::filesystem::path index = dir / absl::StrCat(stem, ".safetensors.index.", variant, ".json");
+    if (std::filesystem::exists(index)) return OpenIndex(dir, index);
+    std::vector<std::string> present;
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+      const std::string name = entry.path().filename().string();
+      if (absl::StartsWith(name, stem) && (absl::EndsWith(name, ".safetensors") || absl::EndsWith(name, ".json")) &&
+          !absl::StrContains(name, "-of-")) {
+        present.push_back(name);
+      }
+    }
+    std::sort(present.begin(), present.end());
+    return absl::NotFoundError(absl::StrCat("no \"", variant, "\" weights in ", dir.string(), ": expected ",
+                                            file.filename().string(), " or ", index.filename().string(),
+                                            " (the folder has: ", present.empty() ? "none" : absl::StrJoin(present, ", "),
+                                            "); drop --variant to load the plain weights"));
+  }
   const std::filesystem::path single = dir / absl::StrCat(stem, ".safetensors");
   if (std::filesystem::exists(single)) return OpenFile(single);
 

@@ -20,8 +20,11 @@ class WeightStore {
   // its weight_map names. `stem` is "model" for transformers components and "diffusion_pytorch_model" for
   // diffusers ones. A tensor listed twice, or listed in the index but missing from its shard, is an error.
   // Without either, diffusers' variant files (`<stem>.fp16.safetensors`, `<stem>.safetensors.index.fp16.json`)
-  // are used when exactly one variant is present; several variants are an error naming them.
-  static absl::StatusOr<WeightStore> OpenComponent(const std::filesystem::path& dir, absl::string_view stem);
+  // are used when exactly one variant is present; several variants are an error naming them. A non-empty
+  // `variant` (diffusers' `variant=`) asks for that one: `<stem>.<variant>.safetensors` or its sharded index,
+  // else NOT_FOUND naming both names and the variants the folder has.
+  static absl::StatusOr<WeightStore> OpenComponent(const std::filesystem::path& dir, absl::string_view stem,
+                                                   absl::string_view variant = "");
 
   // A store over one already-opened file (tests, --init-latents).
   static absl::StatusOr<WeightStore> OpenFile(const std::filesystem::path& file);

@@ -321,6 +321,7 @@ int Run(int argc, char** argv, bool huge_pages) {
                         .device = device,
                         .dtype = o.dtype,
                         .models = o.models,
+                        .variant = o.variant,
                         .max_batch_images = o.max_batch_size,
                         .max_running_batches = o.max_running_batches,
                         .max_batch_cost = o.max_batch_cost,

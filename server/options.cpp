@@ -34,6 +34,9 @@ ABSL_FLAG(std::string, devices, "auto",
           "auto (every CUDA device, else cpu), cpu, or cuda:0,cuda:1,...; one "
           "worker thread per device (cpu:0,cpu:1,... names several CPU workers sharing the cores).");
 ABSL_FLAG(std::string, dtype, "auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.");
+ABSL_FLAG(std::string, variant, "",
+          "diffusers weight variant to load in every model component, as diffusers' variant= (fp16 loads "
+          "<name>.fp16.safetensors); empty: the plain weights, or the only variant a folder has.");
 ABSL_FLAG(std::string, batching, "step",
           "step: running batches re-formed at every denoising step (calls join and leave at step boundaries "
           "when the batching policy finds it pays; any steps, scheduler, guidance and ToMe settings share a UNet "
@@ -399,6 +402,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   o.devices = absl::GetFlag(FLAGS_devices);
   o.dtype = absl::GetFlag(FLAGS_dtype);
+  o.variant = absl::GetFlag(FLAGS_variant);
   o.batching = absl::GetFlag(FLAGS_batching);
   o.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
   o.max_running_batches = absl::GetFlag(FLAGS_max_running_batches);
@@ -452,6 +456,8 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
                  absl::StrCat("HOST:PORT with a port in 0..65535 (0 picks a free one), or unix:PATH; got \"",
                               absl::CHexEscape(o.listen), "\"")),
            Check(o.batching == "step" || o.batching == "request", "batching", "step or request"),
+           Check(o.variant.empty() || (o.variant.find_first_of("/\\. ") == std::string::npos && o.variant.size() <= 32),
+                 "variant", "a name such as fp16 (no '/', '.' or spaces)"),
            Check(o.max_batch_size >= 1, "max_batch_size", ">= 1"),
            Check(o.max_running_batches >= 1 && o.max_running_batches <= 16, "max_running_batches", "1..16"),
            Check(o.max_batch_cost >= 0, "max_batch_cost", ">= 0 (0 = derived)"),

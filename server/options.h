@@ -27,6 +27,7 @@ struct ServerOptions {
   std::string metrics_listen;  // empty: no metrics endpoint
   std::string devices = "auto";
   std::string dtype = "auto";
+  std::string variant;  // diffusers weight variant ("fp16"); empty: plain weights or the only variant
   std::string batching = "step";  // "step" or "request"
   int max_batch_size = 8;
   int max_running_batches = 2;

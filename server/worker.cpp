@@ -62,7 +62,7 @@ absl::Status Worker::Impl::Load() {
   for (const ModelSpec& spec : options.models) {
     const absl::Time t0 = absl::Now();
     absl::StatusOr<std::unique_ptr<pipeline::StableDiffusion>> sd =
-        pipeline::StableDiffusion::Create({.model_dir = spec.dir, .target = target});
+        pipeline::StableDiffusion::Create({.model_dir = spec.dir, .target = target, .variant = options.variant});
     if (!sd.ok()) {
       return absl::Status(sd.status().code(), absl::StrCat("model \"", spec.name, "\" (", spec.dir, ") on ",
                                                            options.device, ": ", sd.status().message()));

@@ -41,6 +41,7 @@ struct WorkerOptions {
   std::string device;  // "cpu", "cuda:0", ...
   std::string dtype;   // "auto", "fp32", "fp16", "bf16"
   std::vector<ModelSpec> models;
+  std::string variant;  // diffusers weight variant for every model (pipeline::PipelineOptions::variant)
   int max_batch_images = 8;  // per running batch
   // Running batches of different model or size held side by side (BatchingPolicy::PickBatch steps one).
   int max_running_batches = 2;

@@ -223,6 +223,24 @@ TEST_F(WeightStoreTest, OpensSingleFileOrItsOnlyVariant) {
   }
 }
 
+// --variant (diffusers' variant=): that variant even when plain weights are there; a missing one is NOT_FOUND
+// naming what was looked for and what the folder has.
+TEST_F(WeightStoreTest, AnExplicitVariantWinsAndAMissingOneIsNamed) {
+  Write("model.safetensors", R"({"plain":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", Bytes(4));
+  Write("model.fp16.safetensors", R"({"half":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}})", Bytes(4));
+  auto plain = WeightStore::OpenComponent(dir_, "model");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ(plain->Names(), std::vector<std::string>({"plain"}));
+  auto half = WeightStore::OpenComponent(dir_, "model", "fp16");
+  ASSERT_TRUE(half.ok()) << half.status();
+  EXPECT_EQ(half->Names(), std::vector<std::string>({"half"}));
+  auto missing = WeightStore::OpenComponent(dir_, "model", "bf16");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing.status().message(), HasSubstr("model.bf16.safetensors or model.safetensors.index.bf16.json"));
+  EXPECT_THAT(missing.status().message(), HasSubstr("model.fp16.safetensors, model.safetensors"));
+}
+
 TEST_F(WeightStoreTest, OpensShardedFolder) {
   Write("model-00001-of-00002.safetensors", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", Bytes(4));
   Write("model-00002-of-00002.safetensors", R"({"b":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}})", Bytes(4));

@@ -80,6 +80,7 @@ absl::StatusOr<Options> ParseOptions(const std::vector<std::string>& raw) {
       args,
       {"model", "prompt", "negative-prompt", "width", "height", "steps", "guidance", "seed", "scheduler",
        "num-images", "device", "dtype", "init-latents", "save-latents", "output", "tome-ratio", "ratio",
+       "variant",
        "tome-max-downsample", "tome-sx", "tome-sy", "tome-seed"},
       {"tome-no-rand", "tome-merge-crossattn", "tome-merge-mlp"});
   if (!a.ok()) return a.status();
@@ -87,6 +88,7 @@ absl::StatusOr<Options> ParseOptions(const std::vector<std::string>& raw) {
   absl::StatusOr<std::string> model = a->Required("model");
   if (!model.ok()) return model.status();
   o.load.model_dir = *model;
+  o.load.variant = a->Get("variant").value_or("");
   absl::StatusOr<std::string> output = a->Required("output");
   if (!output.ok()) return absl::InvalidArgumentError("-o OUT.png is required");
   o.output = *output;

@@ -256,6 +256,7 @@ def test_model_storage_override_replaces_the_default():
     ({"server": {"maxBachSize": 4}}, "'maxBachSize' not allowed"),
     ({"server": {"defaultTomeRatio": 0.9}}, "/server/defaultTomeRatio"),
     ({"server": {"devices": "gpu0"}}, "/server/devices"),
+    ({"server": {"variant": "../fp16"}}, "/server/variant"),
     ({"server": {"extraConfig": {"listen": "0.0.0.0:1"}}}, "invalid propertyName 'listen'"),
     ({"modelStorage": {"type": "nfs"}}, "/modelStorage/type"),
     ({"modelStorage": {"type": "existingClaim"}}, "/modelStorage/existingClaim"),
@@ -274,6 +275,11 @@ def test_bad_values_are_rejected_by_the_schema(values, message):
     with pytest.raises(Exception) as e:
         render(values)
     assert message in str(e.value), str(e.value)
+
+
+def test_variant_value_becomes_the_server_flag():
+    assert "variant" not in rendered_config(render())  # default: plain weights or the only variant
+    assert rendered_config(render({"server": {"variant": "fp16"}}))["variant"] == "fp16"
 
 
 # --- the rendered configuration runs the real server ---

@@ -125,6 +125,29 @@ def test_variant_only_folder_serves_the_same_image(tiny_model, tmp_path):
     assert images[0] == images[1]
 
 
+def test_variant_flag_picks_the_variant_beside_plain_weights(tiny_model, tmp_path):
+    """--variant fp16 (diffusers' variant=) loads <name>.fp16.safetensors although plain weights are there; a
+    variant the folder lacks stops startup with one line naming the file looked for."""
+    both = tmp_path / "tiny-both"
+    shutil.copytree(tiny_model, both)
+    for weights in list(both.glob("*/*.safetensors")):
+        shutil.copy(weights, weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+        weights.write_bytes(b"not safetensors")  # the plain files are broken: only the variant can load
+    request = pb.GenerateRequest(prompt="a lighthouse", num_inference_steps=2, seed=5)
+    with running_server(["--model", f"m={tiny_model}"]) as s:
+        expected = pb_grpc.ImageGeneratorStub(s.channel).Generate(request, timeout=60).images[0].data
+    with running_server(["--model", f"m={both}", "--variant", "fp16"]) as s:
+        assert pb_grpc.ImageGeneratorStub(s.channel).Generate(request, timeout=60).images[0].data == expected
+    run = subprocess.run([str(binary("tomeserve")), "--model", f"m={both}", "--variant", "bf16", "--listen",
+                          "127.0.0.1:0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert "model.bf16.safetensors" in run.stderr and "drop --variant" in run.stderr, run.stderr
+    gen = subprocess.run([str(binary("tomeserve-gen")), "generate", "--model", str(both), "--variant", "fp16",
+                          "--prompt", "a lighthouse", "--steps", "2", "--seed", "5", "-o", str(tmp_path / "g.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr
+
+
 def test_single_file_checkpoint_is_refused_with_the_conversion(tiny_model, tmp_path):
     checkpoint = tmp_path / "model.safetensors"
     shutil.copy(next(Path(tiny_model).glob("unet/*.safetensors")), checkpoint)
