@@ -10,6 +10,8 @@
 #   4. a served request: tomeserve --devices cuda:0 --dtype fp16 on the tiny and sd15 models (scripts/gpu-serve.sh)
 #   5. scripts/bench.py side by side with diffusers + tomesd (sd15, fp16 and bf16; CUDA graphs on and off) into
 #      $OUT/benchmarks.md
+#   6. (phase "sim") tomeserve-sim calibrate on sd15 (512/768/1024², rows 2/8, ratios 0/0.5) into
+#      $OUT/gpu-sd15-profile.json, and the gpu-sd15 trace replayed on it next to the built-in h200-sd15-fp16
 # Everything is logged to $OUT/gpu.log; $OUT/benchmarks.md is docs/benchmarks.md with the GPU sections added.
 #   GPU_BENCH_BUDGET=420  GPU_BENCH_REPS=10
 #   GPU_BENCH_PHASES="tests serve bench"   (a follow-up run can pick; "bench-short" = headline + UNet batch 1;
@@ -152,6 +154,25 @@ if want table; then
       --plot "$out/table.png" --doc "$out/benchmarks.md" --section gpu-sd15-table-fp16 2>&1 | grep -v -i warn
   else
     log "table skipped (budget)"
+  fi
+fi
+if want sim; then
+  log "6. simulator profile ($(left) s left)"
+  if (($(left) > 60)); then
+    timeout $(($(left) - 30)) "$launchers/tomeserve-sim" calibrate --model "$td/sd15" --devices "$device" \
+      --sizes 512x512,768x768,1024x1024 --rows 2,8 --ratios 0,0.5 --repeats 3 --out "$out/gpu-sd15-profile.json" \
+      || { status=1; log "calibrate failed"; }
+    python3 scripts/make_trace.py --preset gpu-sd15 --calls 200 -o "$out/gpu-trace.jsonl"
+    for p in h200-sd15-fp16 "$out/gpu-sd15-profile.json"; do
+      [ -f "$p" ] || [ "$p" = h200-sd15-fp16 ] || continue
+      for m in request step; do
+        # The calibrated profile carries the CPU budget; 430000 is the worker's derivation on an H200 (cost_profile.cpp).
+        echo "sim $p $m: $("$launchers/tomeserve-sim" --trace "$out/gpu-trace.jsonl" --profile "$p" --load 0.8 \
+          --batching "$m" --max-batch-cost 430000)"
+      done
+    done
+  else
+    log "simulator profile skipped (budget)"
   fi
 fi
 log "done, status $status"
