@@ -243,6 +243,8 @@ def test_cli_over_mtls(cli, tiny_model, tmp_path):
             r = run(cli, "--target", server.address, *flags, "--timeout", "10", "list-models")
             assert r.returncode == 5, r
             assert one_line(r.stderr).startswith("tomeserve-cli: UNAVAILABLE: ")
+            if not flags:  # plaintext to a TLS server: the error says what to pass
+                assert "pass --tls-ca FILE" in r.stderr, r.stderr
     finally:
         server.channel.close()
         assert server.stop() == 0, server.log()
