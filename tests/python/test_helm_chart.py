@@ -293,3 +293,19 @@ def test_rendered_config_starts_the_server(tiny_model):
         with running_server(["--config", path, "--model", f"tiny={tiny_model}", "--shutdown-grace", "0"]) as s:
             assert health_status(s.channel) == "SERVING"
             assert health_status(s.channel, "liveness") == "SERVING"
+
+
+def test_notes_say_what_the_server_does_without_its_model_folder(tmp_path):
+    """NOTES.txt promises a crash loop with one logged line when a model folder is missing; the real server does
+    exactly that (exit 1, one "startup failed: ..." line naming the folder's file)."""
+    chart = helm.Chart.load(str(CHART))
+    notes = helm.Config(namespace="ml").install(chart, "prod", None, dry_run="client", namespace="ml")["notes"]
+    assert 'logs one "startup failed: ..." line' in notes and "exits 1" in notes and "CrashLoopBackOff" in notes
+    assert "kubectl -n ml logs deployment/prod-tomeserve --previous" in notes
+    assert "not-ready" not in notes and "stay not ready" not in notes
+    missing = tmp_path / "sd15"
+    run = subprocess.run([str(binary("tomeserve")), "--model", f"sd15={missing}", "--listen", "127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    failed = [line for line in run.stderr.splitlines() if "startup failed: " in line]
+    assert len(failed) == 1 and str(missing) in failed[0], run.stderr
