@@ -257,6 +257,7 @@ def test_model_storage_override_replaces_the_default():
     ({"server": {"defaultTomeRatio": 0.9}}, "/server/defaultTomeRatio"),
     ({"server": {"devices": "gpu0"}}, "/server/devices"),
     ({"server": {"variant": "../fp16"}}, "/server/variant"),
+    ({"env": [{"value": "1"}]}, "/env/0"),
     ({"server": {"extraConfig": {"listen": "0.0.0.0:1"}}}, "invalid propertyName 'listen'"),
     ({"modelStorage": {"type": "nfs"}}, "/modelStorage/type"),
     ({"modelStorage": {"type": "existingClaim"}}, "/modelStorage/existingClaim"),
@@ -275,6 +276,13 @@ def test_bad_values_are_rejected_by_the_schema(values, message):
     with pytest.raises(Exception) as e:
         render(values)
     assert message in str(e.value), str(e.value)
+
+
+def test_env_reaches_the_server_container():
+    _, c = container(render())
+    assert "env" not in c  # none by default
+    _, c = container(render({"env": [{"name": "OMP_NUM_THREADS", "value": "8"}]}))
+    assert c["env"] == [{"name": "OMP_NUM_THREADS", "value": "8"}]
 
 
 def test_variant_value_becomes_the_server_flag():
