@@ -61,9 +61,11 @@ ABSL_FLAG(double, adaptive_tome_max_ratio, 0,
           "request sets no tome.max_ratio (0 = off; at most 0.75 with the default strides).");
 ABSL_FLAG(int32_t, max_queue_size, 64,
           "Most queued (not yet running) requests; beyond it RESOURCE_EXHAUSTED.");
-ABSL_FLAG(double, default_tome_ratio, 0.5,
-          "Token Merging ratio for requests that leave tome.ratio unset "
-          "(0 = off; at most 0.75, tomesd's cap for its default strides sx = sy = 2).");
+ABSL_FLAG(double, default_tome_ratio, 0,
+          "Token Merging ratio for requests that leave tome.ratio unset (0 = off, the default: on an H200 ratio "
+          "0.5 made SD 1.5 at 512x512 slower, docs/benchmarks.md; at most 0.75, tomesd's cap for its default "
+          "strides sx = sy = 2). A request opts in with tome.ratio, or lets the SLO controller choose with "
+          "tome.max_ratio and a latency target.");
 ABSL_FLAG(double, drain_timeout, 30,
           "Seconds to finish in-flight calls after SIGTERM/SIGINT before exiting.");
 ABSL_FLAG(double, shutdown_grace, 0,

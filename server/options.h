@@ -36,7 +36,7 @@ struct ServerOptions {
   double adaptive_tome_max_ratio = 0;
   int max_queue_delay_ms = 20;
   int max_queue_size = 64;
-  double default_tome_ratio = 0.5;
+  double default_tome_ratio = 0;  // off: see --default-tome-ratio's help
   absl::Duration drain_timeout = absl::Seconds(30);
   absl::Duration shutdown_grace = absl::ZeroDuration();
   absl::Duration max_connection_age = absl::ZeroDuration();  // zero: connections are never aged out

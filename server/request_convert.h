@@ -25,7 +25,7 @@ struct RequestLimits {
   int max_steps = 150;
   int max_images = 4;
   double max_guidance = 100;
-  double default_tome_ratio = 0.5;
+  double default_tome_ratio = 0;
   // SLO controller defaults for requests that set neither: a latency target (0 = none) and the highest ratio
   // the controller may raise to (0 = off).
   double default_latency_target_seconds = 0;

@@ -36,7 +36,7 @@ TEST(OptionsTest, Defaults) {
   EXPECT_EQ(o.models[0].dir, "/m/sd15");
   EXPECT_EQ(o.listen, "0.0.0.0:50051");
   EXPECT_EQ(o.max_batch_size, 8);
-  EXPECT_EQ(o.default_tome_ratio, 0.5);
+  EXPECT_EQ(o.default_tome_ratio, 0.0);
   EXPECT_EQ(o.drain_timeout, absl::Seconds(30));
   EXPECT_EQ(o.max_prompt_tokens, 77);
   EXPECT_EQ(o.shutdown_grace, absl::ZeroDuration());

@@ -230,7 +230,9 @@ TEST(RequestConvertTest, RejectsPromptsOverTheTokenLimit) {
 }
 
 TEST(RequestConvertTest, ResponseCarriesEffectiveSettings) {
-  absl::StatusOr<GenerationRequest> g = Convert(Valid());
+  RequestLimits limits;
+  limits.default_tome_ratio = 0.5;  // a server that merges by default (--default-tome-ratio 0.5)
+  absl::StatusOr<GenerationRequest> g = Convert(Valid(), limits);
   ASSERT_TRUE(g.ok());
   GenerationResult result;
   result.images.push_back({.data = "png", .mime_type = "image/png", .width = 64, .height = 64, .seed = 5});
@@ -276,6 +278,7 @@ TEST(RequestConvertTest, ControllerRangeAndTarget) {
 
   // Server defaults apply to requests that set neither.
   RequestLimits limits;
+  limits.default_tome_ratio = 0.5;
   limits.default_latency_target_seconds = 4;
   limits.adaptive_tome_max_ratio = 0.7;
   g = Convert(Valid(), limits);

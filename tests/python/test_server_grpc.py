@@ -47,7 +47,7 @@ def test_list_models(stub):
     assert list(tiny.devices) == ["cpu"]
     assert tiny.dtype == "fp32"
     # What a client needs before its first call: the default ratio and the request limits (the server's flags).
-    assert tiny.default_tome_ratio == pytest.approx(0.5)
+    assert tiny.default_tome_ratio == 0  # ToMe off unless a request asks (--default-tome-ratio)
     assert (tiny.limits.max_side, tiny.limits.max_pixels, tiny.limits.max_steps) == (1024, 1024 * 1024, 150)
     assert (tiny.limits.max_images, tiny.limits.max_prompt_tokens, tiny.limits.max_prompt_bytes) == (4, 77, 4096)
 
