@@ -3,7 +3,7 @@
 ToMe ratios) sent with Poisson arrivals at several offered loads, against request-level batching, step-level
 batching, and step-level batching with the SLO ratio controller. A benchmark, not a test.
 
-    load_open.py --model DIR --trace FILE --load X [--slo] [--modes request,step] [--json FILE] [--devices cpu]
+    load_open.py --trace FILE --load X [--slo] [--model DIR] [--modes request,step] [--json FILE] [--devices cpu]
     load_open.py --model DIR [--modes request,step,step+slo] [--loads 0.5,1,1.5,2,3] [--requests 40]
                  [--max-seconds 90] [--seed 7] [--threads 1] [--max-batch-size 8] [--max-queue-delay-ms 20]
                  [--slo-target-factor 2.0] [--adaptive-max-ratio 0.75] [--calibration 6] [--call-timeout 300]
@@ -383,6 +383,13 @@ def trace_request(pb2, c, rid, target=None):
     return req
 
 
+async def trace_warm_up(stub, pb2, calls, timeout):
+    """One uncounted 4-step call per trace size, so first-call costs and the step-time model are settled."""
+    for w, h in sorted({(c["width"], c["height"]) for c in calls}):
+        warm = dict(calls[0], width=w, height=h, steps=4, ratio=0.0, num_images=1)
+        await stub.Generate(trace_request(pb2, warm, f"warm-{w}x{h}"), timeout=timeout)
+
+
 async def trace_solo(args, calls):
     """Each trace call alone on an idle --batching step server, after one warm-up call per size."""
     pb2, pb2_grpc = proto()
@@ -391,9 +398,7 @@ async def trace_solo(args, calls):
     try:
         async with channel(server.address) as ch:
             stub = pb2_grpc.ImageGeneratorStub(ch)
-            for w, h in sorted({(c["width"], c["height"]) for c in calls}):
-                warm = dict(calls[0], width=w, height=h, steps=4, ratio=0.0, num_images=1)
-                await stub.Generate(trace_request(pb2, warm, f"warm-{w}x{h}"), timeout=args.call_timeout)
+            await trace_warm_up(stub, pb2, calls, args.call_timeout)
             for i, c in enumerate(calls):
                 t0 = time.perf_counter()
                 await stub.Generate(trace_request(pb2, c, f"solo-{i}"), timeout=args.call_timeout)
@@ -413,9 +418,7 @@ async def trace_mode(args, mode, calls, solo, scale):
     try:
         async with channel(server.address) as ch:
             stub = pb2_grpc.ImageGeneratorStub(ch)
-            for w, h in sorted({(c["width"], c["height"]) for c in calls}):
-                warm = dict(calls[0], width=w, height=h, steps=4, ratio=0.0, num_images=1)
-                await stub.Generate(trace_request(pb2, warm, f"warm-{w}x{h}"), timeout=args.call_timeout)
+            await trace_warm_up(stub, pb2, calls, args.call_timeout)
             t_start = time.perf_counter()
 
             async def one(i, c):
@@ -473,7 +476,8 @@ async def run_trace(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder: the script starts one server per mode on it")
+    p.add_argument("--model", help="model folder: the script starts one server per mode on it (with --trace, "
+                   "default: the embedded tiny model, build/testdata/tiny)")
     p.add_argument("--modes", default="request,step,step+slo")
     p.add_argument("--loads", default="0.5,1,1.5,2,3", help="offered loads as multiples of the capacity C")
     p.add_argument("--requests", type=int, default=40, help="trace length: most calls per level")
@@ -501,6 +505,12 @@ def main():
     p.add_argument("--solo-from", help="--trace: reuse the unloaded latencies (solo_s) of an earlier --json output")
     p.add_argument("--server-flags", default="", help="--trace: extra tomeserve flags, space-separated")
     args = p.parse_args()
+    if args.trace and args.model is None:
+        args.model = str(REPO / "build" / "testdata" / "tiny")
+        if not (Path(args.model) / "model_index.json").exists():
+            p.error(f"--model not given and the tiny model is not built at {args.model} (scripts/test.sh makes it)")
+    if args.model is None:
+        p.error("--model is required")
     if args.trace:
         args.mode_list = (args.modes if args.modes != "request,step,step+slo" else "request,step").split(",")
         if not set(args.mode_list) <= {"request", "step"}:

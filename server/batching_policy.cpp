@@ -281,11 +281,10 @@ AdmitPlan BatchingPolicy::AdmitStep(const WorkerView& worker, std::span<const Po
         std::vector<double> wait_finish = base->finish;
         const double all_drained = *std::max_element(base->lane_drain.begin(), base->lane_drain.end());
         const double wait_start = lane >= 0 ? base->lane_drain[lane] : all_drained;
-        const std::optional<double> solo = SoloSeconds(cost_model, c, c.has_range() ? c.max_ratio : c.ratio);
+        const std::optional<double> solo = SoloSeconds(cost_model, c, c.ceiling_ratio());
         wait_finish.push_back(wait_start + solo.value_or(0));
         if (blocked != nullptr) {
-          const double blocked_ratio = blocked->has_range() ? blocked->max_ratio : blocked->ratio;
-          if (std::optional<double> b = SoloSeconds(cost_model, *blocked, blocked_ratio)) {
+          if (std::optional<double> b = SoloSeconds(cost_model, *blocked, blocked->ceiling_ratio())) {
             all.push_back({blocked, blocked->ratio, blocked->unet_calls, 0, Limit(*blocked), 0});
             auto start_of = [&](const Outcome& o) {
               return blocked_lane >= 0 && blocked_lane < static_cast<int>(o.lane_drain.size())

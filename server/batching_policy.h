@@ -65,7 +65,7 @@ struct PolicyCall {
   int64_t latent_pixels = 0;  // of one row
   int images = 1;
   int rows = 1;               // UNet rows per step (2 per image with classifier-free guidance)
-  int unet_calls = 1;         // UNet calls per sample (PNDM: steps + 1)
+  int unet_calls = 1;         // UNet calls per sample (pipeline::UNetCallsPerSample)
   double ratio = 0;           // ToMe ratio asked for (the controller's floor)
   double max_ratio = 0;       // controller ceiling; <= ratio: fixed
   double target_seconds = 0;  // end-to-end latency target; 0: none
@@ -75,6 +75,8 @@ struct PolicyCall {
 
   int64_t cost() const { return static_cast<int64_t>(rows) * latent_pixels; }  // of the batch budget
   bool has_range() const { return target_seconds > 0 && max_ratio > ratio; }
+  // The most merging it may get: max_ratio with a range, else its ratio.
+  double ceiling_ratio() const { return has_range() ? max_ratio : ratio; }
 };
 
 // An admitted call in a worker's batch.

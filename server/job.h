@@ -18,6 +18,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "pipeline/scheduler_config.h"
+#include "pipeline/unet_calls.h"
 #include "server/batching_policy.h"
 #include "tome/token_merging.h"
 
@@ -70,8 +71,8 @@ struct GenerationRequest {
   int64_t latent_pixels() const { return static_cast<int64_t>(key.width / 8) * (key.height / 8); }
   // What the job takes of a worker's batch budget: rows x latent pixels.
   int64_t cost() const { return rows() * latent_pixels(); }
-  // UNet calls per sample (PNDM's PLMS warm-up adds one; the worker counts the real schedule's).
-  int unet_calls() const { return key.steps + (key.scheduler == pipeline::SchedulerKind::kPndm ? 1 : 0); }
+  // UNet calls per sample (the worker counts the real schedule's once it runs).
+  int unet_calls() const { return pipeline::UNetCallsPerSample(key.scheduler, key.steps); }
 };
 
 // A queued call's place and the step-time model's estimates (seconds from now; negative: no estimate).

@@ -7,9 +7,9 @@
 //           one holding the most urgent call), each at its own step (mixed ToMe groups inside the blocks)
 //   retire  finished samples: decoded in chunks of 4 per boundary, encoded; a call finishes with its last image
 // Out of memory (real, or injected for tests with --inject-oom-above-batch; told apart by
-// pipeline::IsOutOfMemory): the CUDA cache is freed, the most recently admitted half of the samples is evicted
-// with its state kept (parked, re-admitted first, oldest first) and the step is retried; the worker's image cap
-// drops to what fitted until its batch drains. No step is recomputed. A sample that fails alone fails its call
+// pipeline::IsOutOfMemory): the CUDA cache is freed, the most recently admitted half of the stepped batch's
+// samples is evicted with its state kept (parked, re-admitted first, oldest first) and the step is retried; the
+// worker's image cap per batch drops to what fitted until all its batches drain. No step is recomputed. A sample that fails alone fails its call
 // with RESOURCE_EXHAUSTED. An OOM while decoding frees the cache and retries that one image once.
 // Other errors: a request-level one fails the calls in the batch and the worker goes on; a device-fatal one
 // (pipeline::IsDeviceFatal: sticky CUDA errors) or a step the watchdog finds stuck takes the worker out of

@@ -22,6 +22,7 @@
 #include "tests/test_util.h"
 #include "pipeline/load_weights.h"
 #include "pipeline/safetensors.h"
+#include "pipeline/unet_calls.h"
 #include "pipeline/weight_store.h"
 
 namespace tomeserve::pipeline {
@@ -318,6 +319,14 @@ TEST(NoiseScheduleTest, StepCountsAndTimestepRange) {
   for (SchedulerKind kind : {SchedulerKind::kDdim, SchedulerKind::kEuler, SchedulerKind::kEulerAncestral,
                              SchedulerKind::kDpmpp2m, SchedulerKind::kDpmpp2mKarras}) {
     EXPECT_EQ((*Make(Sd15Config(), kind, 50))->num_calls(), 50);
+  }
+  // The estimate the batching policy and tomeserve-sim use before a schedule exists is the schedules' count.
+  for (SchedulerKind kind : {SchedulerKind::kPndm, SchedulerKind::kDdim, SchedulerKind::kEuler,
+                             SchedulerKind::kEulerAncestral, SchedulerKind::kDpmpp2m, SchedulerKind::kDpmpp2mKarras}) {
+    for (int steps : {1, 2, 7, 50, 150}) {
+      EXPECT_EQ(UNetCallsPerSample(kind, steps), (*Make(Sd15Config(), kind, steps))->num_calls())
+          << SchedulerKindName(kind) << " " << steps;
+    }
   }
 }
 

@@ -255,6 +255,24 @@ TEST(RequestConvertTest, ResponseCarriesEffectiveSettings) {
   EXPECT_FALSE(out.has_slo());
 }
 
+TEST(RequestConvertTest, PriorityOrdersBestEffortCalls) {
+  absl::StatusOr<GenerationRequest> g = Convert(Valid());
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ(g->priority, Priority::kInteractive);  // unset
+  v1::GenerateRequest r = Valid();
+  r.set_priority(v1::PRIORITY_BATCH);
+  g = Convert(r);
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ(g->priority, Priority::kBatch);
+  r.set_priority(static_cast<v1::Priority>(7));
+  g = Convert(r);
+  ASSERT_FALSE(g.ok());
+  EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(g.status().message().find("priority is 7; allowed: PRIORITY_INTERACTIVE (0) or PRIORITY_BATCH (1)"),
+            absl::string_view::npos)
+      << g.status();
+}
+
 TEST(RequestConvertTest, ControllerRangeAndTarget) {
   v1::GenerateRequest r = Valid();
   r.mutable_tome()->set_ratio(0.2f);

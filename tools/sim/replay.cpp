@@ -10,18 +10,33 @@
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "pipeline/unet_calls.h"
 #include "server/step_time_model.h"
 
 namespace tomeserve::sim {
 namespace {
 
-constexpr const char* kSchedulers[] = {"pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"};
+// The trace's scheduler names (tomeserve-gen's --scheduler names).
+constexpr std::pair<const char*, pipeline::SchedulerKind> kSchedulers[] = {
+    {"pndm", pipeline::SchedulerKind::kPndm},
+    {"ddim", pipeline::SchedulerKind::kDdim},
+    {"euler", pipeline::SchedulerKind::kEuler},
+    {"euler_a", pipeline::SchedulerKind::kEulerAncestral},
+    {"dpmpp_2m", pipeline::SchedulerKind::kDpmpp2m},
+    {"dpmpp_2m_karras", pipeline::SchedulerKind::kDpmpp2mKarras}};
+
+const pipeline::SchedulerKind* KindOf(const std::string& name) {
+  for (const auto& [n, kind] : kSchedulers) {
+    if (name == n) return &kind;
+  }
+  return nullptr;
+}
 constexpr const char* kModel = "sim";  // one model per trace
 
 int64_t LatentPixels(const TraceCall& c) { return static_cast<int64_t>(c.width / 8) * (c.height / 8); }
 int Rows(const TraceCall& c) { return c.num_images * (c.guidance > 1.0 ? 2 : 1); }
 // PNDM's PLMS warm-up adds one UNet call (as the server counts a queued call).
-int UNetCalls(const TraceCall& c) { return c.steps + (c.scheduler == "pndm" ? 1 : 0); }
+int UNetCalls(const TraceCall& c) { return pipeline::UNetCallsPerSample(*KindOf(c.scheduler), c.steps); }
 
 server::PolicyCall ToPolicyCall(const TraceCall& c, size_t index, double arrival, double target, double max_ratio) {
   return {.id = index,
@@ -86,9 +101,11 @@ absl::StatusOr<std::vector<TraceCall>> ReadTrace(const std::string& path) {
     if (c.slo_x && !(*c.slo_x > 0)) {
       return absl::InvalidArgumentError(absl::StrCat(where, "slo_x is ", *c.slo_x, "; allowed: > 0"));
     }
-    if (std::find(std::begin(kSchedulers), std::end(kSchedulers), c.scheduler) == std::end(kSchedulers)) {
+    if (KindOf(c.scheduler) == nullptr) {
+      std::vector<std::string> names;
+      for (const auto& [n, kind] : kSchedulers) names.push_back(n);
       return absl::InvalidArgumentError(absl::StrCat(where, "scheduler is \"", c.scheduler,
-                                                     "\"; allowed: ", absl::StrJoin(kSchedulers, "|")));
+                                                     "\"; allowed: ", absl::StrJoin(names, "|")));
     }
     out.push_back(std::move(c));
   }
