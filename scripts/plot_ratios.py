@@ -75,7 +75,17 @@ def series(rows, column):
     for r in rows:
         if column in r:
             out[r["resolution"]].append((float(r["tome_ratio"]), r[column]))
-    return {res: sorted(points) for res, points in sorted(out.items())}
+    return {res: sorted(points) for res, points in sorted(out.items(), key=lambda kv: size_order(kv[0]))}
+
+
+def size_order(label):
+    """Sort key: pixels of "512x512", "<=512x512" or ">1024x1024" (a bucket above its bound), then the label."""
+    digits = label.lstrip("<=>")
+    try:
+        w, h = (int(x) for x in digits.split("x"))
+    except ValueError:
+        return (float("inf"), label)
+    return (w * h + (1 if label.startswith(">") else 0), label)
 
 
 def speedups(rows):
@@ -88,7 +98,14 @@ def speedups(rows):
     return out
 
 
-def plot(rows, path):
+def legend_title(data):
+    """Prometheus rows carry the metrics' size buckets ("<=512x512"), a CSV may carry true sizes ("512x512"):
+    the legend says which it shows."""
+    buckets = any(res.startswith(("<=", ">")) or res == "unknown" for res in data)
+    return "resolution bucket (pixels up to)" if buckets else "size"
+
+
+def plot(rows, path, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,17 +115,17 @@ def plot(rows, path):
               ("mean end-to-end latency (s)", series(rows, "latency_seconds")),
               ("speed-up vs ratio 0 (x)", speedups(rows))]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (title, data) in zip(axes, panels):
+    for ax, (panel_title, data) in zip(axes, panels):
         for res, points in data.items():
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=res)
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.set_xlabel("ToMe ratio")
         ax.grid(True, alpha=0.3)
         if data:
-            ax.legend(title="resolution")
+            ax.legend(title=legend_title(data))
         else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("tomeserve: what each Token Merging ratio buys")
+            ax.text(0.5, 0.5, "no data in the source", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -123,6 +140,7 @@ def main():
     ap.add_argument("--job", default="tomeserve.*", help="job label regex for --prometheus")
     ap.add_argument("--out", required=True, help="PNG to write")
     ap.add_argument("--write-csv", help="also write the rows as CSV")
+    ap.add_argument("--title", default="tomeserve: what each Token Merging ratio buys", help="the figure's title")
     args = ap.parse_args()
     try:
         import matplotlib  # noqa: F401  (checked first: a missing one should not cost a Prometheus query)
@@ -140,7 +158,7 @@ def main():
         return 2
     if args.write_csv:
         write_csv(rows, args.write_csv)
-    plot(rows, args.out)
+    plot(rows, args.out, args.title)
     print(f"{len(rows)} (ratio, resolution) rows -> {args.out}")
     return 0
 

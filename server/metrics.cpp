@@ -36,6 +36,10 @@ const Histogram::BucketBoundaries& StepBuckets() {
 
 std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(code); }
 
+// The served model's name, or "unknown" for a call rejected before its model was resolved (never a client's
+// string: the label stays bounded by the server's --model list).
+std::string ModelLabel(const std::string& model) { return model.empty() ? "unknown" : model; }
+
 Family<Counter>& CounterFamily(prometheus::Registry& r, const std::string& name, const std::string& help) {
   return prometheus::BuildCounter().Name(name).Help(help).Register(r);
 }
@@ -165,35 +169,36 @@ void Metrics::SetBuildInfo(const BuildInfo& info) {
       .Set(1);
 }
 
-void Metrics::ObserveRequest(double tome_ratio, int width, int height, absl::StatusCode code, double seconds) {
+void Metrics::ObserveRequest(const std::string& model, double tome_ratio, int width, int height, absl::StatusCode code, double seconds) {
   if (!impl_) return;
-  impl_->requests.Add({{"code", CodeName(code)}}).Increment();
+  impl_->requests.Add({{"model", ModelLabel(model)}, {"code", CodeName(code)}}).Increment();
   impl_->latency
-      .Add({{"tome_ratio", RatioLabel(tome_ratio)},
+      .Add({{"model", ModelLabel(model)},
+            {"tome_ratio", RatioLabel(tome_ratio)},
             {"resolution", ResolutionLabel(width, height)},
             {"code", CodeName(code)}},
            LatencyBuckets())
       .Observe(seconds);
 }
 
-void Metrics::ObservePhases(double queue, double text_encoding, double denoising, double decoding) {
+void Metrics::ObservePhases(const std::string& model, double queue, double text_encoding, double denoising, double decoding) {
   if (!impl_) return;
-  impl_->phases.Add({{"phase", "queue"}}, LatencyBuckets()).Observe(queue);
-  impl_->phases.Add({{"phase", "text_encoding"}}, LatencyBuckets()).Observe(text_encoding);
-  impl_->phases.Add({{"phase", "denoising"}}, LatencyBuckets()).Observe(denoising);
-  impl_->phases.Add({{"phase", "decoding"}}, LatencyBuckets()).Observe(decoding);
+  impl_->phases.Add({{"model", ModelLabel(model)}, {"phase", "queue"}}, LatencyBuckets()).Observe(queue);
+  impl_->phases.Add({{"model", ModelLabel(model)}, {"phase", "text_encoding"}}, LatencyBuckets()).Observe(text_encoding);
+  impl_->phases.Add({{"model", ModelLabel(model)}, {"phase", "denoising"}}, LatencyBuckets()).Observe(denoising);
+  impl_->phases.Add({{"model", ModelLabel(model)}, {"phase", "decoding"}}, LatencyBuckets()).Observe(decoding);
 }
 
-void Metrics::ObserveStep(double tome_ratio, int width, int height, double seconds) {
+void Metrics::ObserveStep(const std::string& model, double tome_ratio, int width, int height, double seconds) {
   if (!impl_) return;
   impl_->steps
-      .Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}}, StepBuckets())
+      .Add({{"model", ModelLabel(model)}, {"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}}, StepBuckets())
       .Observe(seconds);
 }
 
-void Metrics::SetStepMarginal(double tome_ratio, int width, int height, double seconds) {
+void Metrics::SetStepMarginal(const std::string& model, double tome_ratio, int width, int height, double seconds) {
   if (!impl_) return;
-  impl_->marginal.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
+  impl_->marginal.Add({{"model", ModelLabel(model)}, {"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
       .Set(seconds);
 }
 
@@ -203,16 +208,16 @@ void Metrics::ObserveBatch(int images, int rows) {
   impl_->rows_hist->Observe(rows);
 }
 
-void Metrics::CountImages(double tome_ratio, int width, int height, int images) {
+void Metrics::CountImages(const std::string& model, double tome_ratio, int width, int height, int images) {
   if (!impl_) return;
-  impl_->images.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
+  impl_->images.Add({{"model", ModelLabel(model)}, {"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
       .Increment(images);
 }
 
-void Metrics::CountMergedTokens(double tome_ratio, int64_t before, int64_t after) {
+void Metrics::CountMergedTokens(const std::string& model, double tome_ratio, int64_t before, int64_t after) {
   if (!impl_) return;
-  impl_->tokens.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"stage", "before"}}).Increment(static_cast<double>(before));
-  impl_->tokens.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"stage", "after"}}).Increment(static_cast<double>(after));
+  impl_->tokens.Add({{"model", ModelLabel(model)}, {"tome_ratio", RatioLabel(tome_ratio)}, {"stage", "before"}}).Increment(static_cast<double>(before));
+  impl_->tokens.Add({{"model", ModelLabel(model)}, {"tome_ratio", RatioLabel(tome_ratio)}, {"stage", "after"}}).Increment(static_cast<double>(after));
 }
 
 void Metrics::SetQueueDepth(int depth) {
@@ -239,16 +244,16 @@ void Metrics::SetWorkerHealthy(const std::string& device, bool healthy) {
   if (impl_) impl_->healthy.Add({{"device", device}}).Set(healthy ? 1 : 0);
 }
 
-void Metrics::CountOom(double tome_ratio, int width, int height) {
+void Metrics::CountOom(const std::string& model, double tome_ratio, int width, int height) {
   if (!impl_) return;
-  impl_->oom.Add({{"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
+  impl_->oom.Add({{"model", ModelLabel(model)}, {"tome_ratio", RatioLabel(tome_ratio)}, {"resolution", ResolutionLabel(width, height)}})
       .Increment();
 }
 
 void Metrics::CountTextCacheLookups(const std::string& model, int64_t hits, int64_t misses) {
   if (!impl_) return;
-  if (hits > 0) impl_->text_cache.Add({{"model", model}, {"result", "hit"}}).Increment(static_cast<double>(hits));
-  if (misses > 0) impl_->text_cache.Add({{"model", model}, {"result", "miss"}}).Increment(static_cast<double>(misses));
+  if (hits > 0) impl_->text_cache.Add({{"model", ModelLabel(model)}, {"result", "hit"}}).Increment(static_cast<double>(hits));
+  if (misses > 0) impl_->text_cache.Add({{"model", ModelLabel(model)}, {"result", "miss"}}).Increment(static_cast<double>(misses));
 }
 
 void Metrics::CountUNetCalls(const std::string& device, const std::string& path, int64_t calls) {
@@ -263,15 +268,15 @@ void Metrics::CountEvictions(int samples) {
   if (impl_) impl_->evictions_counter->Increment(samples);
 }
 
-void Metrics::CountSloDecision(double chosen_ratio, bool target_met) {
+void Metrics::CountSloDecision(const std::string& model, double chosen_ratio, bool target_met) {
   if (!impl_) return;
   impl_->slo_decisions
-      .Add({{"tome_ratio", RatioLabel(chosen_ratio)}, {"target_met", target_met ? "true" : "false"}})
+      .Add({{"model", ModelLabel(model)}, {"tome_ratio", RatioLabel(chosen_ratio)}, {"target_met", target_met ? "true" : "false"}})
       .Increment();
 }
 
-void Metrics::CountSloOutcome(bool met) {
-  if (impl_) impl_->slo_requests.Add({{"result", met ? "met" : "missed"}}).Increment();
+void Metrics::CountSloOutcome(const std::string& model, bool met) {
+  if (impl_) impl_->slo_requests.Add({{"model", ModelLabel(model)}, {"result", met ? "met" : "missed"}}).Increment();
 }
 
 int Metrics::port() const { return impl_ && impl_->http ? impl_->http->port() : 0; }

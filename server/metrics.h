@@ -3,16 +3,16 @@
 //
 // Exposed on http://<metrics-listen>/metrics (server/metrics_http.h); base units, counters end in _total:
 //   tomeserve_build_info{version,git_commit,torch,cuda,devices}          1
-//   tomeserve_requests_total{code}                                      finished Generate/GenerateStream calls
-//   tomeserve_request_latency_seconds{tome_ratio,resolution,code}       end to end, enqueue to finish
-//   tomeserve_phase_seconds{phase=queue|text_encoding|denoising|decoding} per call (device time on CUDA)
-//   tomeserve_unet_step_seconds{tome_ratio,resolution}                  one UNet call + scheduler updates, for steps
+//   tomeserve_requests_total{model,code}                                finished Generate/GenerateStream calls
+//   tomeserve_request_latency_seconds{model,tome_ratio,resolution,code} end to end, enqueue to finish
+//   tomeserve_phase_seconds{model,phase=queue|text_encoding|denoising|decoding} per call (device time on CUDA)
+//   tomeserve_unet_step_seconds{model,tome_ratio,resolution}            one UNet call + scheduler updates, for steps
 //                                                                       whose rows all share that ratio
-//   tomeserve_step_marginal_seconds{tome_ratio,resolution}              gauge: predicted seconds one guided image
+//   tomeserve_step_marginal_seconds{model,tome_ratio,resolution}        gauge: predicted seconds one guided image
 //                                                                       at that ratio adds to its batch's step
 //                                                                       (what the ratio's work costs, mixed or not)
-//   tomeserve_images_total{tome_ratio,resolution}                       images returned
-//   tomeserve_tome_tokens_total{tome_ratio,stage=before|after}          tokens entering patched blocks and left
+//   tomeserve_images_total{model,tome_ratio,resolution}                 images returned
+//   tomeserve_tome_tokens_total{model,tome_ratio,stage=before|after}    tokens entering patched blocks and left
 //                                                                       after merging (merged fraction = 1 - after/before)
 //   tomeserve_batch_size                                                images per UNet call
 //   tomeserve_unet_rows                                                 UNet input rows per call (_sum: all rows)
@@ -27,13 +27,14 @@
 //                                                                       warm-up), or eagerly (CPU: every call)
 //   tomeserve_text_cache_lookups_total{model,result=hit|miss}           text-embedding cache lookups (hit: no
 //                                                                       text-encoder run for that text)
-//   tomeserve_oom_total{tome_ratio,resolution}                          out-of-memory errors (steps and decodes)
+//   tomeserve_oom_total{model,tome_ratio,resolution}                    out-of-memory errors (steps and decodes)
 //   tomeserve_oom_evictions_total                                       samples evicted after an OOM (state kept)
-//   tomeserve_slo_decisions_total{tome_ratio,target_met}                SLO controller choices (predicted)
-//   tomeserve_slo_requests_total{result=met|missed}                     calls with a latency target, by outcome
+//   tomeserve_slo_decisions_total{model,tome_ratio,target_met}          SLO controller choices (predicted)
+//   tomeserve_slo_requests_total{model,result=met|missed}               calls with a latency target, by outcome
 // Label values are bounded (clients choose ratios and sizes freely): tome_ratio is the effective canonical
 // ratio on the 0.05 grid with two decimals (RatioLabel: 16 values), resolution a pixel-count bucket
-// (ResolutionLabel: 6 values), code one of gRPC's 17, device one per worker.
+// (ResolutionLabel: 6 values), code one of gRPC's 17, device one per worker, model one per served model (its
+// --model name) plus "unknown" for calls rejected before their model was resolved.
 #pragma once
 
 #include <cstdint>
@@ -60,13 +61,13 @@ class Metrics {
   static absl::StatusOr<std::unique_ptr<Metrics>> Create(const std::string& listen);
 
   void SetBuildInfo(const BuildInfo& info);
-  void ObserveRequest(double tome_ratio, int width, int height, absl::StatusCode code, double seconds);
-  void ObservePhases(double queue, double text_encoding, double denoising, double decoding);
-  void ObserveStep(double tome_ratio, int width, int height, double seconds);
-  void SetStepMarginal(double tome_ratio, int width, int height, double seconds);
+  void ObserveRequest(const std::string& model, double tome_ratio, int width, int height, absl::StatusCode code, double seconds);
+  void ObservePhases(const std::string& model, double queue, double text_encoding, double denoising, double decoding);
+  void ObserveStep(const std::string& model, double tome_ratio, int width, int height, double seconds);
+  void SetStepMarginal(const std::string& model, double tome_ratio, int width, int height, double seconds);
   void ObserveBatch(int images, int rows);
-  void CountImages(double tome_ratio, int width, int height, int images);
-  void CountMergedTokens(double tome_ratio, int64_t before, int64_t after);
+  void CountImages(const std::string& model, double tome_ratio, int width, int height, int images);
+  void CountMergedTokens(const std::string& model, double tome_ratio, int64_t before, int64_t after);
   void SetQueueDepth(int depth);
   void SetQueueCapacity(int capacity);
   void SetRunningSamples(const std::string& device, int samples);
@@ -76,10 +77,10 @@ class Metrics {
   void AddWorkerSeconds(const std::string& device, const std::string& part, double seconds);
   void CountTextCacheLookups(const std::string& model, int64_t hits, int64_t misses);
   void CountUNetCalls(const std::string& device, const std::string& path, int64_t calls);
-  void CountOom(double tome_ratio, int width, int height);
+  void CountOom(const std::string& model, double tome_ratio, int width, int height);
   void CountEvictions(int samples);
-  void CountSloDecision(double chosen_ratio, bool target_met);
-  void CountSloOutcome(bool met);
+  void CountSloDecision(const std::string& model, double chosen_ratio, bool target_met);
+  void CountSloOutcome(const std::string& model, bool met);
 
   // The bound port (0 when off); for tests that listen on port 0.
   int port() const;

@@ -81,14 +81,15 @@ struct ImageGeneratorService::Context {
     // The effective canonical ratio (the controller's choice): settings with no effect count as 0. Calls
     // rejected before a job existed have no size ("unknown" resolution).
     const double ratio = job != nullptr ? tome::Canonical(job->effective_tome()).ratio : 0;
-    metrics->ObserveRequest(ratio, job != nullptr ? job->key().width : 0, job != nullptr ? job->key().height : 0,
+    const std::string model = job != nullptr ? job->key().model : "";
+    metrics->ObserveRequest(model, ratio, job != nullptr ? job->key().width : 0, job != nullptr ? job->key().height : 0,
                             code, total);
     if (job != nullptr) {
       metrics->AddInflight(-1);
       if (job->request().latency_target_seconds > 0)
-        metrics->CountSloOutcome(result.ok() && total <= job->request().latency_target_seconds);
+        metrics->CountSloOutcome(model, result.ok() && total <= job->request().latency_target_seconds);
     }
-    if (result.ok() && result->slo.applied) metrics->CountSloDecision(ratio, result->slo.target_met);
+    if (result.ok() && result->slo.applied) metrics->CountSloDecision(model, ratio, result->slo.target_met);
     const std::string id = job != nullptr ? job->request().request_id : request.request_id();
     std::string key = job != nullptr ? ToString(job->key()) : "-";
     if (log_prompts) absl::StrAppend(&key, PromptsForLog(request));

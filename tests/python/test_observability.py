@@ -32,6 +32,11 @@ pb, pb_grpc = proto()
 
 RATIOS = ["0.00", "0.30", "0.50"]
 SIZES = [256, 320]  # resolution buckets <=256x256 and <=512x512
+# Metrics that carry the bounded `model` label (server/metrics.h).
+MODEL_LABELLED = ("tomeserve_request_latency_seconds", "tomeserve_requests_total", "tomeserve_phase_seconds",
+                  "tomeserve_unet_step_seconds", "tomeserve_step_marginal_seconds", "tomeserve_images_total",
+                  "tomeserve_tome_tokens_total", "tomeserve_oom_total", "tomeserve_slo_decisions_total",
+                  "tomeserve_slo_requests_total", "tomeserve_text_cache_lookups_total")
 DASHBOARD = REPO / "deploy" / "grafana" / "tomeserve-dashboard.json"
 RULES = REPO / "deploy" / "prometheus" / "rules"
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -63,7 +68,8 @@ def substitute(expr):
     test: the load's first calls (the smallest size) can end more than 2 minutes before the queries on a slow run,
     and a rate over a window without increments is 0/0 = NaN (seen once: the 256x256 ratio-0.30 step time)."""
     return (expr.replace("$__rate_interval", "15m").replace('"$job"', '"tomeserve"')
-            .replace('"$ratio"', '".*"').replace('"$resolution"', '".*"'))
+            .replace('"$ratio"', '".*"').replace('"$resolution"', '".*"').replace('"$instance"', '".*"')
+            .replace('"$model"', '".*"'))
 
 
 def alert_signal(expr):
@@ -149,7 +155,8 @@ def drive_load(stub):
 def live(tiny_model):
     """(server, prometheus base URL, metrics text) after the load, scraped and rules evaluated."""
     binary("tomeserve")
-    args = ["--model", tiny_model, "--max-batch-size", "4", "--inject-oom-above-batch", "3"]
+    args = ["--model", tiny_model, "--max-batch-size", "4", "--enable-fault-injection",
+            "--inject-oom-above-batch", "3"]
     workdir = Path(tempfile.mkdtemp(prefix="tomeserve_prom_"))
     with running_server(args, metrics=True) as server:
         prometheus, base = start_prometheus(server.metrics_port, workdir)
@@ -174,11 +181,27 @@ def test_every_dashboard_panel_returns_data_and_a_series_per_ratio(live):
     _, base, _, _ = live
     dashboard = json.loads(DASHBOARD.read_text())
     names = [v["name"] for v in dashboard["templating"]["list"]]
-    assert {"datasource", "ratio", "resolution"} <= set(names)
-    assert len(dashboard["panels"]) >= 10
-    for panel in dashboard["panels"]:
+    assert {"datasource", "job", "instance", "model", "ratio", "resolution"} <= set(names)
+    panels = dashboard["panels"]
+    assert len(panels) >= 10
+    # The first row is the overview: four stat panels; worker health and build info are separate panels.
+    assert panels[0]["type"] == "row"
+    first_row = [p["title"] for p in panels[1:5] if p["type"] == "stat" and p["gridPos"]["y"] == panels[1]["gridPos"]["y"]]
+    assert first_row == ["p95 latency", "Images per second", "OOM per 100 images", "ToMe speed-up (best ratio in use)"]
+    titles = [p["title"] for p in panels]
+    assert "Worker health" in titles and "Build info" in titles
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
-        assert panel["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "none", panel["title"]
+        if panel["type"] == "timeseries":
+            assert panel["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "none", panel["title"]
+        for target in panel["targets"]:
+            # Every selector filters by the job and instance variables; model-labelled metrics by model too.
+            for metric, selector in re.findall(r"(tomeserve_\w+)\{([^}]*)\}", target["expr"]):
+                assert 'instance=~"$instance"' in selector, (panel["title"], metric)
+                if metric.startswith(MODEL_LABELLED):
+                    assert 'model=~"$model"' in selector, (panel["title"], metric)
         for target in panel["targets"]:
             expr = substitute(target["expr"])
             result = promql(base, expr)
@@ -200,9 +223,16 @@ def test_every_recording_and_alert_rule_returns_data(live):
     for name, expr in recorded:
         assert promql(base, expr), f"recording rule {name}: no data"
         assert promql(base, name), f"recording rule {name}: not recorded"
-    speedup = {s["metric"]["tome_ratio"]: float(s["value"][1])
-               for s in promql(base, 'tomeserve:tome_speedup_vs_ratio0:5m{resolution="<=256x256"}')}
-    assert speedup.get("0.00") == pytest.approx(1.0)
+    # The speed-up rule is the ratio-0 marginal step cost over each ratio's, per model and resolution: recomputed
+    # here from the raw gauges (which stopped changing with the load), for every ratio used and both sizes.
+    for resolution in ("<=256x256", "<=512x512"):
+        speedup = {s["metric"]["tome_ratio"]: float(s["value"][1]) for s in promql(
+            base, f'tomeserve:tome_speedup_vs_ratio0:5m{{model="tiny", resolution="{resolution}"}}')}
+        marginal = {s["metric"]["tome_ratio"]: float(s["value"][1]) for s in promql(
+            base, f'max_over_time(tomeserve_step_marginal_seconds{{model="tiny", resolution="{resolution}"}}[5m])')}
+        assert set(RATIOS) <= set(speedup) == set(marginal), (resolution, speedup, marginal)
+        for ratio, value in speedup.items():
+            assert value == pytest.approx(marginal["0.00"] / marginal[ratio], rel=1e-9), (resolution, ratio)
     alerts = rules("alert")
     assert {"TomeserveTargetDown", "TomeserveWorkerUnhealthy", "TomeserveHighOomRate", "TomeserveHighErrorRatio",
             "TomeserveQueueSaturated", "TomeserveLatencyP95High"} <= {n for n, _ in alerts}
@@ -249,6 +279,13 @@ def test_label_values_buckets_and_names_follow_the_conventions(live):
             assert pairs["tome_ratio"] in grid, labels
         if "resolution" in pairs:
             assert pairs["resolution"] in resolutions, labels
+        if "model" in pairs:  # the served model's name, or "unknown" before a call's model is resolved
+            assert pairs["model"] in {"tiny", "unknown"}, labels
+    for name in MODEL_LABELLED:
+        lines = [l for l in text.splitlines() if l.startswith(name) and "{" in l]
+        assert lines and all('model="' in l for l in lines), name
+    # The rejected call (bad width) has no resolved model.
+    assert re.search(r'^tomeserve_requests_total\{code="INVALID_ARGUMENT",model="unknown"\} 1$', text, re.M), text
     assert set(re.findall(r'tomeserve_request_latency_seconds_count\{[^}]*resolution="([^"]+)"', text)) >= {
         "<=256x256", "<=512x512", "unknown"}
     # Step-time and latency buckets grow by at most 1.25x, so ratios 25% apart never share a bucket.
@@ -278,3 +315,21 @@ def test_plot_script_renders_ratios_from_prometheus_and_csv(live):
     assert Image.open(again).size == Image.open(png).size
     if os.environ.get("TOMESERVE_PLOT_OUT"):  # to refresh the README's picture from a real run
         shutil.copy(png, os.environ["TOMESERVE_PLOT_OUT"])
+
+
+def test_plot_legend_names_true_sizes_from_csv_and_buckets_from_prometheus(tmp_path):
+    """docs/tome_ratios.png is drawn from docs/tome_ratios.csv (true sizes); Prometheus rows are size buckets, and
+    the legend says which of the two it shows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_ratios", REPO / "scripts" / "plot_ratios.py")
+    plot_ratios = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_ratios)
+    assert plot_ratios.legend_title({"<=512x512": [], ">1024x1024": []}).startswith("resolution bucket")
+    rows = plot_ratios.from_csv(REPO / "docs" / "tome_ratios.csv")
+    sizes = plot_ratios.series(rows, "step_seconds")
+    assert set(sizes) == {"512x512", "768x768", "1024x1024"} and plot_ratios.legend_title(sizes) == "size"
+    out = tmp_path / "ratios.png"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "plot_ratios.py"), "--csv",
+                    str(REPO / "docs" / "tome_ratios.csv"), "--out", str(out)], check=True)
+    assert Image.open(out).size == Image.open(REPO / "docs" / "tome_ratios.png").size

@@ -73,7 +73,7 @@ def metric(text, name):
 def test_injected_oom_evicts_keeps_state_and_answers_every_call(tiny_model, batching):
     binary("tomeserve")
     args = ["--model", tiny_model, "--batching", batching, "--max-batch-size", "4", "--max-queue-delay-ms",
-            "30000", "--inject-oom-above-batch", "1"]
+            "30000", "--enable-fault-injection", "--inject-oom-above-batch", "1"]
     with running_server(args, metrics=True) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
         responses = run_concurrently(stub, [request(seed=i, scheduler=pb.SCHEDULER_DDIM,
@@ -87,7 +87,7 @@ def test_injected_oom_evicts_keeps_state_and_answers_every_call(tiny_model, batc
         oom = [l for l in text.splitlines() if l.startswith("tomeserve_oom_total{")]
         # Bounded labels: the ratio with two decimals, the resolution as a pixel-count bucket. How many OOMs
         # depends on how the four calls arrived (one batch of 4: 4 -> evict 2 -> 2 -> evict 1 -> 1 = 2 OOMs).
-        assert len(oom) == 1 and oom[0].startswith('tomeserve_oom_total{resolution="<=256x256",tome_ratio="0.50"}')
+        assert len(oom) == 1 and oom[0].startswith('tomeserve_oom_total{model="tiny",resolution="<=256x256",tome_ratio="0.50"}')
         assert metric(text, "tomeserve_oom_evictions_total") >= 1
         if batching == "request":
             assert oom[0].endswith(" 2"), oom
@@ -97,7 +97,8 @@ def test_injected_oom_evicts_keeps_state_and_answers_every_call(tiny_model, batc
 def test_single_image_that_does_not_fit_alone_gets_resource_exhausted(tiny_model):
     binary("tomeserve")
     # 0 fails every UNet batch, single images included; the warm-up is not affected (the server starts).
-    args = ["--model", tiny_model, "--max-queue-delay-ms", "0", "--inject-oom-above-batch", "0"]
+    args = ["--model", tiny_model, "--max-queue-delay-ms", "0", "--enable-fault-injection",
+            "--inject-oom-above-batch", "0"]
     with running_server(args, metrics=True) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
         with pytest.raises(grpc.RpcError) as e:
@@ -109,5 +110,5 @@ def test_single_image_that_does_not_fit_alone_gets_resource_exhausted(tiny_model
         assert health_status(s.channel) == "SERVING"
         text = urllib.request.urlopen(s.metrics_url, timeout=10).read().decode()
         oom = [l for l in text.splitlines() if l.startswith("tomeserve_oom_total{")]
-        assert oom == ['tomeserve_oom_total{resolution="<=256x256",tome_ratio="0.50"} 1'], oom
-        assert 'tomeserve_requests_total{code="RESOURCE_EXHAUSTED"} 1' in text
+        assert oom == ['tomeserve_oom_total{model="tiny",resolution="<=256x256",tome_ratio="0.50"} 1'], oom
+        assert 'tomeserve_requests_total{code="RESOURCE_EXHAUSTED",model="tiny"} 1' in text

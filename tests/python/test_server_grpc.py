@@ -146,10 +146,10 @@ def test_bad_input_gets_its_status_and_server_keeps_serving(stub, fields, code, 
 def test_metrics_endpoint(server, stub):
     stub.Generate(request(tome=pb.TokenMerging(ratio=0.25)), timeout=60)
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    assert 'tomeserve_request_latency_seconds_bucket{code="OK",le="+Inf",tome_ratio="0.25"}' in text or (
+    assert 'tomeserve_request_latency_seconds_bucket{code="OK",le="+Inf",model="tiny",resolution="<=256x256",tome_ratio="0.25"}' in text or (
         "tomeserve_request_latency_seconds_bucket" in text and 'tome_ratio="0.25"' in text)
-    assert 'tomeserve_requests_total{code="INVALID_ARGUMENT"}' in text
-    assert 'tomeserve_phase_seconds_count{phase="denoising"}' in text
+    assert 'tomeserve_requests_total{code="INVALID_ARGUMENT",model="unknown"}' in text
+    assert 'tomeserve_phase_seconds_count{model="tiny",phase="denoising"}' in text
     assert "tomeserve_batch_size_bucket" in text
     assert "tomeserve_queue_depth 0" in text
 
