@@ -164,7 +164,7 @@ def main():
 
     calls = plan(args.seed, args.calls)
     server = start_server(["--model", args.model, "--devices", "cpu", "--max-batch-size", "4",
-                           "--inject-oom-above-batch", "3", "--inject-worker-fault", "request%97",
+                           "--enable-fault-injection", "--inject-oom-above-batch", "3", "--inject-worker-fault", "request%97",
                            "--max-queue-size", "32"],
                           env={"OMP_NUM_THREADS": str(args.threads)}, binary=Path(args.bin) / "tomeserve")
     try:

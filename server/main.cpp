@@ -343,6 +343,8 @@ int Run(int argc, char** argv, bool huge_pages) {
     workers.push_back(*std::move(worker));
     if (stop.HasBeenNotified()) break;
   }
+  absl::Notification watchdog_stop;
+  std::thread watchdog;
   if (!stop.HasBeenNotified()) {
     ModelCatalog catalog{.default_model = o.models.front().name, .models = workers.front()->Describe()};
     for (size_t i = 1; i < workers.size(); ++i) {
@@ -354,9 +356,10 @@ int Run(int argc, char** argv, bool huge_pages) {
     health->SetServingStatus(true);
     spdlog::info("serving on port {} with {} worker(s), {} batching; CPU tensors of 2 MiB and more in huge pages: {}",
                  port, workers.size(), o.batching, huge_pages ? "yes" : "no");
-    // The watchdog: a step past its limit takes its worker out of service (on this thread).
-    std::thread watchdog([&] {
-      while (!stop.WaitForNotificationWithTimeout(absl::Milliseconds(250)) && !none_left.HasBeenNotified()) {
+    // The watchdog: device work past its limit takes its worker out of service (on this thread). It runs
+    // until the workers are joined, so a hang while draining fails its calls and lets the process exit.
+    watchdog = std::thread([&] {
+      while (!watchdog_stop.WaitForNotificationWithTimeout(absl::Milliseconds(250))) {
         for (auto& w : workers) {
           if (w->in_service()) w->CheckStuck(absl::Now());
         }
@@ -364,8 +367,9 @@ int Run(int argc, char** argv, bool huge_pages) {
     });
     while (!stop.WaitForNotificationWithTimeout(absl::Milliseconds(100)) && !none_left.HasBeenNotified()) {
     }
-    watchdog.join();
     if (none_left.HasBeenNotified()) {
+      watchdog_stop.Notify();
+      watchdog.join();
       // Nothing can serve: answer what is queued (UNAVAILABLE), let the answers go out, and exit non-zero so
       // the orchestrator restarts the process. Worker threads may be stuck in a kernel: no joins, no
       // destructors.
@@ -393,6 +397,8 @@ int Run(int argc, char** argv, bool huge_pages) {
   server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(o.drain_timeout));
   scheduler.Stop();
   for (auto& w : workers) w->Join();
+  watchdog_stop.Notify();
+  if (watchdog.joinable()) watchdog.join();
   if (out_of_service.load() > 0) {
     // A worker that left service may still be stuck in a kernel on a detached thread: skip destructors.
     spdlog::error("stopped with {} worker(s) out of service", out_of_service.load());

@@ -111,16 +111,23 @@ ABSL_FLAG(std::string, auth_token_file, "",
           "File of bearer tokens, one per line ('#' comments): every ImageGenerator call must send metadata "
           "\"authorization: Bearer <token>\" (else UNAUTHENTICATED); health and reflection stay open. Re-read on "
           "SIGHUP and when the file changes. Empty: no authentication.");
+ABSL_FLAG(bool, enable_fault_injection, false,
+          "TESTING AID: allow the --inject-* flags. They and this switch are accepted only on the command line "
+          "(never from TOMESERVE_* variables or --config), so a stray setting cannot break a production server.");
 ABSL_FLAG(int32_t, inject_oom_above_batch, -1,
-          "TESTING AID: fail every UNet batch of more than N images with an injected out-of-memory error (0 "
-          "fails every batch, single images included; the warm-up is never affected; -1 = off).");
+          "TESTING AID (needs --enable-fault-injection): fail every UNet batch of more than N images with an "
+          "injected out-of-memory error (0 fails every batch, single images included; the warm-up is never "
+          "affected; -1 = off).");
 ABSL_FLAG(std::string, inject_worker_fault, "",
-          "TESTING AID: KIND@N makes every worker fail its Nth denoising step: request (a request-level error), "
-          "fatal (a device-fatal error) or stuck (the step never returns); request%N fails every Nth step (soak "
+          "TESTING AID (needs --enable-fault-injection): KIND@N injects one fault into every worker. At its Nth "
+          "denoising step: request (a request-level error), fatal (a device-fatal error), stuck (the step never "
+          "returns) or oom (a transient out-of-memory error); start: an exception while starting its Nth call; "
+          "text-oom: an out-of-memory error in its Nth text encoding. request%N fails every Nth step (soak "
           "tests). Empty: off.");
 ABSL_FLAG(double, step_timeout_seconds, 0,
-          "The watchdog takes a worker out of service when one denoising step runs longer than this (a hung "
-          "device); 0 = 50x the worker's last step, at least 120 s.");
+          "The watchdog takes a worker out of service when one piece of device work (a denoising step, a text "
+          "encoding, a VAE decode, the wait for the image encoders) runs longer than this (a hung device); 0 = "
+          "50x the worker's last step, at least 120 s.");
 ABSL_FLAG(std::string, port_file, "", "After startup, write the bound gRPC port to this file.");
 ABSL_FLAG(int32_t, warmup_steps, 2, "Denoising steps of the warm-up run per model and device at startup.");
 ABSL_FLAG(int32_t, encode_threads, -1,
@@ -201,6 +208,14 @@ absl::Status AddModels(const std::vector<std::string>& texts, const std::string&
   return absl::OkStatus();
 }
 
+// The testing aids that break a server on purpose, and the switch that allows them: command line only.
+bool IsFaultInjectionFlag(absl::string_view name) {
+  return name == "enable_fault_injection" || absl::StartsWith(name, "inject_");
+}
+
+constexpr absl::string_view kFaultInjectionOnlyOnCommandLine =
+    "fault-injection settings are accepted only on the command line, next to --enable-fault-injection";
+
 absl::Status ApplyConfigEntries(const std::string& path, const YAML::Node& root,
                                 const std::map<std::string, absl::CommandLineFlag*>& flags,
                                 std::vector<std::string>* models) {
@@ -232,6 +247,7 @@ absl::Status ApplyConfigEntries(const std::string& path, const YAML::Node& root,
     if (it == flags.end() || key == "config") {
       return absl::InvalidArgumentError(absl::StrCat(where, ": unknown setting"));
     }
+    if (IsFaultInjectionFlag(key)) return absl::InvalidArgumentError(absl::StrCat(where, ": ", kFaultInjectionOnlyOnCommandLine));
     if (!value.IsScalar())
       return absl::InvalidArgumentError(absl::StrCat(where, ": expected a single value"));
     if (absl::Status s = SetFlag(it->second, value.as<std::string>(), where); !s.ok()) return s;
@@ -383,6 +399,9 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   for (const auto& [name, flag] : flags) {
     auto env = getenv(EnvName(name));
     if (!env) continue;
+    if (IsFaultInjectionFlag(name)) {
+      return absl::InvalidArgumentError(absl::StrCat(EnvName(name), ": ", kFaultInjectionOnlyOnCommandLine));
+    }
     if (name == "model") {
       env_models = absl::StrSplit(*env, ',', absl::SkipEmpty());
     } else if (absl::Status s = SetFlag(flag, *env, EnvName(name)); !s.ok()) {
@@ -391,6 +410,14 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   }
   for (const auto& [name, value] : cli) {
     if (absl::Status s = SetFlag(flags.at(name), value, absl::StrCat("--", Dashed(name))); !s.ok()) return s;
+  }
+  if (!absl::GetFlag(FLAGS_enable_fault_injection)) {
+    for (const auto& [name, value] : cli) {
+      if (IsFaultInjectionFlag(name)) {
+        return absl::InvalidArgumentError(absl::StrCat("--", Dashed(name),
+                                                       " is a testing aid: add --enable-fault-injection to use it"));
+      }
+    }
   }
   const std::vector<std::string>& models =
       !cli_models.empty() ? cli_models : (!env_models.empty() ? env_models : file_models);
@@ -439,10 +466,13 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   if (const std::string fault = absl::GetFlag(FLAGS_inject_worker_fault); !fault.empty()) {
     const bool every = absl::StrContains(fault, '%');
     std::pair<std::string, std::string> parts = absl::StrSplit(fault, absl::MaxSplits(every ? '%' : '@', 1));
-    const bool kind_ok = parts.first == "request" || (!every && (parts.first == "fatal" || parts.first == "stuck"));
+    const bool kind_ok = parts.first == "request" ||
+                         (!every && (parts.first == "fatal" || parts.first == "stuck" || parts.first == "oom" ||
+                                     parts.first == "start" || parts.first == "text-oom"));
     if (!kind_ok || !absl::SimpleAtoi(parts.second, &o.inject_fault_at_step) || o.inject_fault_at_step < 1) {
-      return absl::InvalidArgumentError(absl::StrCat("--inject-worker-fault is \"", absl::CHexEscape(fault),
-                                                     "\"; allowed: request@N, fatal@N, stuck@N or request%N, N >= 1"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--inject-worker-fault is \"", absl::CHexEscape(fault),
+                       "\"; allowed: request@N, fatal@N, stuck@N, oom@N, start@N, text-oom@N or request%N, N >= 1"));
     }
     o.inject_fault = parts.first;
     o.inject_fault_every = every;

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <stdexcept>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -136,7 +137,10 @@ void Worker::Impl::Run(std::promise<absl::Status>* loaded) {
   absl::Status status = pipeline::GuardTorch("loading", [this] { return Load(); });
   const bool ok = status.ok();
   loaded->set_value(std::move(status));  // `loaded` dies with Create() from here on
-  if (!ok) return;
+  if (!ok) {
+    finished.Notify();
+    return;
+  }
   Scheduler* to_serve = nullptr;
   {
     absl::MutexLock lock(&start_mu);
@@ -144,6 +148,7 @@ void Worker::Impl::Run(std::promise<absl::Status>* loaded) {
     if (go == Go::kRun) to_serve = scheduler;
   }
   if (to_serve != nullptr) Loop(to_serve);
+  finished.Notify();
 }
 
 Worker::Worker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -178,11 +183,14 @@ void Worker::Join() {
     if (impl_->go == Impl::Go::kWait) impl_->go = Impl::Go::kAbandon;  // never started: the thread just exits
   }
   if (!thread_.joinable()) return;
-  if (impl_->in_service.load()) {
-    thread_.join();
-  } else {
-    thread_.detach();  // possibly stuck in a kernel forever; main exits without it
+  // A thread stuck in a kernel never returns: wait until it does, or until the watchdog gave up on it.
+  while (!impl_->finished.WaitForNotificationWithTimeout(absl::Milliseconds(100))) {
+    if (!impl_->in_service.load()) {
+      thread_.detach();  // possibly stuck forever; main exits without it
+      return;
+    }
   }
+  thread_.join();
 }
 
 bool Worker::in_service() const { return impl_->in_service.load(); }
@@ -190,14 +198,16 @@ bool Worker::in_service() const { return impl_->in_service.load(); }
 bool Worker::CheckStuck(absl::Time now) {
   std::vector<std::shared_ptr<Job>> calls;
   absl::Time deadline;
+  std::string what;
   {
     absl::MutexLock lock(&impl_->watch_mu);
-    if (now <= impl_->step_deadline) return false;
-    deadline = impl_->step_deadline;
-    calls = impl_->step_jobs;
+    if (now <= impl_->watch_deadline) return false;
+    deadline = impl_->watch_deadline;
+    calls = impl_->watch_jobs;
+    what = impl_->watch_what;
   }
   impl_->TakeOutOfService(
-      absl::DeadlineExceededError(absl::StrCat("a denoising step ran past its limit (",
+      absl::DeadlineExceededError(absl::StrCat(what, " ran past its limit (",
                                                absl::FormatDuration(now - deadline),
                                                " over; --step-timeout-seconds): the device looks hung")),
       calls);
@@ -219,6 +229,7 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
   while (in_service.load()) {
     try {
       Readmit();
+      RetryDeferred();
       const bool was_idle = jobs.empty();
       // Blocks only when nothing is running; empty then means the scheduler stopped.
       std::vector<AdmittedCall> admitted = scheduler->Admit(View());
@@ -228,7 +239,7 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
         continue;
       }
       if (was_idle) mark = std::chrono::steady_clock::now();  // the wait for work is not the worker's time
-      for (const AdmittedCall& call : admitted) Start(call);
+      for (const AdmittedCall& call : admitted) StartOrFail(call);
       RetireStopped();
       charge("admit");
       Step();
@@ -241,12 +252,17 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
       // The pipeline reports torch errors as statuses; this is the last line for anything else (every admitted
       // job must be finished, or its call would hang).
       spdlog::error("worker {} on {}: {}", options.index, options.device, e.what());
-      for (auto& run : jobs) End(*run, absl::InternalError(absl::StrCat("internal error: ", e.what())));
+      const absl::Status internal = absl::InternalError(absl::StrCat("internal error: ", e.what()));
+      for (auto& run : jobs) End(*run, internal);
+      FailDeferred(internal);
       parked.clear();
     }
     DropEnded();
     DropIdleBatches();
-    if (jobs.empty()) oom_cap = INT_MAX;
+    if (jobs.empty()) {
+      oom_cap = INT_MAX;
+      steps_at_cap = 0;
+    }
     scheduler->ReportBacklog(options.index, in_service.load() ? Backlog() : 0);
     ReportGauges();
     charge("bookkeeping");
@@ -254,7 +270,9 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
   metrics->SetWorkerHealthy(options.device, false);
   if (!in_service.load()) {
     // Calls the watchdog or a fatal error already failed: nothing else of this batch is delivered.
-    for (auto& run : jobs) End(*run, absl::UnavailableError(absl::StrCat(options.device, " is out of service")));
+    const absl::Status unavailable = absl::UnavailableError(absl::StrCat(options.device, " is out of service"));
+    for (auto& run : jobs) End(*run, unavailable);
+    FailDeferred(unavailable);
     jobs.clear();
     parked.clear();
     batches.clear();
@@ -275,11 +293,15 @@ void Worker::Impl::TakeOutOfService(const absl::Status& why, const std::vector<s
 absl::Status Worker::Impl::InjectedFault() {
   const int64_t n = options.inject_fault_at_step;
   if (n <= 0 || (options.inject_fault_every ? steps_run % n != 0 : steps_run != n)) return absl::OkStatus();
+  if (options.inject_fault == "start" || options.inject_fault == "text-oom") return absl::OkStatus();  // not steps
   const std::string at = absl::StrCat(" (--inject-worker-fault ", options.inject_fault,
                                       options.inject_fault_every ? "%" : "@", n, ")");
   if (options.inject_fault == "request") return absl::InternalError(absl::StrCat("injected request-level error", at));
   if (options.inject_fault == "fatal") {
     return pipeline::DeviceFatalError(absl::StrCat("injected CUDA error: an illegal memory access", at));
+  }
+  if (options.inject_fault == "oom") {  // once: a transient out-of-memory error (marked like a real one)
+    return pipeline::OutOfMemoryError(absl::StrCat("injected out of memory", at));
   }
   // "stuck": the step never returns, like a hung kernel; the watchdog must notice.
   spdlog::warn("worker {} on {}: injected stuck step{}", options.index, options.device, at);
@@ -336,7 +358,59 @@ void Worker::Impl::DropIdleBatches() {
   });
 }
 
-void Worker::Impl::Start(const AdmittedCall& admitted) {
+void Worker::Impl::Watch(const char* what, const std::shared_ptr<Job>& also) {
+  const double limit = options.step_timeout_seconds > 0 ? options.step_timeout_seconds
+                                                        : std::max(120.0, 50.0 * last_step_seconds);
+  absl::MutexLock lock(&watch_mu);
+  watch_deadline = absl::Now() + absl::Seconds(limit);
+  watch_what = what;
+  watch_jobs.clear();
+  for (const auto& run : jobs) watch_jobs.push_back(run->job);
+  if (also != nullptr) watch_jobs.push_back(also);
+}
+
+void Worker::Impl::Unwatch() {
+  absl::MutexLock lock(&watch_mu);
+  watch_deadline = absl::InfiniteFuture();
+  watch_jobs.clear();
+}
+
+void Worker::Impl::StartOrFail(const AdmittedCall& admitted, bool oomed_alone) {
+  try {
+    Start(admitted, oomed_alone);
+  } catch (const std::exception& e) {
+    Unwatch();
+    spdlog::error("worker {} on {}: starting a call: {}", options.index, options.device, e.what());
+    const absl::Status internal = absl::InternalError(absl::StrCat("internal error starting the call: ", e.what()));
+    // Start puts the run in `jobs` before it adds samples, so End removes any it added.
+    if (!jobs.empty() && jobs.back()->job == admitted.job) {
+      End(*jobs.back(), internal);
+    } else {
+      admitted.job->Finish(internal);
+    }
+  }
+}
+
+void Worker::Impl::RetryDeferred() {
+  if (deferred.empty() || (!jobs.empty() && jobs.size() >= deferred_at_jobs)) return;
+  std::deque<Deferred> retry;
+  retry.swap(deferred);
+  const absl::Time now = absl::Now();
+  for (Deferred& d : retry) {
+    if (absl::Status stop = d.call.job->StopReason(now); !stop.ok()) {
+      d.call.job->Finish(stop);
+      continue;
+    }
+    StartOrFail(d.call, d.alone);  // may defer it again
+  }
+}
+
+void Worker::Impl::FailDeferred(const absl::Status& why) {
+  for (Deferred& d : deferred) d.call.job->Finish(why);
+  deferred.clear();
+}
+
+void Worker::Impl::Start(const AdmittedCall& admitted, bool oomed_alone) {
   const std::shared_ptr<Job>& job = admitted.job;
   const GenerationRequest& req = job->request();
   auto run = std::make_unique<RunningJob>();
@@ -383,31 +457,62 @@ void Worker::Impl::Start(const AdmittedCall& admitted) {
                      .hooks = run->hooks,
                      .hook_seed = hook_seed});
   }
+  const auto inject = [&](const char* kind, int64_t count) {
+    return options.inject_fault == kind && count == options.inject_fault_at_step;
+  };
+  Watch("text encoding", job);
   clock->Start();
   // The model is this worker's own (one per device), so the cache counters move only for this call here.
   const pipeline::TextEmbeddingCache::Stats cache_before = run->model->text_cache_stats();
   absl::StatusOr<std::vector<pipeline::DenoiseBatch::Sample>> samples =
-      run->model->PrepareSamples({.width = req.key.width, .height = req.key.height}, std::move(specs));
+      inject("text-oom", ++text_encodings)
+          ? absl::StatusOr<std::vector<pipeline::DenoiseBatch::Sample>>(pipeline::OutOfMemoryError(absl::StrCat(
+                "injected out of memory (--inject-worker-fault text-oom@", options.inject_fault_at_step, ")")))
+          : run->model->PrepareSamples({.width = req.key.width, .height = req.key.height}, std::move(specs));
   const double text_seconds = clock->Stop();
+  Unwatch();
   const pipeline::TextEmbeddingCache::Stats cache_after = run->model->text_cache_stats();
   metrics->CountTextCacheLookups(req.key.model, cache_after.hits - cache_before.hits,
                                  cache_after.misses - cache_before.misses);
+  if (!samples.ok() && pipeline::IsOutOfMemory(samples.status())) {
+    metrics->CountOom(req.key.model, tome::Canonical(run->tome).ratio, req.key.width, req.key.height);
+    EmptyCache();
+    if (jobs.empty() && oomed_alone) {
+      job->Finish(absl::ResourceExhaustedError(absl::StrCat(
+          "out of memory on ", options.device, " encoding the prompt, twice with nothing else running: ",
+          samples.status().message())));
+      return;
+    }
+    // Other calls hold the memory: this one waits until some of them finished (with nothing running, it is
+    // retried once at the next step boundary, the cache emptied).
+    spdlog::warn("out of memory encoding the text of a call on {} while {} other call(s) run; it waits",
+                 options.device, jobs.size());
+    deferred_at_jobs = deferred.empty() ? jobs.size() : std::min(deferred_at_jobs, jobs.size());
+    deferred.push_back({admitted, jobs.empty()});
+    return;
+  }
   if (!samples.ok()) {
     job->Finish(samples.status());
     return;
   }
   run->result.text_encoding_seconds = text_seconds;
   run->num_calls = (*samples)[0].state->schedule().num_calls();
+  // In `jobs` before its samples join, so that whatever happens from here on (an error, an exception) ends it
+  // with End, which takes its samples out again.
+  jobs.push_back(std::move(run));
+  RunningJob& started = *jobs.back();
   for (int i = 0; i < req.num_images; ++i) {
-    absl::StatusOr<int> id = run->batch->denoise->Add(std::move((*samples)[i]));
+    absl::StatusOr<int> id = started.batch->denoise->Add(std::move((*samples)[i]));
     if (!id.ok()) {  // BatchFor matched the batch's size
-      for (int j = 0; j < i; ++j) run->batch->denoise->Remove(run->sample_ids[j]);
-      job->Finish(id.status());
+      End(started, id.status());
       return;
     }
-    run->sample_ids[i] = *id;
+    started.sample_ids[i] = *id;
   }
-  jobs.push_back(std::move(run));
+  if (inject("start", ++calls_started)) {
+    throw std::runtime_error(absl::StrCat("injected exception (--inject-worker-fault start@",
+                                          options.inject_fault_at_step, ")"));
+  }
 }
 
 void Worker::Impl::Readmit() {
@@ -442,7 +547,7 @@ void Worker::Impl::End(RunningJob& run, const absl::StatusOr<GenerationResult>& 
     id = -1;
   }
   if (result.ok()) {
-    metrics->ObservePhases(result->queue_seconds, result->text_encoding_seconds, result->denoising_seconds,
+    metrics->ObservePhases(run.call.model, result->queue_seconds, result->text_encoding_seconds, result->denoising_seconds,
                            result->decoding_seconds);
     step_times->ObserveFixed(run.call.model, run.call.latent_pixels, run.call.images,
                              result->text_encoding_seconds + result->decoding_seconds);
@@ -479,15 +584,7 @@ void Worker::Impl::Step() {
       if (id >= 0 && batch->sample(id).active()) tome_rows += batch->sample(id).rows_per_call() * run->tome.ratio;
     }
   }
-  {
-    // The watchdog's view of this step: its deadline and the calls to fail if it never returns.
-    const double limit = options.step_timeout_seconds > 0 ? options.step_timeout_seconds
-                                                          : std::max(120.0, 50.0 * last_step_seconds);
-    absl::MutexLock lock(&watch_mu);
-    step_deadline = absl::Now() + absl::Seconds(limit);
-    step_jobs.clear();
-    for (const auto& run : jobs) step_jobs.push_back(run->job);
-  }
+  Watch("a denoising step");
   ++steps_run;
   const auto wall_start = std::chrono::steady_clock::now();
   clock->Start();
@@ -515,14 +612,17 @@ void Worker::Impl::Step() {
   clock->Stop();  // waits for the device: the wall time below includes it
   // Host-inclusive: launches, ToMe's host work and the wait for the device, what the next step waits for.
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
-  {
-    absl::MutexLock lock(&watch_mu);
-    step_deadline = absl::InfiniteFuture();
-    step_jobs.clear();
-  }
+  Unwatch();
   if (!in_service.load()) return;  // the watchdog gave up on this step; its calls are failed
   if (status.ok()) {
     last_step_seconds = seconds;
+    if (oom_cap != INT_MAX && images >= oom_cap && ++steps_at_cap >= worker_internal::kOomProbeSteps) {
+      // The batch ran at the cap for a while: probe one image more (an OOM sets the cap back to what fitted).
+      steps_at_cap = 0;
+      oom_cap = oom_cap + 1 >= options.max_batch_images ? INT_MAX : oom_cap + 1;
+      spdlog::info("{}: image cap after an out-of-memory error raised to {}", options.device,
+                   oom_cap == INT_MAX ? options.max_batch_images : oom_cap);
+    }
     step_times->Observe(b.model, batch->latent_height() * batch->latent_width(), rows, tome_rows, seconds);
     metrics->ObserveBatch(images, rows);
     // The step-time histogram's tome_ratio label means that ratio's work: a step whose rows mix ratios is not
@@ -537,7 +637,7 @@ void Worker::Impl::Step() {
       if (only_ratio && RatioLabel(*only_ratio) != RatioLabel(ratio)) mixed = true;
       only_ratio = ratio;
     }
-    if (only_ratio && !mixed) metrics->ObserveStep(*only_ratio, b.width, b.height, seconds);
+    if (only_ratio && !mixed) metrics->ObserveStep(b.model, *only_ratio, b.width, b.height, seconds);
     // What one more guided image at each ratio present (and at 0, the comparison's base) would add to this step.
     const int64_t pixels = batch->latent_height() * batch->latent_width();
     const std::optional<double> now_cost = step_times->StepSeconds(b.model, pixels, rows, tome_rows);
@@ -547,7 +647,7 @@ void Worker::Impl::Step() {
       if (!now_cost || std::find(marked.begin(), marked.end(), label) != marked.end()) return;
       marked.push_back(label);
       if (std::optional<double> more = step_times->StepSeconds(b.model, pixels, rows + 2, tome_rows + 2 * ratio)) {
-        metrics->SetStepMarginal(ratio, b.width, b.height, std::max(0.0, *more - *now_cost));
+        metrics->SetStepMarginal(b.model, ratio, b.width, b.height, std::max(0.0, *more - *now_cost));
       }
     };
     mark_ratio(0.0);
@@ -588,7 +688,7 @@ void Worker::Impl::Evict(RunningBatch& b, const absl::Status& oom, int active) {
     }
   }
   const RunningJob* newest = newest_first.empty() ? nullptr : newest_first.front().first;
-  metrics->CountOom(newest != nullptr ? tome::Canonical(newest->tome).ratio : 0.0, batch_width, batch_height);
+  metrics->CountOom(b.model, newest != nullptr ? tome::Canonical(newest->tome).ratio : 0.0, batch_width, batch_height);
   if (active <= 1) {
     RunningJob& run = *newest_first.front().first;
     spdlog::warn("out of memory for a single image ({}x{}) on {}: {}", batch_width, batch_height, options.device,
@@ -603,6 +703,7 @@ void Worker::Impl::Evict(RunningBatch& b, const absl::Status& oom, int active) {
   spdlog::warn("out of memory for a batch of {} ({}x{}) on {}; evicting the {} most recently admitted, state kept",
                active, batch_width, batch_height, options.device, evict);
   oom_cap = keep;
+  steps_at_cap = 0;
   for (int k = 0; k < evict; ++k) {
     auto [run, image] = newest_first[k];
     std::optional<pipeline::DenoiseBatch::Sample> s = batch->Remove(run->sample_ids[image]);

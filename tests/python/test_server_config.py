@@ -97,6 +97,11 @@ def test_second_server_on_a_taken_port_exits_naming_the_address(tiny_model):
 @pytest.mark.parametrize("args, env, needle", [
     (["--listen", "127.0.0.1"], {}, "--listen"),
     ([], {"TOMESERVE_MAX_BATCHSIZE": "4"}, "TOMESERVE_MAX_BATCH_SIZE (--max-batch-size)"),
+    # Testing aids that break a server on purpose: never from the environment, and on the command line only with
+    # the explicit switch (a stray chart or environment value must not crash-loop a production pod).
+    (["--enable-fault-injection"], {"TOMESERVE_INJECT_WORKER_FAULT": "request@1"},
+     "TOMESERVE_INJECT_WORKER_FAULT: fault-injection settings are accepted only on the command line"),
+    (["--inject-oom-above-batch", "0"], {}, "--inject-oom-above-batch is a testing aid: add --enable-fault-injection"),
 ])
 def test_usage_errors_exit_2_with_one_line(tiny_model, args, env, needle):
     import os

@@ -25,7 +25,7 @@ def request(**kw):
 def test_request_level_error_fails_only_its_batch(tiny_model):
     binary("tomeserve")
     # Warm-up steps do not count: step 3 is the first call's third step.
-    with running_server(["--model", tiny_model, "--inject-worker-fault", "request@3"]) as s:
+    with running_server(["--model", tiny_model, "--enable-fault-injection", "--inject-worker-fault", "request@3"]) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(request(request_id="hit"), timeout=60)
@@ -38,7 +38,7 @@ def test_request_level_error_fails_only_its_batch(tiny_model):
 @pytest.mark.parametrize("fault,extra", [("fatal@2", []), ("stuck@2", ["--step-timeout-seconds", "1"])])
 def test_fatal_or_stuck_worker_fails_calls_and_exits_3(tiny_model, fault, extra):
     binary("tomeserve")
-    with server_under_test(["--model", tiny_model, "--inject-worker-fault", fault, *extra]) as s:
+    with server_under_test(["--model", tiny_model, "--enable-fault-injection", "--inject-worker-fault", fault, *extra]) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
         assert health_status(s.channel, "liveness") == "SERVING"
         t0 = time.monotonic()
@@ -66,3 +66,88 @@ def test_liveness_stays_serving_while_draining(tiny_model):
         assert health_status(s.channel) == "NOT_SERVING"  # readiness drops ...
         assert health_status(s.channel, "liveness") == "SERVING"  # ... liveness does not
         assert s.process.wait(timeout=60) == 0
+
+
+def test_exception_while_starting_a_call_answers_it_and_the_calls_after_it(tiny_model):
+    """An exception thrown while starting an admitted call (after its samples joined the batch) fails that call
+    with INTERNAL; the calls admitted with it and after it are still answered, and the worker keeps serving."""
+    binary("tomeserve")
+    args = ["--model", tiny_model, "--enable-fault-injection", "--inject-worker-fault", "start@1",
+            "--max-queue-delay-ms", "200"]
+    with running_server(args) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        calls = [stub.Generate.future(request(request_id=f"c{i}", seed=i), timeout=60) for i in range(3)]
+        outcomes = []
+        for c in calls:
+            try:
+                outcomes.append(("OK", len(c.result().images)))
+            except grpc.RpcError as e:
+                outcomes.append((e.code().name, e.details()))
+        failed = [o for o in outcomes if o[0] != "OK"]
+        assert len(failed) == 1 and failed[0][0] == "INTERNAL" and "injected exception" in failed[0][1], outcomes
+        assert sorted(o for o in outcomes if o[0] == "OK") == [("OK", 1), ("OK", 1)], outcomes
+        assert len(stub.Generate(request(request_id="after"), timeout=60).images) == 1
+        assert health_status(s.channel, "liveness") == "SERVING"
+
+
+def test_transient_oom_cap_probes_back_up_to_the_full_batch(tiny_model):
+    """One out-of-memory error (oom@1: the first step of a 4-image call) halves the batch; after successful steps
+    at the cap the worker probes one image more at a time, so the same call ends in full batches of 4 again
+    (GenerateResponse.batch_size: the most images in one of its UNet calls) and its images are unchanged."""
+    binary("tomeserve")
+    four = request(num_images=4, num_inference_steps=50, seed=7, request_id="four")
+    with running_server(["--model", tiny_model, "--max-batch-size", "4"], metrics=True) as s:
+        plain = pb_grpc.ImageGeneratorStub(s.channel).Generate(four, timeout=300)
+    assert plain.batch_size == 4
+    args = ["--model", tiny_model, "--max-batch-size", "4", "--enable-fault-injection", "--inject-worker-fault", "oom@1"]
+    with running_server(args, metrics=True) as s:
+        reply = pb_grpc.ImageGeneratorStub(s.channel).Generate(four, timeout=300)
+        log = s.log()
+    assert reply.batch_size == 4, log
+    assert "evicting the 2 most recently admitted" in log and "image cap after an out-of-memory error raised to 3" in log
+    assert "raised to 4" in log, log
+    assert [i.data for i in reply.images] == [i.data for i in plain.images]
+
+
+def test_oom_while_encoding_text_waits_for_the_running_call(tiny_model):
+    """An out-of-memory error in a call's text encoding while another call runs (text-oom@2: the second call's)
+    does not fail it: it waits until the running call finished, then runs, and both calls succeed."""
+    binary("tomeserve")
+    args = ["--model", tiny_model, "--enable-fault-injection", "--inject-worker-fault", "text-oom@2",
+            "--max-queue-delay-ms", "0"]
+    with running_server(args) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        # The first call streams: once it reports progress it is running, and the second call is admitted next to it.
+        first = stub.GenerateStream(request(request_id="first", num_inference_steps=150), timeout=120)
+        events = iter(first)
+        while next(events).WhichOneof("event") != "progress":
+            pass
+        second = stub.Generate(request(request_id="second", prompt="another prompt"), timeout=120)
+        assert len(second.images) == 1
+        assert [e.result for e in events if e.WhichOneof("event") == "result"][0].images
+        log = s.log()
+    assert "out of memory encoding the text of a call on cpu while" in log, log
+
+
+def test_hang_while_draining_is_caught_by_the_watchdog(tiny_model):
+    """SIGTERM while a step hangs (stuck@3): the watchdog keeps running through the drain, fails the stuck call
+    with UNAVAILABLE after --step-timeout-seconds and the process exits 3 long before --drain-timeout, instead of
+    waiting for a SIGKILL."""
+    binary("tomeserve")
+    args = ["--model", tiny_model, "--enable-fault-injection", "--inject-worker-fault", "stuck@3",
+            "--step-timeout-seconds", "3", "--drain-timeout", "120"]
+    with server_under_test(args) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        victim = stub.Generate.future(request(request_id="victim", num_inference_steps=20), timeout=200)
+        deadline = time.monotonic() + 30
+        while "injected stuck step" not in s.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "injected stuck step" in s.log()
+        t0 = time.monotonic()
+        s.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as e:
+            victim.result()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+        assert s.process.wait(timeout=60) == 3, s.log()
+        assert time.monotonic() - t0 < 60
+        assert "ran past its limit" in s.log()
