@@ -126,11 +126,56 @@ std::optional<double> BatchingPolicy::SoloSeconds(const StepCost* cost, const Po
 }
 
 double BatchingPolicy::DueTime(const StepCost* cost, const PolicyCall& call) {
-  const double limit = Limit(call);
-  if (limit != kNever) return limit;
+  // A latency target is the call's promise: its due time (or the deadline, if earlier).
+  if (call.target_seconds > 0) return Limit(call);
+  // Best effort: a slack of its solo time after it arrived (or after its tenant's fair start); a deadline only
+  // makes it more urgent when it is tighter than that (a generous client deadline must not rank a call behind
+  // calls without one).
   std::optional<double> solo = SoloSeconds(cost, call, call.ratio);
-  if (!solo) return call.enqueued;  // no costs yet: first come, first served
-  return call.enqueued + kBestEffortSlack[static_cast<int>(call.priority)] * *solo;
+  if (!solo) return std::min(call.enqueued, call.deadline);  // no costs yet: first come, first served
+  const double start = call.fair_start >= 0 ? call.fair_start : call.enqueued;
+  return std::min(call.deadline, start + kBestEffortSlack[static_cast<int>(call.priority)] * *solo);
+}
+
+void BatchingPolicy::AssignFairStarts(const StepCost* cost, const FairShareState& state,
+                                      std::span<PolicyCall> queue) {
+  std::map<std::string, double> weights;  // of the tenants with queued calls
+  double oldest = kNever;
+  for (const PolicyCall& c : queue) {
+    if (c.tenant_weight <= 0) continue;
+    weights[c.tenant] = c.tenant_weight;
+    oldest = std::min(oldest, c.enqueued);
+  }
+  double total = 0;
+  for (const auto& [tenant, weight] : weights) total += weight;
+  // Virtual time, caught up with the queue after an idle spell (never with the clock: a clock ahead of the tags
+  // would tie every tenant at "now" and fall back to arrival order).
+  const double base = std::max(state.virtual_time, oldest);
+  std::map<std::string, double> next;  // per tenant: the fair start of its next queued call
+  for (PolicyCall& c : queue) {
+    c.fair_start = -1;
+    c.fair_share = 0;
+    if (c.tenant_weight <= 0) continue;
+    std::optional<double> solo = SoloSeconds(cost, c, c.ratio);
+    if (!solo) continue;
+    auto [it, first] = next.try_emplace(c.tenant, base);
+    if (first) {
+      auto finish = state.finish.find(c.tenant);
+      if (finish != state.finish.end()) it->second = std::max(base, finish->second);
+    }
+    c.fair_share = weights[c.tenant] / total;
+    c.fair_start = it->second;
+    it->second += *solo / c.fair_share;
+  }
+}
+
+void BatchingPolicy::ChargeTenant(const StepCost* cost, const PolicyCall& call, FairShareState& state) {
+  if (call.tenant_weight <= 0 || call.fair_share <= 0 || call.fair_start < 0) return;
+  std::optional<double> solo = SoloSeconds(cost, call, call.ratio);
+  if (!solo) return;
+  double& finish = state.finish.try_emplace(call.tenant, call.fair_start).first->second;
+  finish = std::max(finish, call.fair_start) + *solo / call.fair_share;
+  state.virtual_time = std::max(state.virtual_time, call.fair_start);
 }
 
 AdmitPlan BatchingPolicy::Admit(const WorkerView& worker, std::span<const PolicyCall> queue, double now,

@@ -6,7 +6,8 @@
 //
 // Step mode (the default):
 //  - Urgency: every queued call has a due time — enqueued + its latency target, or its hard deadline if
-//    earlier; a best-effort call's is enqueued + kBestEffortSlack[priority] x its unloaded latency. Calls are
+//    earlier; a best-effort call's is enqueued (or its tenant's fair start, AssignFairStarts) +
+//    kBestEffortSlack[priority] x its unloaded latency, or its deadline if that is earlier. Calls are
 //    considered earliest due first (earliest deadline first), so calls with targets go ahead of best-effort
 //    ones, and a best-effort call's due time is its age bound.
 //  - Cost-aware joining: a call joins the running batch (same model and size, within the image cap and the cost
@@ -36,6 +37,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <optional>
 #include <span>
 #include <string>
@@ -72,6 +74,13 @@ struct PolicyCall {
   double enqueued = 0;
   double deadline = kNever;   // hard: the call is cancelled at this time
   Priority priority = Priority::kInteractive;
+  // Fair sharing between tenants (AssignFairStarts): tenant_weight > 0 takes part. fair_start: when the call's
+  // share of the workers lets it start (its best-effort due time counts from there; < 0: from `enqueued`);
+  // fair_share: its tenant's share when that was computed.
+  std::string tenant;
+  double tenant_weight = 0;
+  double fair_start = -1;
+  double fair_share = 0;
 
   int64_t cost() const { return static_cast<int64_t>(rows) * latent_pixels; }  // of the batch budget
   bool has_range() const { return target_seconds > 0 && max_ratio > ratio; }
@@ -147,6 +156,25 @@ class BatchingPolicy {
 
   // The ratios the controller tries, in order: `min_ratio`, then multiples of 0.05 above it, then `max_ratio`.
   static std::vector<double> ControllerGrid(double min_ratio, double max_ratio);
+
+  // Weighted fair sharing between tenants: start-time fair queueing on the calls' solo seconds. The state holds
+  // each tenant's finish tag (where its next call would start if it got exactly its share) and the virtual time
+  // (the latest start tag admitted). A queued call of a tenant taking part (tenant_weight > 0) gets fair_start =
+  // max(virtual time, the oldest queued tenant call's arrival, its tenant's finish tag) + the solo seconds of the
+  // tenant's calls queued ahead of it,
+  // each over the tenant's share (its weight / the weights of the tenants with queued calls), and fair_share =
+  // that share. Its best-effort due time counts from fair_start instead of its arrival, so tenants with queued
+  // work are served in proportion to their weights however many calls each sends. A latency target or deadline
+  // stays the call's own limit (compared in policy seconds; fair starts run ahead of the clock while batching
+  // serves many calls at once, which only favours calls with targets). Without costs nothing changes (first
+  // come, first served). `queue` is in arrival order.
+  struct FairShareState {
+    std::map<std::string, double> finish;  // per tenant
+    double virtual_time = 0;
+  };
+  static void AssignFairStarts(const StepCost* cost, const FairShareState& state, std::span<PolicyCall> queue);
+  // An admitted call: its tenant's finish tag moves on by its solo seconds over its fair_share.
+  static void ChargeTenant(const StepCost* cost, const PolicyCall& call, FairShareState& state);
 
  private:
   AdmitPlan AdmitStep(const WorkerView& worker, std::span<const PolicyCall> queue, double now) const;

@@ -26,7 +26,9 @@ PolicyCall Job::policy_call(uint64_t id) const {
           .target_seconds = r.latency_target_seconds,
           .enqueued = PolicyTime(enqueued_),
           .deadline = deadline_ == absl::InfiniteFuture() ? kNever : PolicyTime(deadline_),
-          .priority = r.priority};
+          .priority = r.priority,
+          .tenant = r.tenant,
+          .tenant_weight = r.tenant_weight};
 }
 
 absl::Status Job::StopReason(absl::Time now) const {

@@ -64,6 +64,10 @@ struct GenerationRequest {
   double tome_max_ratio = 0;
   double latency_target_seconds = 0;
   Priority priority = Priority::kInteractive;  // orders best-effort calls (BatchingPolicy)
+  // Who sent it (its bearer token's tenant; "default" without --auth-token-file) and, when the token file names
+  // two or more tenants, the tenant's weight for fair sharing (0: no sharing; BatchingPolicy::AssignFairStarts).
+  std::string tenant = "default";
+  double tenant_weight = 0;
 
   // UNet rows per step: 2 per image with classifier-free guidance (guidance_scale > 1), else 1.
   int rows() const { return num_images * (guidance_scale > 1.0 ? 2 : 1); }

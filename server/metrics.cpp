@@ -132,6 +132,8 @@ struct Metrics::Impl {
   Family<Counter>& slo_decisions = CounterFamily(
       r, "tomeserve_slo_decisions_total",
       "SLO ratio controller decisions by chosen ToMe ratio and whether a ratio was predicted to meet the target");
+  Family<Counter>& tenant_requests = CounterFamily(r, "tomeserve_tenant_requests_total",
+                                                  "Finished generate calls by tenant and status code");
   Family<Counter>& slo_requests = CounterFamily(
       r, "tomeserve_slo_requests_total", "Calls with a latency target by outcome (met: finished OK within the target)");
 
@@ -273,6 +275,10 @@ void Metrics::CountSloDecision(const std::string& model, double chosen_ratio, bo
   impl_->slo_decisions
       .Add({{"model", ModelLabel(model)}, {"tome_ratio", RatioLabel(chosen_ratio)}, {"target_met", target_met ? "true" : "false"}})
       .Increment();
+}
+
+void Metrics::CountTenantRequest(const std::string& tenant, absl::StatusCode code) {
+  if (impl_) impl_->tenant_requests.Add({{"tenant", tenant.empty() ? "unknown" : tenant}, {"code", CodeName(code)}}).Increment();
 }
 
 void Metrics::CountSloOutcome(const std::string& model, bool met) {

@@ -131,7 +131,9 @@ std::vector<AdmittedCall> Scheduler::TakeLocked(const WorkerView& worker, absl::
   std::vector<PolicyCall> calls;
   calls.reserve(queue_.size());
   for (const Entry& e : queue_) calls.push_back(e.call);
-  const AdmitPlan plan = policy_.Admit(worker, calls, PolicyTime(now), draining_);
+  const double policy_now = PolicyTime(now);
+  BatchingPolicy::AssignFairStarts(estimates_, fair_share_, calls);
+  const AdmitPlan plan = policy_.Admit(worker, calls, policy_now, draining_);
   std::vector<size_t> taken;
   for (const Admission& a : plan.admit) {
     Entry& e = queue_[a.index];
@@ -139,6 +141,9 @@ std::vector<AdmittedCall> Scheduler::TakeLocked(const WorkerView& worker, absl::
     tome.ratio = a.ratio;
     e.job->SetAdmitted(tome, a.slo);
     e.call.ratio = a.ratio;
+    e.call.fair_start = calls[a.index].fair_start;
+    e.call.fair_share = calls[a.index].fair_share;
+    BatchingPolicy::ChargeTenant(estimates_, e.call, fair_share_);
     out.push_back({e.job, e.call});
     taken.push_back(a.index);
   }

@@ -114,6 +114,7 @@ class Scheduler {
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<Entry> queue_ ABSL_GUARDED_BY(mu_);
   std::vector<double> backlog_ ABSL_GUARDED_BY(mu_);  // per worker, seconds
+  BatchingPolicy::FairShareState fair_share_ ABSL_GUARDED_BY(mu_);  // between tenants
   absl::CondVar cv_;  // queue changed, stop, drain: every waiter re-checks (SignalAll)
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;

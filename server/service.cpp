@@ -31,6 +31,7 @@ struct ImageGeneratorService::Context {
   Scheduler* scheduler;
   Metrics* metrics;
   TokenAuth* auth;  // null: no authentication
+  TenantLimits tenant_limits;
   bool log_prompts = false;
   RandomSource random = RandomSource::Default();
   std::atomic<const ModelCatalog*> catalog{nullptr};
@@ -53,18 +54,28 @@ struct ImageGeneratorService::Context {
     scheduler->Wake();
   }
 
-  absl::Status Authenticate(const grpc::CallbackServerContext* call) {
-    return auth == nullptr ? absl::OkStatus() : auth->Check(Authorization(call));
+  // The caller's tenant ("default" without authentication), or UNAUTHENTICATED.
+  absl::StatusOr<TenantSpec> Authenticate(const grpc::CallbackServerContext* call) const {
+    if (auth == nullptr) return TenantSpec{};
+    return auth->Check(Authorization(call));
   }
 
-  // Authenticates, validates and builds the job; on error returns the status to answer with.
-  absl::StatusOr<std::shared_ptr<Job>> MakeJob(grpc::CallbackServerContext* ctx,
-                                               const v1::GenerateRequest& request, JobObserver* observer) {
-    if (absl::Status s = Authenticate(ctx); !s.ok()) return s;
+  // Authenticates, validates and builds the job; on error returns the status to answer with. `tenant_name` is
+  // set once the caller is authenticated (for Record, also when the call is refused after that).
+  absl::StatusOr<std::shared_ptr<Job>> MakeJob(grpc::CallbackServerContext* ctx, const v1::GenerateRequest& request,
+                                               JobObserver* observer, std::string* tenant_name) {
+    absl::StatusOr<TenantSpec> tenant = Authenticate(ctx);
+    if (!tenant.ok()) return tenant.status();
+    *tenant_name = tenant->name;
     const ModelCatalog* models = catalog.load();
     if (models == nullptr) return absl::UnavailableError("the server is loading its models; retry shortly");
     absl::StatusOr<GenerationRequest> converted = ConvertRequest(request, *models, limits, random);
     if (!converted.ok()) return converted.status();
+    converted->tenant = tenant->name;
+    // Fair sharing needs two tenants to share between.
+    converted->tenant_weight = auth != nullptr && auth->tenants() > 1 ? tenant->weight : 0;
+    // Held until Record, which every job reaches exactly once.
+    if (absl::Status s = tenant_limits.Acquire(*tenant, absl::Now()); !s.ok()) return s;
     absl::Time deadline = absl::InfiniteFuture();
     const auto grpc_deadline = ctx->deadline();
     if (grpc_deadline != std::chrono::system_clock::time_point::max())
@@ -74,7 +85,7 @@ struct ImageGeneratorService::Context {
   }
 
   // One log line and the metrics of a finished generate call.
-  void Record(const std::string& rpc, const v1::GenerateRequest& request, const Job* job,
+  void Record(const std::string& rpc, const v1::GenerateRequest& request, const Job* job, const std::string& tenant,
               const absl::StatusOr<GenerationResult>& result, absl::Time started) {
     const absl::StatusCode code = result.status().code();
     const double total = absl::ToDoubleSeconds(absl::Now() - started);
@@ -84,7 +95,9 @@ struct ImageGeneratorService::Context {
     const std::string model = job != nullptr ? job->key().model : "";
     metrics->ObserveRequest(model, ratio, job != nullptr ? job->key().width : 0, job != nullptr ? job->key().height : 0,
                             code, total);
+    metrics->CountTenantRequest(tenant, code);
     if (job != nullptr) {
+      tenant_limits.Release(job->request().tenant);
       metrics->AddInflight(-1);
       if (job->request().latency_target_seconds > 0)
         metrics->CountSloOutcome(model, result.ok() && total <= job->request().latency_target_seconds);
@@ -114,7 +127,7 @@ class GenerateReactor final : public grpc::ServerUnaryReactor, public JobObserve
   GenerateReactor(std::shared_ptr<ImageGeneratorService::Context> ctx, grpc::CallbackServerContext* call,
                   const v1::GenerateRequest* request, v1::GenerateResponse* response)
       : ctx_(std::move(ctx)), request_(request), response_(response) {
-    absl::StatusOr<std::shared_ptr<Job>> job = ctx_->MakeJob(call, *request, this);
+    absl::StatusOr<std::shared_ptr<Job>> job = ctx_->MakeJob(call, *request, this, &tenant_);
     if (!job.ok()) {
       OnDone(job.status());
       return;
@@ -126,7 +139,7 @@ class GenerateReactor final : public grpc::ServerUnaryReactor, public JobObserve
   }
 
   void OnDone(const absl::StatusOr<GenerationResult>& result) override {
-    ctx_->Record("Generate", *request_, job_.get(), result, started_);
+    ctx_->Record("Generate", *request_, job_.get(), tenant_, result, started_);
     if (result.ok()) ToProto(job_->request(), *result, response_);
     Finish(ToGrpcStatus(result.status()));
   }
@@ -139,6 +152,7 @@ class GenerateReactor final : public grpc::ServerUnaryReactor, public JobObserve
   const v1::GenerateRequest* request_;
   v1::GenerateResponse* response_;
   std::shared_ptr<Job> job_;
+  std::string tenant_;  // empty until authenticated
   const absl::Time started_ = absl::Now();
 };
 
@@ -149,7 +163,7 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
   GenerateStreamReactor(std::shared_ptr<ImageGeneratorService::Context> ctx,
                         grpc::CallbackServerContext* call, const v1::GenerateRequest* request)
       : ctx_(std::move(ctx)), request_(request) {
-    absl::StatusOr<std::shared_ptr<Job>> job = ctx_->MakeJob(call, *request, this);
+    absl::StatusOr<std::shared_ptr<Job>> job = ctx_->MakeJob(call, *request, this, &tenant_);
     if (!job.ok()) {
       OnDone(job.status());
       return;
@@ -175,7 +189,7 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
     Send(std::move(e), /*replaceable=*/true);
   }
   void OnDone(const absl::StatusOr<GenerationResult>& result) override {
-    ctx_->Record("GenerateStream", *request_, job_.get(), result, started_);
+    ctx_->Record("GenerateStream", *request_, job_.get(), tenant_, result, started_);
     Next next;
     grpc::Status status = ToGrpcStatus(result.status());
     {
@@ -252,6 +266,7 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
   std::shared_ptr<ImageGeneratorService::Context> ctx_;
   const v1::GenerateRequest* request_;
   std::shared_ptr<Job> job_;
+  std::string tenant_;  // empty until authenticated
   const absl::Time started_ = absl::Now();
   absl::Mutex mu_;
   std::deque<Pending> pending_ ABSL_GUARDED_BY(mu_);
@@ -295,7 +310,7 @@ grpc::ServerUnaryReactor* ImageGeneratorService::ListModels(grpc::CallbackServer
                                                             const v1::ListModelsRequest*,
                                                             v1::ListModelsResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (absl::Status s = context_->Authenticate(context); !s.ok()) {
+  if (absl::Status s = context_->Authenticate(context).status(); !s.ok()) {
     reactor->Finish(ToGrpcStatus(s));
     return reactor;
   }

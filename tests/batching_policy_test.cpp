@@ -2,6 +2,7 @@
 // answer can be computed by hand. Pure and deterministic (no clock, no threads): the policy is a function.
 #include "server/batching_policy.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -163,12 +164,23 @@ TEST(BatchingPolicy, WithoutCostsCallsJoinInOrderWhileTheyFit) {
 TEST(BatchingPolicy, ADeadlineThatCannotBeMetIsRefused) {
   const FakeCost cost(0.0, 0.25);  // 0.5 s per 2-row step
   const WorkerView idle{.cost = &cost, .budget = 1 << 20};
-  const std::vector<PolicyCall> queue = {Call(0, {.calls = 100, .deadline = 5}), Call(1, {.calls = 2, .deadline = 60})};
+  const std::vector<PolicyCall> queue = {Call(0, {.calls = 100, .deadline = 5}), Call(1, {.calls = 4, .deadline = 60})};
   const AdmitPlan plan = kStep.Admit(idle, queue, 0, false);
   EXPECT_EQ(Admitted(plan, queue), std::vector<uint64_t>{1});
   ASSERT_EQ(plan.refuse.size(), 1u);
   EXPECT_EQ(plan.refuse[0].index, 0u);
   EXPECT_NE(plan.refuse[0].why.find("refused at admission"), std::string::npos);
+}
+
+// A client's generous deadline makes a best-effort call more urgent only when it is tighter than the call's own
+// best-effort due time: it does not rank the call behind a later call that set none.
+TEST(BatchingPolicy, AGenerousDeadlineDoesNotRankACallBehindOnesWithout) {
+  const FakeCost cost(0.0, 0.25);
+  const WorkerView idle{.cost = &cost, .max_images = 1, .budget = 1 << 20};
+  const std::vector<PolicyCall> queue = {Call(0, {.enqueued = 0, .deadline = 300}), Call(1, {.enqueued = 0.1})};
+  EXPECT_EQ(Admitted(kStep.Admit(idle, queue, 0.2, false), queue), std::vector<uint64_t>{0});
+  const std::vector<PolicyCall> tight = {Call(0, {.enqueued = 0}), Call(1, {.enqueued = 0.1, .deadline = 8})};
+  EXPECT_EQ(Admitted(kStep.Admit(idle, tight, 0.2, false), tight), std::vector<uint64_t>{1});
 }
 
 TEST(BatchingPolicy, RequestModeTakesOneKeyWhenIdleAfterTheDelay) {
@@ -190,6 +202,80 @@ TEST(BatchingPolicy, ControllerGrid) {
   EXPECT_EQ(BatchingPolicy::ControllerGrid(0.3, 0.5), (std::vector<double>{0.3, 0.35, 0.4, 0.45, 0.5}));
   EXPECT_EQ(BatchingPolicy::ControllerGrid(0.32, 0.41), (std::vector<double>{0.32, 0.35, 0.4, 0.41}));
   EXPECT_EQ(BatchingPolicy::ControllerGrid(0.5, 0.5), (std::vector<double>{0.5}));
+}
+
+// Fair sharing between tenants: a tenant that queued 10 calls before another queued 2 does not keep the workers
+// until its 10 are done; with equal weights the two alternate, with weights 3:1 three of the first's per one.
+std::vector<std::string> FairOrder(const std::vector<std::pair<std::string, double>>& tenants_in_arrival_order) {
+  const FakeCost cost(0.1, 0.1);
+  std::vector<PolicyCall> queue;
+  for (size_t i = 0; i < tenants_in_arrival_order.size(); ++i) {
+    PolicyCall c = Call(i, {.enqueued = 0.001 * static_cast<double>(i)});
+    c.tenant = tenants_in_arrival_order[i].first;
+    c.tenant_weight = tenants_in_arrival_order[i].second;
+    queue.push_back(c);
+  }
+  // Admit one call at a time (the urgency order's head), as a worker that runs one call at a time would.
+  BatchingPolicy::FairShareState state;
+  std::vector<std::string> order;
+  while (!queue.empty()) {
+    BatchingPolicy::AssignFairStarts(&cost, state, queue);
+    size_t best = 0;
+    for (size_t i = 1; i < queue.size(); ++i) {
+      if (queue[i].fair_start < queue[best].fair_start) best = i;
+    }
+    BatchingPolicy::ChargeTenant(&cost, queue[best], state);
+    order.push_back(queue[best].tenant);
+    queue.erase(queue.begin() + static_cast<long>(best));
+  }
+  return order;
+}
+
+TEST(FairShareTest, BackloggedTenantsAreServedByWeight) {
+  std::vector<std::pair<std::string, double>> arrivals(10, {"heavy", 1});
+  arrivals.insert(arrivals.end(), 2, {"light", 1});
+  const std::vector<std::string> order = FairOrder(arrivals);
+  // Both have queued calls from the start: they alternate until the light one has none left.
+  EXPECT_EQ(std::vector<std::string>(order.begin(), order.begin() + 4),
+            (std::vector<std::string>{"heavy", "light", "heavy", "light"}));
+  std::vector<std::pair<std::string, double>> weighted(9, {"big", 3});
+  weighted.insert(weighted.end(), 3, {"small", 1});
+  const std::vector<std::string> by_weight = FairOrder(weighted);
+  EXPECT_EQ(std::count(by_weight.begin(), by_weight.begin() + 8, "big"), 6);
+  EXPECT_EQ(std::count(by_weight.begin(), by_weight.begin() + 8, "small"), 2);
+}
+
+TEST(FairShareTest, CallsWithoutATenantWeightOrCostsAreUntouched) {
+  const FakeCost cost(0.1, 0.1);
+  std::vector<PolicyCall> queue = {Call(1, {.enqueued = 5}), Call(2, {.enqueued = 6})};
+  queue[1].tenant = "a";
+  queue[1].tenant_weight = 1;
+  BatchingPolicy::AssignFairStarts(&cost, {}, queue);
+  EXPECT_EQ(queue[0].fair_start, -1);  // not a tenant call: its due time counts from its arrival
+  EXPECT_EQ(queue[1].fair_start, 6);   // the only tenant with queued calls: at its arrival, with all the share
+  EXPECT_EQ(queue[1].fair_share, 1);
+  BatchingPolicy::AssignFairStarts(nullptr, {}, queue);  // no costs yet: first come, first served
+  EXPECT_EQ(queue[1].fair_start, -1);
+}
+
+TEST(FairShareTest, AFairStartMovesTheBestEffortDueTimeAndTheClockMovesOn) {
+  const FakeCost cost(0.1, 0.1);  // 10 calls x (0.1 + 0.1 x 2 rows) = 3 s alone
+  BatchingPolicy::FairShareState state;
+  std::vector<PolicyCall> queue = {Call(1, {}), Call(2, {})};
+  queue[0].tenant = "a";
+  queue[1].tenant = "b";
+  queue[0].tenant_weight = queue[1].tenant_weight = 1;
+  BatchingPolicy::AssignFairStarts(&cost, state, queue);
+  EXPECT_DOUBLE_EQ(queue[0].fair_share, 0.5);
+  BatchingPolicy::ChargeTenant(&cost, queue[0], state);
+  EXPECT_DOUBLE_EQ(state.finish["a"], 6.0);  // 3 s of work at half the workers
+  // A's next call starts at its finish tag, after B's call at the virtual time.
+  std::vector<PolicyCall> next = {Call(3, {}), queue[1]};
+  next[0].tenant = "a";
+  next[0].tenant_weight = 1;
+  BatchingPolicy::AssignFairStarts(&cost, state, next);
+  EXPECT_DOUBLE_EQ(next[0].fair_start, 6.0);
+  EXPECT_DOUBLE_EQ(next[1].fair_start, 0.0);
 }
 
 }  // namespace
