@@ -127,3 +127,38 @@ def test_two_tenants_share_the_worker_by_weight(tiny_model, tmp_path):
     # previous call used its share): 2-4x, measured; the bound leaves room for this 2-core machine's noise.
     print(f"light latencies beside a heavy backlog: {[round(l / solo, 2) for l in latencies]} x solo {solo:.3f} s")
     assert max(latencies) <= 6 * solo, (latencies, solo)
+
+
+def test_weights_three_to_one_give_three_quarters_of_the_completions(tiny_model, tmp_path):
+    """Weights 3:1, both tenants backlogged (24 and 12 calls queued together): while both still had calls queued,
+    the heavier-weighted tenant got about 3/4 of the completions (±10%), whatever order they arrived in."""
+    binary("tomeserve")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-big tenant=big weight=3\ntok-small tenant=small weight=1\n")
+    args = ["--model", tiny_model, "--auth-token-file", str(tokens), "--max-batch-size", "1",
+            "--max-queue-size", "64"]
+    with running_server(args) as s:
+        stub = pb_grpc.ImageGeneratorStub(s.channel)
+        for i in range(2):  # the step-time model learns the call's cost
+            stub.Generate(request(request_id=f"warm{i}"), metadata=token("tok-small"), timeout=120)
+        done = Completions()
+        # The small-weight tenant's calls arrive first: arrival order alone would serve them first.
+        calls = [done.track(stub.Generate.future(request(seed=i, request_id=f"s{i}"), metadata=token("tok-small"),
+                                                 timeout=300), "small") for i in range(12)]
+        calls += [done.track(stub.Generate.future(request(seed=100 + i, request_id=f"b{i}"),
+                                                  metadata=token("tok-big"), timeout=300), "big") for i in range(24)]
+        for f in calls:
+            assert len(f.result().images) == 1
+    order = [t for t, _ in done.order]
+    # The window: from the first completion after both were queued (the first small call may have started alone)
+    # until one tenant had nothing left.
+    left = {"small": 12, "big": 24}
+    window = []
+    for t in order[1:]:
+        window.append(t)
+        left[t] -= 1
+        if min(left.values()) == 0:
+            break
+    share = window.count("big") / len(window)
+    print(f"big's share of completions while both had calls queued: {share:.2f} ({order})")
+    assert 0.65 <= share <= 0.85, (share, order)
