@@ -290,10 +290,15 @@ void Worker::Impl::TakeOutOfService(const absl::Status& why, const std::vector<s
   if (options.on_out_of_service) options.on_out_of_service(options.device, why);
 }
 
-absl::Status Worker::Impl::InjectedFault() {
+bool Worker::Impl::FaultDue(absl::string_view kind, int64_t count) const {
   const int64_t n = options.inject_fault_at_step;
-  if (n <= 0 || (options.inject_fault_every ? steps_run % n != 0 : steps_run != n)) return absl::OkStatus();
-  if (options.inject_fault == "start" || options.inject_fault == "text-oom") return absl::OkStatus();  // not steps
+  return n > 0 && options.inject_fault == kind && (options.inject_fault_every ? count % n == 0 : count == n);
+}
+
+absl::Status Worker::Impl::InjectedFault() {
+  const std::string& kind = options.inject_fault;
+  if (kind == "start" || kind == "text-oom" || !FaultDue(kind, steps_run)) return absl::OkStatus();  // not steps
+  const int64_t n = options.inject_fault_at_step;
   const std::string at = absl::StrCat(" (--inject-worker-fault ", options.inject_fault,
                                       options.inject_fault_every ? "%" : "@", n, ")");
   if (options.inject_fault == "request") return absl::InternalError(absl::StrCat("injected request-level error", at));
@@ -457,15 +462,12 @@ void Worker::Impl::Start(const AdmittedCall& admitted, bool oomed_alone) {
                      .hooks = run->hooks,
                      .hook_seed = hook_seed});
   }
-  const auto inject = [&](const char* kind, int64_t count) {
-    return options.inject_fault == kind && count == options.inject_fault_at_step;
-  };
   Watch("text encoding", job);
   clock->Start();
   // The model is this worker's own (one per device), so the cache counters move only for this call here.
   const pipeline::TextEmbeddingCache::Stats cache_before = run->model->text_cache_stats();
   absl::StatusOr<std::vector<pipeline::DenoiseBatch::Sample>> samples =
-      inject("text-oom", ++text_encodings)
+      FaultDue("text-oom", ++text_encodings)
           ? absl::StatusOr<std::vector<pipeline::DenoiseBatch::Sample>>(pipeline::OutOfMemoryError(absl::StrCat(
                 "injected out of memory (--inject-worker-fault text-oom@", options.inject_fault_at_step, ")")))
           : run->model->PrepareSamples({.width = req.key.width, .height = req.key.height}, std::move(specs));
@@ -509,7 +511,7 @@ void Worker::Impl::Start(const AdmittedCall& admitted, bool oomed_alone) {
     }
     started.sample_ids[i] = *id;
   }
-  if (inject("start", ++calls_started)) {
+  if (FaultDue("start", ++calls_started)) {
     throw std::runtime_error(absl::StrCat("injected exception (--inject-worker-fault start@",
                                           options.inject_fault_at_step, ")"));
   }

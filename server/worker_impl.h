@@ -19,6 +19,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
@@ -191,6 +192,9 @@ struct Worker::Impl {
   void EmptyCache() const;
   double Backlog() const;
   void ReportGauges() const;
+  // Fault injection: whether `kind` is due at the `count`th event it counts (steps, started calls, text
+  // encodings); the step kinds' fault as a status.
+  bool FaultDue(absl::string_view kind, int64_t count) const;
   absl::Status InjectedFault();
   // The watchdog covers `what` from now until Unwatch: the running calls (and `also`) fail if it outlives the
   // limit (--step-timeout-seconds; 0: 50x the last step, at least 120 s).
