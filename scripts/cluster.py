@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,22 +32,14 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "python"))
+from tomeserve_server import free_port, server_binary  # noqa: E402  (the test helpers' port and binary lookup)
 CONFIG = REPO / "deploy" / "envoy" / "envoy.yaml"
 STARTUP_TIMEOUT_S = 300
 
 
 class Failure(Exception):
     """A process did not start or become healthy: exit 1 with this message."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_binary() -> Path:
-    return Path(os.environ.get("TOMESERVE_BIN_DIR", REPO / "build" / "bin")) / "tomeserve"
 
 
 def envoy_binary() -> str:

@@ -106,6 +106,16 @@ class Load:
         assert self.calls()[0] >= start + more, f"only {self.calls()[0] - start} of {more} calls in {timeout} s"
 
 
+def assert_each_serves_a_fifth(load, rows, when):
+    """Over the next 120 calls (after 6 to settle), every replica in `rows` finished at least 20% of them."""
+    load.wait_calls(6)
+    before = [ok_calls(m) for _, _, m in rows]
+    load.wait_calls(120)
+    served = [ok_calls(m) - b for (_, _, m), b in zip(rows, before)]
+    print(f"calls served per replica {when}: {served}")
+    assert all(s >= 0.2 * sum(served) for s in served), (when, served)
+
+
 def test_replicas_behind_envoy_survive_kill_drain_and_restart(tiny_model, tmp_path):
     binary("tomeserve")
     root = tmp_path / "cluster"
@@ -118,12 +128,7 @@ def test_replicas_behind_envoy_survive_kill_drain_and_restart(tiny_model, tmp_pa
         assert all(alive(pid) for pid, _, _ in rows)
         with Load(front) as load:
             # Every live replica serves at least 20% of the calls (least_request over 3 equal replicas).
-            load.wait_calls(6)
-            before = [ok_calls(m) for _, _, m in rows]
-            load.wait_calls(120)
-            served = [ok_calls(m) - b for (_, _, m), b in zip(rows, before)]
-            print(f"shares before the faults: {served}")
-            assert all(s >= 0.2 * sum(served) for s in served), served
+            assert_each_serves_a_fifth(load, rows, "before the faults")
 
             # kill -9 of replica 0 mid-load: no call fails.
             os.kill(rows[0][0], signal.SIGKILL)
@@ -142,12 +147,7 @@ def test_replicas_behind_envoy_survive_kill_drain_and_restart(tiny_model, tmp_pa
                 again = cluster("restart", "--dir", str(root), "--replica", str(index))
                 assert again.returncode == 0, again.stdout + again.stderr
             rows = replicas(root)
-            load.wait_calls(6)
-            before = [ok_calls(m) for _, _, m in rows]
-            load.wait_calls(120)
-            served = [ok_calls(m) - b for (_, _, m), b in zip(rows, before)]
-            print(f"shares after the restarts: {served}")
-            assert all(s >= 0.2 * sum(served) for s in served), served
+            assert_each_serves_a_fifth(load, rows, "after the restarts")
             ok, failures = load.calls()
             print(f"calls: {ok} OK, {len(failures)} failed")
         assert not failures, f"{len(failures)} of {ok + len(failures)} calls failed: {failures[:5]}"
