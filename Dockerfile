@@ -1,7 +1,7 @@
 # tomeserve image: the server and CLI on Debian 12, built against Debian's gRPC/protobuf/abseil and the libtorch
 # inside the pinned torch wheel (requirements-build.txt: torch==2.11.0, the CUDA 13.0 build on PyPI).
 #   docker build -t tomeserve .            (scripts/image-test.sh builds and runs it with podman/buildah)
-#   docker run --gpus all -p 50051:50051 -p 9464:9464 -v /models/sd15:/models/sd15:ro tomeserve \
+#   docker run --gpus all -p 50051:50051 -p 9464:9464 -p 8080:8080 -v /models/sd15:/models/sd15:ro tomeserve \
 #     --model sd15=/models/sd15
 # Models are mounted, never baked in or downloaded. Build arguments:
 #   PIP_CA_BUNDLE  CA bundle file for pip inside the build (a machine behind a TLS-inspecting proxy mounts its
@@ -65,11 +65,13 @@ RUN /opt/tomeserve/bin/tomeserve --help > /dev/null \
 # HOME=/tmp: the user has no home, and under Kubernetes' readOnlyRootFilesystem /tmp is the writable emptyDir
 # (CUDA's JIT cache and any library that writes under $HOME land there).
 ENV PATH=/opt/tomeserve/bin:$PATH HOME=/tmp \
-    TOMESERVE_LISTEN=0.0.0.0:50051 TOMESERVE_METRICS_LISTEN=0.0.0.0:9464 TOMESERVE_LOG_FORMAT=json
+    TOMESERVE_LISTEN=0.0.0.0:50051 TOMESERVE_METRICS_LISTEN=0.0.0.0:9464 TOMESERVE_HTTP_LISTEN=0.0.0.0:8080 \
+    TOMESERVE_LOG_FORMAT=json
 # A numeric non-root user (Kubernetes' runAsNonRoot can check a number, not a name); no home, no shell.
 USER 10001:10001
-# gRPC (ImageGenerator, grpc.health.v1 and reflection on one port) and Prometheus /metrics.
-EXPOSE 50051 9464
+# gRPC (ImageGenerator, grpc.health.v1 and reflection on one port), Prometheus /metrics, and the HTTP front door
+# (OpenAI and AUTOMATIC1111 APIs, playground page).
+EXPOSE 50051 9464 8080
 # grpc.health.v1 overall status: SERVING once every model is loaded and warmed up, NOT_SERVING while draining.
 # A slow first start (model load and warm-up) is covered by the start period.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \

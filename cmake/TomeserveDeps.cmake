@@ -83,6 +83,8 @@ if(TOMESERVE_BUILD_SERVER)
   find_package(gRPC REQUIRED CONFIG)
   find_package(prometheus-cpp REQUIRED CONFIG)
   find_package(yaml-cpp REQUIRED CONFIG)
+  # The HTTP front door: Debian's compiled cpp-httplib, with its pkg-config flags (TLS, compression).
+  pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)
 endif()
 if(TOMESERVE_BUILD_TESTS)
   find_package(GTest REQUIRED CONFIG)

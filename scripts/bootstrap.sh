@@ -24,13 +24,14 @@ apt_packages=(
   build-essential cmake ninja-build pkg-config ca-certificates
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev
-  nlohmann-json3-dev libpng-dev libpcre2-dev libutf8proc-dev libyaml-cpp-dev
+  nlohmann-json3-dev libpng-dev libpcre2-dev libutf8proc-dev libyaml-cpp-dev libcpp-httplib-dev
   python3-venv
 )
 if [ "$mode" = all ]; then
   apt_packages+=(
     libgtest-dev libgmock-dev libbenchmark-dev unzip openssl
     prometheus  # the observability test runs a real Prometheus (and promtool) on 127.0.0.1
+    chromium    # the HTTP playground test loads the page in headless Chromium
   )
 fi
 

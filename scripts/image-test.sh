@@ -61,7 +61,9 @@ config="$(podman image inspect --format '{{.Config.User}} {{json .Config.Entrypo
 podman image inspect --format '{{json .Config.Healthcheck}}' "$image" | grep -q tomeserve-cli \
   || { step "the image has no HEALTHCHECK"; exit 1; }
 
-metrics_port="$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+free_port() { .venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+metrics_port="$(free_port)"
+http_port="$(free_port)"
 ctr="$(buildah from --pull-never "$image")"
 step "starting the server in $ctr (log: $work/server.log)"
 # The server runs as the image's uid 10001: give it a world-readable copy of the model (the test data may be
@@ -69,7 +71,8 @@ step "starting the server in $ctr (log: $work/server.log)"
 cp -r "$model" "$work/tiny" && chmod -R a+rX "$work/tiny"
 buildah run --isolation=chroot -v "$work/tiny:/models/tiny:ro" -v "$work:/out" "$ctr" -- \
   /opt/tomeserve/bin/tomeserve --model tiny=/models/tiny --devices cpu --listen 127.0.0.1:0 \
-  --port-file /out/port --metrics-listen "127.0.0.1:$metrics_port" --warmup-steps 1 >"$work/server.log" 2>&1 &
+  --port-file /out/port --metrics-listen "127.0.0.1:$metrics_port" --http-listen "127.0.0.1:$http_port" \
+  --warmup-steps 1 >"$work/server.log" 2>&1 &
 runner=$!
 # The server process itself (buildah run, its parent, carries the same arguments after "--"): its command line
 # starts with the binary and names this run's metrics port.
@@ -111,6 +114,17 @@ image = base64.b64decode(out["images"][0]["data"])
 assert image.startswith(b"\x89PNG\r\n\x1a\n"), "not a PNG"
 assert out["images"][0]["seed"] == "7" and abs(out["tome"]["ratio"] - 0.5) < 1e-6, out["tome"]
 print(f"[image-test] Generate: one {len(image)}-byte PNG, seed 7, tome ratio 0.5", file=sys.stderr)
+PY
+.venv/bin/python - "$http_port" <<'PY'
+import base64, json, sys, urllib.request
+body = json.dumps({"prompt": "a lighthouse", "size": "64x64", "num_inference_steps": 2, "seed": 7,
+                   "tome": {"ratio": 0.5}}).encode()
+request = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/v1/images/generations", data=body,
+                                 headers={"Content-Type": "application/json"})
+out = json.load(urllib.request.urlopen(request, timeout=300))
+image = base64.b64decode(out["data"][0]["b64_json"])
+assert image.startswith(b"\x89PNG\r\n\x1a\n") and out["tomeserve"]["seeds"] == [7], out["tomeserve"]
+print(f"[image-test] POST /v1/images/generations: one {len(image)}-byte PNG, seed 7", file=sys.stderr)
 PY
 .venv/bin/python - "$metrics_port" <<'PY'
 import sys, urllib.request

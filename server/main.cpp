@@ -39,6 +39,7 @@
 #include "server/options.h"
 #include "server/scheduler.h"
 #include "server/step_time_model.h"
+#include "server/http_server.h"
 #include "server/service.h"
 #include "server/worker.h"
 
@@ -227,8 +228,10 @@ int Run(int argc, char** argv, bool huge_pages) {
     if (!auth.ok()) return Fail(auth.status());
     signal_state->auth = *std::move(auth);
   }
-  ImageGeneratorService service(limits, &scheduler, metrics->get(), signal_state->auth.get());
-  service.set_log_prompts(o.log_prompts);
+  // One path for every transport: gRPC and HTTP calls meet in the front, then the scheduler.
+  GenerateFront front(limits, &scheduler, metrics->get(), signal_state->auth.get());
+  front.set_log_prompts(o.log_prompts);
+  ImageGeneratorService service(&front);
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = Credentials(o);
   if (!credentials.ok()) return Fail(credentials.status());
@@ -276,6 +279,29 @@ int Run(int argc, char** argv, bool huge_pages) {
   if (!o.port_file.empty()) {
     if (absl::Status s = WritePortFile(o.port_file, port); !s.ok()) return Fail(s);
   }
+  std::unique_ptr<HttpServer> http;
+  if (!o.http_listen.empty()) {
+    // A generate call holds an HTTP thread until it is answered: enough threads for a full queue and full
+    // running batches on every worker, plus a few for the listing routes and probes.
+    absl::StatusOr<std::unique_ptr<HttpServer>> started = HttpServer::Start(
+        {.listen = o.http_listen,
+         .tls_cert = o.tls_cert,
+         .tls_key = o.tls_key,
+         .tls_client_ca = o.tls_client_ca,
+         .max_body_bytes = static_cast<size_t>(o.max_request_bytes),
+         .threads = o.max_queue_size + o.max_batch_size * static_cast<int>(devices->size()) + 4},
+        &front, metrics->get());
+    if (!started.ok()) {
+      server->Shutdown();
+      return Fail(started.status());
+    }
+    http = *std::move(started);
+    spdlog::info("HTTP on {} (port {}): OpenAI /v1/images/generations, AUTOMATIC1111 /sdapi/v1, playground /",
+                 o.http_listen, http->port());
+    if (!o.http_port_file.empty()) {
+      if (absl::Status s = WritePortFile(o.http_port_file, http->port()); !s.ok()) return Fail(s);
+    }
+  }
 
   // Signals: the first SIGTERM/SIGINT starts the drain; later ones are logged. SIGHUP re-reads the tokens.
   absl::Notification& stop = signal_state->stop;
@@ -310,6 +336,7 @@ int Run(int argc, char** argv, bool huge_pages) {
   const int num_workers = static_cast<int>(devices->size());
   auto on_out_of_service = [&, health](const std::string& device, const absl::Status& why) {
     health->SetServingStatus(std::string(kLivenessService), false);
+    if (http != nullptr) http->SetLive(false);
     spdlog::error("{} left service: {}; liveness is NOT_SERVING", device, std::string(why.message()));
     if (out_of_service.fetch_add(1) + 1 == num_workers) none_left.Notify();
   };
@@ -351,9 +378,10 @@ int Run(int argc, char** argv, bool huge_pages) {
       std::vector<ModelDescription> more = workers[i]->Describe();
       for (size_t m = 0; m < more.size(); ++m) catalog.models[m].devices.push_back(more[m].devices.front());
     }
-    service.SetCatalog(std::move(catalog));
+    front.SetCatalog(std::move(catalog));
     for (auto& w : workers) w->Start(&scheduler);
     health->SetServingStatus(true);
+    if (http != nullptr) http->SetReady(true);
     spdlog::info("serving on port {} with {} worker(s), {} batching; CPU tensors of 2 MiB and more in huge pages: {}",
                  port, workers.size(), o.batching, huge_pages ? "yes" : "no");
     // The watchdog: device work past its limit takes its worker out of service (on this thread). It runs
@@ -374,6 +402,7 @@ int Run(int argc, char** argv, bool huge_pages) {
       // the orchestrator restarts the process. Worker threads may be stuck in a kernel: no joins, no
       // destructors.
       health->SetServingStatus(false);
+      if (http != nullptr) http->SetReady(false);
       spdlog::error("no worker is left in service: exiting with {}", kNoWorkerLeft);
       scheduler.Stop();
       server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
@@ -386,6 +415,7 @@ int Run(int argc, char** argv, bool huge_pages) {
   // Drain. Health turns NOT_SERVING first; during --shutdown-grace the server still accepts and runs calls so
   // that a load balancer polling health moves traffic away before the listener closes.
   health->SetServingStatus(false);
+  if (http != nullptr) http->SetReady(false);
   // Draining is not a reason to restart: liveness stays as it was (SERVING unless a worker left service).
   health->SetServingStatus(std::string(kLivenessService), out_of_service.load() == 0);
   if (o.shutdown_grace > absl::ZeroDuration()) {
@@ -394,9 +424,13 @@ int Run(int argc, char** argv, bool huge_pages) {
   }
   spdlog::info("draining: finishing in-flight calls within {}", absl::FormatDuration(o.drain_timeout));
   scheduler.Drain();
-  server->Shutdown(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(o.drain_timeout));
+  const absl::Time drain_deadline = absl::Now() + o.drain_timeout;
+  if (http != nullptr) http->Stop();  // no new HTTP connections; calls in flight go on
+  server->Shutdown(absl::ToChronoTime(drain_deadline));
+  if (http != nullptr) http->AwaitCalls(drain_deadline);
   scheduler.Stop();
   for (auto& w : workers) w->Join();
+  if (http != nullptr) http->Join();
   watchdog_stop.Notify();
   if (watchdog.joinable()) watchdog.join();
   if (out_of_service.load() > 0) {

@@ -134,6 +134,8 @@ struct Metrics::Impl {
       "SLO ratio controller decisions by chosen ToMe ratio and whether a ratio was predicted to meet the target");
   Family<Counter>& tenant_requests = CounterFamily(r, "tomeserve_tenant_requests_total",
                                                   "Finished generate calls by tenant and status code");
+  Family<Counter>& http_requests = CounterFamily(r, "tomeserve_http_requests_total",
+                                                "Answered HTTP front-door requests by route and HTTP status");
   Family<Counter>& slo_requests = CounterFamily(
       r, "tomeserve_slo_requests_total", "Calls with a latency target by outcome (met: finished OK within the target)");
 
@@ -275,6 +277,10 @@ void Metrics::CountSloDecision(const std::string& model, double chosen_ratio, bo
   impl_->slo_decisions
       .Add({{"model", ModelLabel(model)}, {"tome_ratio", RatioLabel(chosen_ratio)}, {"target_met", target_met ? "true" : "false"}})
       .Increment();
+}
+
+void Metrics::CountHttpRequest(const std::string& route, int http_status) {
+  if (impl_) impl_->http_requests.Add({{"route", route}, {"code", absl::StrCat(http_status)}}).Increment();
 }
 
 void Metrics::CountTenantRequest(const std::string& tenant, absl::StatusCode code) {

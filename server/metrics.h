@@ -33,11 +33,14 @@
 //   tomeserve_slo_requests_total{model,result=met|missed}               calls with a latency target, by outcome
 //   tomeserve_tenant_requests_total{tenant,code}                        finished calls per tenant (the bearer
 //                                                                       token's; "default" without auth)
+//   tomeserve_http_requests_total{route,code}                           answered --http-listen requests: route
+//                                                                       is the server's route pattern ("other"
+//                                                                       for unknown paths), code the HTTP status
 // Label values are bounded (clients choose ratios and sizes freely): tome_ratio is the effective canonical
 // ratio on the 0.05 grid with two decimals (RatioLabel: 16 values), resolution a pixel-count bucket
 // (ResolutionLabel: 6 values), code one of gRPC's 17, device one per worker, model one per served model (its
 // --model name) plus "unknown" for calls rejected before their model was resolved, tenant one per tenant of
-// --auth-token-file plus "default" and "unknown" (rejected before authentication).
+// --auth-token-file plus "default" and "unknown" (rejected before authentication), route one per HTTP route.
 #pragma once
 
 #include <cstdint>
@@ -85,6 +88,7 @@ class Metrics {
   void CountSloDecision(const std::string& model, double chosen_ratio, bool target_met);
   void CountSloOutcome(const std::string& model, bool met);
   void CountTenantRequest(const std::string& tenant, absl::StatusCode code);
+  void CountHttpRequest(const std::string& route, int http_status);
 
   // The bound port (0 when off); for tests that listen on port 0.
   int port() const;

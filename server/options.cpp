@@ -30,6 +30,10 @@ ABSL_FLAG(
     "model, a bare DIR is named after its folder. Environment/file: comma-separated or a list.");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address HOST:PORT (port 0 picks a free port).");
 ABSL_FLAG(std::string, metrics_listen, "", "Prometheus /metrics address HOST:PORT; empty turns metrics off.");
+ABSL_FLAG(std::string, http_listen, "",
+          "HTTP address HOST:PORT (port 0 picks a free port) for the OpenAI Images API (/v1/images/generations), "
+          "the AUTOMATIC1111 API (/sdapi/v1/...) and the playground page (/), on the same scheduler and workers as "
+          "gRPC; TLS and bearer tokens as for gRPC (--tls-cert, --auth-token-file); empty turns it off.");
 ABSL_FLAG(std::string, devices, "auto",
           "auto (every CUDA device, else cpu), cpu, or cuda:0,cuda:1,...; one "
           "worker thread per device (cpu:0,cpu:1,... names several CPU workers sharing the cores).");
@@ -129,6 +133,7 @@ ABSL_FLAG(double, step_timeout_seconds, 0,
           "encoding, a VAE decode, the wait for the image encoders) runs longer than this (a hung device); 0 = "
           "50x the worker's last step, at least 120 s.");
 ABSL_FLAG(std::string, port_file, "", "After startup, write the bound gRPC port to this file.");
+ABSL_FLAG(std::string, http_port_file, "", "After startup, write the bound --http-listen port to this file.");
 ABSL_FLAG(int32_t, warmup_steps, 2, "Denoising steps of the warm-up run per model and device at startup.");
 ABSL_FLAG(int32_t, encode_threads, -1,
           "Threads per worker that encode finished images (PNG), so the device keeps stepping the rest of the "
@@ -429,6 +434,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
 
   o.listen = absl::GetFlag(FLAGS_listen);
   o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  o.http_listen = absl::GetFlag(FLAGS_http_listen);
   o.devices = absl::GetFlag(FLAGS_devices);
   o.dtype = absl::GetFlag(FLAGS_dtype);
   o.variant = absl::GetFlag(FLAGS_variant);
@@ -479,6 +485,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   }
   o.inject_oom_above_batch = absl::GetFlag(FLAGS_inject_oom_above_batch);
   o.port_file = absl::GetFlag(FLAGS_port_file);
+  o.http_port_file = absl::GetFlag(FLAGS_http_port_file);
   o.warmup_steps = absl::GetFlag(FLAGS_warmup_steps);
   o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   o.encode_threads = absl::GetFlag(FLAGS_encode_threads);
@@ -487,6 +494,11 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
            Check(IsListenAddress(o.listen), "listen",
                  absl::StrCat("HOST:PORT with a port in 0..65535 (0 picks a free one), or unix:PATH; got \"",
                               absl::CHexEscape(o.listen), "\"")),
+           Check(o.http_listen.empty() || (IsListenAddress(o.http_listen) && !absl::StartsWith(o.http_listen, "unix:")),
+                 "http_listen",
+                 absl::StrCat("HOST:PORT with a port in 0..65535 (0 picks a free one), or empty (off); got \"",
+                              absl::CHexEscape(o.http_listen), "\"")),
+           Check(o.http_port_file.empty() || !o.http_listen.empty(), "http_port_file", "only with --http-listen"),
            Check(o.batching == "step" || o.batching == "request", "batching", "step or request"),
            Check(o.variant.empty() || (o.variant.find_first_of("/\\. ") == std::string::npos && o.variant.size() <= 32),
                  "variant", "a name such as fp16 (no '/', '.' or spaces)"),

@@ -25,6 +25,7 @@ struct ServerOptions {
   std::vector<ModelSpec> models;  // the first is the default model
   std::string listen = "0.0.0.0:50051";
   std::string metrics_listen;  // empty: no metrics endpoint
+  std::string http_listen;     // empty: no HTTP front door
   std::string devices = "auto";
   std::string dtype = "auto";
   std::string variant;  // diffusers weight variant ("fp16"); empty: plain weights or the only variant
@@ -63,6 +64,7 @@ struct ServerOptions {
   bool inject_fault_every = false;  // request%N: every Nth step
   double step_timeout_seconds = 0;  // 0 = automatic
   std::string port_file;
+  std::string http_port_file;
   int warmup_steps = 2;
   bool cuda_graphs = true;
   int encode_threads = -1;  // -1: 2 on CUDA devices, 0 on the CPU

@@ -6,8 +6,6 @@
 #include <deque>
 #include <optional>
 
-#include "absl/strings/escaping.h"
-#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "server/status_convert.h"
@@ -24,131 +22,41 @@ std::optional<absl::string_view> Authorization(const grpc::CallbackServerContext
   return absl::string_view(it->second.data(), it->second.size());
 }
 
-}  // namespace
-
-struct ImageGeneratorService::Context {
-  RequestLimits limits;
-  Scheduler* scheduler;
-  Metrics* metrics;
-  TokenAuth* auth;  // null: no authentication
-  TenantLimits tenant_limits;
-  bool log_prompts = false;
-  RandomSource random = RandomSource::Default();
-  std::atomic<const ModelCatalog*> catalog{nullptr};
-  std::unique_ptr<ModelCatalog> catalog_storage;
-
-  // " prompt=\"...\" negative_prompt=\"...\"" for --log-prompts: escaped, so a prompt cannot break the
-  // one-line-per-call format, and at most 256 bytes each.
-  static std::string PromptsForLog(const v1::GenerateRequest& request) {
-    const auto quoted = [](const std::string& text) {
-      return absl::StrCat("\"", absl::CHexEscape(text.substr(0, 256)), text.size() > 256 ? "...\"" : "\"");
-    };
-    return absl::StrCat(" prompt=", quoted(request.prompt()), " negative_prompt=", quoted(request.negative_prompt()));
-  }
-
-  // A call's cancellation (any gRPC thread): mark the job and let the scheduler drop it if it is still queued;
-  // a running job leaves its batch at the next step boundary. `job` may be null (rejected before enqueue).
-  void Cancel(Job* job) {
-    if (job == nullptr) return;
-    job->Cancel();
-    scheduler->Wake();
-  }
-
-  // The caller's tenant ("default" without authentication), or UNAUTHENTICATED.
-  absl::StatusOr<TenantSpec> Authenticate(const grpc::CallbackServerContext* call) const {
-    if (auth == nullptr) return TenantSpec{};
-    return auth->Check(Authorization(call));
-  }
-
-  // Authenticates, validates and builds the job; on error returns the status to answer with. `tenant_name` is
-  // set once the caller is authenticated (for Record, also when the call is refused after that).
-  absl::StatusOr<std::shared_ptr<Job>> MakeJob(grpc::CallbackServerContext* ctx, const v1::GenerateRequest& request,
-                                               JobObserver* observer, std::string* tenant_name) {
-    absl::StatusOr<TenantSpec> tenant = Authenticate(ctx);
-    if (!tenant.ok()) return tenant.status();
-    *tenant_name = tenant->name;
-    const ModelCatalog* models = catalog.load();
-    if (models == nullptr) return absl::UnavailableError("the server is loading its models; retry shortly");
-    absl::StatusOr<GenerationRequest> converted = ConvertRequest(request, *models, limits, random);
-    if (!converted.ok()) return converted.status();
-    converted->tenant = tenant->name;
-    // Fair sharing needs two tenants to share between.
-    converted->tenant_weight = auth != nullptr && auth->tenants() > 1 ? tenant->weight : 0;
-    // Held until Record, which every job reaches exactly once.
-    if (absl::Status s = tenant_limits.Acquire(*tenant, absl::Now()); !s.ok()) return s;
-    absl::Time deadline = absl::InfiniteFuture();
-    const auto grpc_deadline = ctx->deadline();
-    if (grpc_deadline != std::chrono::system_clock::time_point::max())
-      deadline = absl::FromChrono(grpc_deadline);
-    metrics->AddInflight(1);  // balanced in Record, which every job reaches exactly once
-    return std::make_shared<Job>(*std::move(converted), deadline, observer);
-  }
-
-  // One log line and the metrics of a finished generate call.
-  void Record(const std::string& rpc, const v1::GenerateRequest& request, const Job* job, const std::string& tenant,
-              const absl::StatusOr<GenerationResult>& result, absl::Time started) {
-    const absl::StatusCode code = result.status().code();
-    const double total = absl::ToDoubleSeconds(absl::Now() - started);
-    // The effective canonical ratio (the controller's choice): settings with no effect count as 0. Calls
-    // rejected before a job existed have no size ("unknown" resolution).
-    const double ratio = job != nullptr ? tome::Canonical(job->effective_tome()).ratio : 0;
-    const std::string model = job != nullptr ? job->key().model : "";
-    metrics->ObserveRequest(model, ratio, job != nullptr ? job->key().width : 0, job != nullptr ? job->key().height : 0,
-                            code, total);
-    metrics->CountTenantRequest(tenant, code);
-    if (job != nullptr) {
-      tenant_limits.Release(job->request().tenant);
-      metrics->AddInflight(-1);
-      if (job->request().latency_target_seconds > 0)
-        metrics->CountSloOutcome(model, result.ok() && total <= job->request().latency_target_seconds);
-    }
-    if (result.ok() && result->slo.applied) metrics->CountSloDecision(model, ratio, result->slo.target_met);
-    const std::string id = job != nullptr ? job->request().request_id : request.request_id();
-    std::string key = job != nullptr ? ToString(job->key()) : "-";
-    if (log_prompts) absl::StrAppend(&key, PromptsForLog(request));
-    if (result.ok()) {
-      spdlog::info(
-          "{} id={} {} ratio={} images={} batch_size={} queue={:.3f}s text={:.3f}s denoise={:.3f}s "
-          "decode={:.3f}s total={:.3f}s status=OK",
-          rpc, id, key, RatioLabel(result->tome.ratio), result->images.size(), result->batch_size, result->queue_seconds,
-          result->text_encoding_seconds, result->denoising_seconds, result->decoding_seconds, total);
-    } else {
-      spdlog::info("{} id={} {} total={:.3f}s status={} message=\"{}\"", rpc, id, key, total,
-                   absl::StatusCodeToString(code), std::string(result.status().message()));
-    }
-  }
-};
-
-namespace {
+// The call's deadline; infinite when the client set none.
+absl::Time Deadline(const grpc::CallbackServerContext* call) {
+  const auto deadline = call->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
+  return absl::FromChrono(deadline);
+}
 
 // Generate: answered by whichever thread finishes the job.
 class GenerateReactor final : public grpc::ServerUnaryReactor, public JobObserver {
  public:
-  GenerateReactor(std::shared_ptr<ImageGeneratorService::Context> ctx, grpc::CallbackServerContext* call,
-                  const v1::GenerateRequest* request, v1::GenerateResponse* response)
-      : ctx_(std::move(ctx)), request_(request), response_(response) {
-    absl::StatusOr<std::shared_ptr<Job>> job = ctx_->MakeJob(call, *request, this, &tenant_);
+  GenerateReactor(GenerateFront* front, grpc::CallbackServerContext* call, const v1::GenerateRequest* request,
+                  v1::GenerateResponse* response)
+      : front_(front), request_(request), response_(response) {
+    absl::StatusOr<std::shared_ptr<Job>> job =
+        front_->MakeJob(Authorization(call), Deadline(call), *request, this, &tenant_);
     if (!job.ok()) {
-      OnDone(job.status());
+      OnDone(job.status());  // may end the call: nothing touches this reactor afterwards
       return;
     }
-    job_ = *job;
-    // A local reference: Finish may end the call and delete this reactor (and its job_) before it returns.
-    std::shared_ptr<Job> keep = job_;
-    if (absl::Status s = ctx_->scheduler->Enqueue(keep); !s.ok()) keep->Finish(s);
+    // Set before Submit: the job may finish (and OnDone read job_) on another thread at once.
+    job_ = *std::move(job);
+    front_->Submit(job_);
   }
 
   void OnDone(const absl::StatusOr<GenerationResult>& result) override {
-    ctx_->Record("Generate", *request_, job_.get(), tenant_, result, started_);
+    front_->Record("Generate", *request_, job_.get(), tenant_, result, started_);
     if (result.ok()) ToProto(job_->request(), *result, response_);
     Finish(ToGrpcStatus(result.status()));
   }
 
-  void OnCancel() override { ctx_->Cancel(job_.get()); }
+  void OnCancel() override { front_->Cancel(job_.get()); }
   void OnDone() override { delete this; }
 
  private:
-  std::shared_ptr<ImageGeneratorService::Context> ctx_;
+  GenerateFront* const front_;
   const v1::GenerateRequest* request_;
   v1::GenerateResponse* response_;
   std::shared_ptr<Job> job_;
@@ -160,18 +68,17 @@ class GenerateReactor final : public grpc::ServerUnaryReactor, public JobObserve
 // sent), then the result, then Finish. One write in flight at a time; events queue behind it.
 class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::GenerateEvent>, public JobObserver {
  public:
-  GenerateStreamReactor(std::shared_ptr<ImageGeneratorService::Context> ctx,
-                        grpc::CallbackServerContext* call, const v1::GenerateRequest* request)
-      : ctx_(std::move(ctx)), request_(request) {
-    absl::StatusOr<std::shared_ptr<Job>> job = ctx_->MakeJob(call, *request, this, &tenant_);
+  GenerateStreamReactor(GenerateFront* front, grpc::CallbackServerContext* call, const v1::GenerateRequest* request)
+      : front_(front), request_(request) {
+    absl::StatusOr<std::shared_ptr<Job>> job =
+        front_->MakeJob(Authorization(call), Deadline(call), *request, this, &tenant_);
     if (!job.ok()) {
-      OnDone(job.status());
+      OnDone(job.status());  // may end the call: nothing touches this reactor afterwards
       return;
     }
-    job_ = *job;
-    // A local reference: Finish may end the call and delete this reactor (and its job_) before it returns.
-    std::shared_ptr<Job> keep = job_;
-    if (absl::Status s = ctx_->scheduler->Enqueue(keep); !s.ok()) keep->Finish(s);
+    // Set before Submit: the job may finish (and OnDone read job_) on another thread at once.
+    job_ = *std::move(job);
+    front_->Submit(job_);
   }
 
   void OnQueued(const QueuedInfo& info) override {
@@ -189,7 +96,7 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
     Send(std::move(e), /*replaceable=*/true);
   }
   void OnDone(const absl::StatusOr<GenerationResult>& result) override {
-    ctx_->Record("GenerateStream", *request_, job_.get(), tenant_, result, started_);
+    front_->Record("GenerateStream", *request_, job_.get(), tenant_, result, started_);
     Next next;
     grpc::Status status = ToGrpcStatus(result.status());
     {
@@ -218,7 +125,7 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
     }
     Carry(next, status);
   }
-  void OnCancel() override { ctx_->Cancel(job_.get()); }
+  void OnCancel() override { front_->Cancel(job_.get()); }
   void OnDone() override { delete this; }
 
  private:
@@ -263,7 +170,7 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
     if (next == Next::kFinish) Finish(status);
   }
 
-  std::shared_ptr<ImageGeneratorService::Context> ctx_;
+  GenerateFront* const front_;
   const v1::GenerateRequest* request_;
   std::shared_ptr<Job> job_;
   std::string tenant_;  // empty until authenticated
@@ -279,42 +186,26 @@ class GenerateStreamReactor final : public grpc::ServerWriteReactor<v1::Generate
 
 }  // namespace
 
-void ImageGeneratorService::set_log_prompts(bool on) { context_->log_prompts = on; }
-
-ImageGeneratorService::ImageGeneratorService(RequestLimits limits, Scheduler* scheduler, Metrics* metrics,
-                                             TokenAuth* auth)
-    : context_(std::make_shared<Context>()) {
-  context_->auth = auth;
-  context_->limits = limits;
-  context_->scheduler = scheduler;
-  context_->metrics = metrics;
-}
-
-void ImageGeneratorService::SetCatalog(ModelCatalog catalog) {
-  context_->catalog_storage = std::make_unique<ModelCatalog>(std::move(catalog));
-  context_->catalog.store(context_->catalog_storage.get());
-}
-
 grpc::ServerUnaryReactor* ImageGeneratorService::Generate(grpc::CallbackServerContext* context,
                                                           const v1::GenerateRequest* request,
                                                           v1::GenerateResponse* response) {
-  return new GenerateReactor(context_, context, request, response);
+  return new GenerateReactor(front_, context, request, response);
 }
 
 grpc::ServerWriteReactor<v1::GenerateEvent>* ImageGeneratorService::GenerateStream(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  return new GenerateStreamReactor(context_, context, request);
+  return new GenerateStreamReactor(front_, context, request);
 }
 
 grpc::ServerUnaryReactor* ImageGeneratorService::ListModels(grpc::CallbackServerContext* context,
                                                             const v1::ListModelsRequest*,
                                                             v1::ListModelsResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (absl::Status s = context_->Authenticate(context).status(); !s.ok()) {
+  if (absl::Status s = front_->Authenticate(Authorization(context)).status(); !s.ok()) {
     reactor->Finish(ToGrpcStatus(s));
     return reactor;
   }
-  const ModelCatalog* models = context_->catalog.load();
+  const ModelCatalog* models = front_->catalog();
   if (models == nullptr) {
     reactor->Finish(ToGrpcStatus(absl::UnavailableError("the server is loading its models; retry shortly")));
     return reactor;
@@ -327,7 +218,7 @@ grpc::ServerUnaryReactor* ImageGeneratorService::ListModels(grpc::CallbackServer
     info->set_default_scheduler(ToProto(m.default_scheduler));
     for (const std::string& d : m.devices) info->add_devices(d);
     info->set_dtype(m.dtype);
-    const RequestLimits& l = context_->limits;
+    const RequestLimits& l = front_->limits();
     info->set_default_tome_ratio(static_cast<float>(l.default_tome_ratio));
     v1::RequestLimits* limits = info->mutable_limits();
     limits->set_max_side(static_cast<uint32_t>(l.max_side));

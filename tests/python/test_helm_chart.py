@@ -121,10 +121,12 @@ def test_gpu_limit_from_one_value(case, docs):
 
 def test_ports_probes_and_args(case, docs):
     values = merged_values(case)
-    grpc_port, metrics_port = values["ports"]["grpc"], values["ports"]["metrics"]
+    grpc_port, metrics_port, http_port = (values["ports"][k] for k in ("grpc", "metrics", "http"))
     pod, c = container(docs)
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc": grpc_port, "metrics": metrics_port}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "grpc": grpc_port, "metrics": metrics_port, "http": http_port}
     assert f"--listen=0.0.0.0:{grpc_port}" in c["args"] and f"--metrics-listen=0.0.0.0:{metrics_port}" in c["args"]
+    assert f"--http-listen=0.0.0.0:{http_port}" in c["args"]
     assert {a.split("=")[0].removeprefix("--") for a in c["args"]} <= server_flags()
     probes = {k: c[f"{k}Probe"] for k in ("startup", "readiness", "liveness")}
     for name, probe in probes.items():
@@ -136,13 +138,16 @@ def test_ports_probes_and_args(case, docs):
             assert int(cmd[cmd.index("--timeout") + 1]) < probe["timeoutSeconds"]
             assert ("--service" in cmd and cmd[cmd.index("--service") + 1] == "liveness") == (name == "liveness")
             assert ("--tls-cert" in cmd) == bool(values["tls"]["mtls"])
+        elif name == "readiness":
+            # The HTTP front door's /readyz: ready exactly when gRPC health's overall status is SERVING.
+            assert probe["httpGet"] == {"path": "/readyz", "port": "http"}
         else:
             assert probe["grpc"]["port"] == grpc_port
-            # Liveness asks the service that fails only when a worker is broken; the others the overall status.
+            # Liveness asks the service that fails only when a worker is broken; startup the overall status.
             assert probe["grpc"].get("service", "") == ("liveness" if name == "liveness" else "")
     svc = one(docs, "Service", "tomeserve")
     assert {p["name"]: (p["targetPort"], p["appProtocol"]) for p in svc["spec"]["ports"]} == {
-        "grpc": ("grpc", "grpc"), "metrics": ("metrics", "http")}
+        "grpc": ("grpc", "grpc"), "metrics": ("metrics", "http"), "http": ("http", "http")}
 
 
 def test_server_config_keys_are_server_flags_and_grace_covers_drain(case, docs):
@@ -169,7 +174,7 @@ def test_security_context(docs):
     # The image runs as the same numeric user and exposes the same ports.
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(rf"^USER {ps['runAsUser']}:{ps['runAsGroup']}$", dockerfile, re.M)
-    assert re.search(r"^EXPOSE 50051 9464$", dockerfile, re.M)
+    assert re.search(r"^EXPOSE 50051 9464 8080$", dockerfile, re.M)
 
 
 def test_model_volume_has_exactly_one_source(case, docs):
