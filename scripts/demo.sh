@@ -6,6 +6,8 @@
 #   MODEL_DIR=/models/sd15   a real SD 1.x diffusers folder (default: the random-weight tiny test model, created
 #                            once under $BUILD_DIR/testdata/tiny; its images are noise, the path is the point)
 #   BUILD_DIR=build  DEMO_OUT=demo-out  DEMO_STEPS=N  DEMO_PROMPT=TEXT  DEMO_DEVICES=auto|cpu|cuda:0
+#   DEMO_KEEP_SERVING=1      keep the server up after the images (Ctrl-C stops it), for the playground page whose
+#                            URL the demo prints (the HTTP front door on 127.0.0.1, a free port)
 for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -50,6 +52,7 @@ trap 'exit 143' TERM
 step "starting the server (log: $out/server.log)"
 mkdir -p "$out"
 "$build/bin/tomeserve" --model "demo=$model" --listen 127.0.0.1:0 --port-file "$tmp/port" \
+  --http-listen 127.0.0.1:0 --http-port-file "$tmp/http.port" \
   --devices "${DEMO_DEVICES:-auto}" >"$out/server.log" 2>&1 &
 server_pid=$!
 
@@ -67,6 +70,8 @@ for ((i = 0; ; i++)); do
 done
 target="127.0.0.1:$(cat "$tmp/port")"
 step "server healthy on $target"
+playground="http://127.0.0.1:$(cat "$tmp/http.port")/"
+step "playground (ratios side by side in a browser): $playground"
 "${cli[@]}" --target "$target" list-models
 
 for ratio in 0 0.5; do
@@ -75,8 +80,15 @@ for ratio in 0 0.5; do
     --num-images 2 -o "$out/ratio-$ratio.png"
 done
 
+if [ "${DEMO_KEEP_SERVING:-0}" = 1 ]; then
+  step "serving until Ctrl-C: playground $playground, gRPC $target"
+  wait "$server_pid" || true
+  server_pid=""
+  exit 0
+fi
 kill -TERM "$server_pid"
 wait "$server_pid" || { step "the server exited with status $?"; exit 1; }
 server_pid=""
 step "images: $(cd "$out" && pwd)/ (ratio-0-*.png without Token Merging, ratio-0.5-*.png with 50% merged)"
+step "DEMO_KEEP_SERVING=1 scripts/demo.sh keeps the server up for the playground page"
 ls -l "$out"/*.png

@@ -281,15 +281,16 @@ int Run(int argc, char** argv, bool huge_pages) {
   }
   std::unique_ptr<HttpServer> http;
   if (!o.http_listen.empty()) {
-    // A generate call holds an HTTP thread until it is answered: enough threads for a full queue and full
-    // running batches on every worker, plus a few for the listing routes and probes.
+    // A generate call holds an HTTP thread until it is answered, and so does an idle keep-alive connection:
+    // enough threads for a full queue and full running batches on every worker, plus 64 for idle connections,
+    // listing routes and probes.
     absl::StatusOr<std::unique_ptr<HttpServer>> started = HttpServer::Start(
         {.listen = o.http_listen,
          .tls_cert = o.tls_cert,
          .tls_key = o.tls_key,
          .tls_client_ca = o.tls_client_ca,
          .max_body_bytes = static_cast<size_t>(o.max_request_bytes),
-         .threads = o.max_queue_size + o.max_batch_size * static_cast<int>(devices->size()) + 4},
+         .threads = o.max_queue_size + o.max_batch_size * static_cast<int>(devices->size()) + 64},
         &front, metrics->get());
     if (!started.ok()) {
       server->Shutdown();
