@@ -316,3 +316,56 @@ def test_playground_generates_two_ratios_in_chromium(server):
     subprocess.run([*flags, "--window-size=1100,800", f"--screenshot={shot}", page], capture_output=True,
                    timeout=180)
     assert shot.exists() and Image.open(shot).size == (1100, 800)
+
+
+def test_https_with_the_grpc_certificates_and_mutual_tls(tiny_model, tmp_path):
+    import grpc
+    from test_server_config import make_certs
+
+    make_certs(tmp_path)
+    ca = (tmp_path / "ca.pem").read_bytes()
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=(tmp_path / "client.key").read_bytes(),
+                                         certificate_chain=(tmp_path / "client.pem").read_bytes())
+    args = ["--model", tiny_model, "--tls-cert", tmp_path / "server.pem", "--tls-key", tmp_path / "server.key",
+            "--tls-client-ca", tmp_path / "ca.pem", *http_args(tmp_path)]
+    with running_server(args, channel_credentials=creds):
+        port = (tmp_path / "http.port").read_text().strip()
+        url = f"https://localhost:{port}"
+        client_cert = (str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
+        r = requests.post(f"{url}/v1/images/generations", verify=str(tmp_path / "ca.pem"), cert=client_cert,
+                          json={"prompt": "over tls", "size": "64x64", "num_inference_steps": 2}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["data"]) == 1
+        # No client certificate, or plaintext: no answer.
+        for attempt in (lambda: requests.get(f"{url}/readyz", verify=str(tmp_path / "ca.pem"), timeout=10),
+                        lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10)):
+            with pytest.raises(requests.exceptions.RequestException):
+                attempt()
+
+
+def test_sigterm_drains_http_calls_and_readiness_turns_503(tiny_model, tmp_path):
+    import signal
+
+    from tomeserve_server import server_under_test
+
+    with server_under_test(["--model", tiny_model, "--shutdown-grace", "2", *http_args(tmp_path)]) as s:
+        url = http_url(tmp_path)
+        answer = {}
+
+        def generate():
+            answer["r"] = requests.post(f"{url}/v1/images/generations", timeout=120,
+                                        json={"prompt": "drain me", "size": "64x64", "num_inference_steps": 100})
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        time.sleep(0.5)
+        s.process.send_signal(signal.SIGTERM)
+        # During the grace period the listener is open and readiness says 503.
+        deadline = time.monotonic() + 2
+        ready = 200
+        while ready == 200 and time.monotonic() < deadline:
+            ready = requests.get(f"{url}/readyz", timeout=5).status_code
+            time.sleep(0.05)
+        assert ready == 503
+        thread.join(timeout=120)
+        assert answer["r"].status_code == 200, answer["r"].text[:300]  # the call in flight finished
+        assert s.process.wait(timeout=60) == 0
