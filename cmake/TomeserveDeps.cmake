@@ -85,6 +85,7 @@ if(TOMESERVE_BUILD_SERVER)
   find_package(yaml-cpp REQUIRED CONFIG)
   # The HTTP front door: Debian's compiled cpp-httplib, with its pkg-config flags (TLS, compression).
   pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)
+  find_package(OpenSSL REQUIRED)  # its TLS context is configured beside httplib (server/http_server.cpp)
 endif()
 if(TOMESERVE_BUILD_TESTS)
   find_package(GTest REQUIRED CONFIG)

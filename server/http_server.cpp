@@ -1,6 +1,7 @@
 #include "server/http_server.h"
 
 #include <httplib.h>
+#include <openssl/ssl.h>
 #include <spdlog/spdlog.h>
 
 #include <atomic>
@@ -489,6 +490,11 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const HttpServerOp
                                                      options.tls_client_ca.empty() ? "" : " / --tls-client-ca ",
                                                      options.tls_client_ca, " (unreadable or not matching PEM files)"));
     }
+    // OpenSSL refuses to resume a session on a server that verifies client certificates unless the server
+    // names a session id context: without it every reconnect of a client that resumes (Envoy does) fails its
+    // handshake. httplib does not set one.
+    static constexpr unsigned char kSessionContext[] = "tomeserve-http";
+    SSL_CTX_set_session_id_context(tls->ssl_context(), kSessionContext, sizeof(kSessionContext) - 1);
     impl->server = std::move(tls);
   }
   httplib::Server& s = *impl->server;
@@ -498,6 +504,7 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const HttpServerOp
   s.set_read_timeout(30, 0);
   s.set_write_timeout(60, 0);
   s.set_keep_alive_timeout(5);
+  s.set_keep_alive_max_count(1000);  // httplib's default closes a connection after 5 requests
   s.set_tcp_nodelay(true);
   impl->Routes();
 

@@ -4,6 +4,7 @@ replicas fail. Proven: every live replica serves at least 20% of the calls; `kil
 no call (Envoy re-runs the lost ones elsewhere); SIGTERM of another drains it (exit 0, no call fails); restarted
 replicas rejoin and get traffic; `down` stops every process it started. Bounded: each load phase runs for a few
 seconds, every call has a 60 s deadline."""
+import base64
 import os
 import re
 import signal
@@ -178,3 +179,79 @@ def test_cluster_usage_errors_exit_2_and_a_failing_replica_names_its_log(tmp_pat
     assert broken.returncode == 1, broken.stdout + broken.stderr
     assert "replica-0.log" in broken.stderr and "exited" in broken.stderr, broken.stderr
     assert not (tmp_path / "c" / "front.port").exists() and not (tmp_path / "c" / "replicas").exists()
+
+
+def test_chart_gateway_with_mutual_tls_serves_grpc_and_http_through_a_real_envoy(tiny_model, tmp_path):
+    """The chart's gateway config with tls.secretName and tls.mtls (ci/gateway-tls-values.yaml), with only its
+    addresses and the Secret's file paths changed, run by the real Envoy in front of a replica that requires
+    client certificates: gRPC and HTTP calls over TLS get through; a client without a certificate does not."""
+    import yaml
+
+    from test_helm_chart import CHART, one, render
+    from test_server_config import make_certs
+    from tomeserve_server import free_port, running_server
+
+    binary("tomeserve")
+    make_certs(tmp_path)
+    docs = render(yaml.safe_load((CHART / "ci" / "gateway-tls-values.yaml").read_text()))
+    text = one(docs, "ConfigMap", "-gateway")["data"]["envoy.yaml"]
+    for secret_file, local in (("tls.crt", "server.pem"), ("tls.key", "server.key"), ("ca.crt", "ca.pem")):
+        text = text.replace(f"/etc/tomeserve/tls/{secret_file}", str(tmp_path / local))
+    config = yaml.safe_load(text)
+    ca = (tmp_path / "ca.pem").read_bytes()
+    client = grpc.ssl_channel_credentials(root_certificates=ca, private_key=(tmp_path / "client.key").read_bytes(),
+                                          certificate_chain=(tmp_path / "client.pem").read_bytes())
+    args = ["--model", tiny_model, "--tls-cert", tmp_path / "server.pem", "--tls-key", tmp_path / "server.key",
+            "--tls-client-ca", tmp_path / "ca.pem", "--http-listen", "127.0.0.1:0",
+            "--http-port-file", tmp_path / "http.port"]
+    with running_server(args, channel_credentials=client) as replica:
+        ports = {"tomeserve": replica.port, "tomeserve-http": int((tmp_path / "http.port").read_text())}
+        for cluster_config in config["static_resources"]["clusters"]:
+            assert cluster_config["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+            cluster_config["type"] = "STATIC"
+            cluster_config.pop("dns_lookup_family", None)
+            cluster_config["load_assignment"]["endpoints"] = [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": ports[cluster_config["name"]]}}}}]}]
+        front, admin = free_port(), free_port()
+        config["static_resources"]["listeners"][0]["address"]["socket_address"] = {
+            "address": "127.0.0.1", "port_value": front}
+        config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin}
+        (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config))
+        envoy = subprocess.Popen([str(REPO / ".venv" / "bin" / "envoy"), "-c", str(tmp_path / "envoy.yaml"),
+                                  "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"],
+                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "envoy.log", "w"))
+        try:
+            channel = grpc.secure_channel(f"127.0.0.1:{front}", client,
+                                          options=[("grpc.ssl_target_name_override", "localhost")])
+            stub = pb_grpc.ImageGeneratorStub(channel)
+            deadline = time.monotonic() + 30
+            while True:  # until Envoy's health checks over TLS pass
+                try:
+                    reply = stub.Generate(pb.GenerateRequest(prompt="through tls", num_inference_steps=2, seed=4),
+                                          timeout=30)
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline or envoy.poll() is not None:
+                        raise AssertionError((tmp_path / "envoy.log").read_text()[-3000:])
+                    time.sleep(0.3)
+            assert reply.images[0].seed == 4
+            https = f"https://localhost:{front}"
+            cert = (str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
+            for _ in range(30):  # the HTTP cluster's health check may pass a moment later
+                r = requests.post(f"{https}/v1/images/generations", verify=str(tmp_path / "ca.pem"), cert=cert,
+                                  json={"prompt": "through tls", "size": "64x64", "num_inference_steps": 2,
+                                        "seed": 4}, timeout=30)
+                if r.status_code != 503:
+                    break
+                time.sleep(0.3)
+            if r.status_code != 200:  # Envoy's view of the HTTP cluster (TLS and health-check counters) says why
+                stats = urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=tomeserve-http",
+                                               timeout=5).read().decode()
+                raise AssertionError(f"{r.status_code} {r.text[:300]}\n{stats}")
+            assert base64.b64decode(r.json()["data"][0]["b64_json"]) == reply.images[0].data
+            with pytest.raises(requests.exceptions.RequestException):
+                requests.get(f"{https}/readyz", verify=str(tmp_path / "ca.pem"), timeout=10)
+            channel.close()
+        finally:
+            envoy.terminate()
+            envoy.wait(timeout=30)

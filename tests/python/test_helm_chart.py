@@ -280,8 +280,6 @@ def test_model_storage_override_replaces_the_default():
     ({"autoscaling": {"enabled": True}, "keda": {"enabled": True}}, "autoscaling.enabled and keda.enabled"),
     ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
     ({"gateway": {"enabled": True}}, "gateway.enabled needs service.headless: true"),
-    ({"gateway": {"enabled": True}, "service": {"headless": True}, "tls": {"secretName": "t"}},
-     "gateway.enabled with tls.secretName is not supported yet"),
     ({"gateway": {"port": 0}}, "/gateway/port"),
     ({"gateway": {"replicas": 2}}, "'replicas' not allowed"),
 ])

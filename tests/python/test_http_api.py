@@ -280,6 +280,12 @@ def test_progress_follows_a_job_and_interrupt_ends_it(server):
     assert after["state"]["interrupted"] is True and after["state"]["job_count"] == 0
 
 
+def test_a_deadline_from_x_request_timeout_answers_504(server):
+    r = requests.post(f"{server.http}/v1/images/generations", timeout=120, headers={"X-Request-Timeout": "0.3"},
+                      json={"prompt": "too slow", "size": "64x64", "num_inference_steps": 150})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text[:300]
+
+
 def test_options_are_per_caller_defaults(server):
     url = server.http
     r = requests.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}, timeout=10)
