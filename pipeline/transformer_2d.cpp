@@ -94,15 +94,41 @@ at::Tensor BasicTransformerBlockImpl::ForwardRows(const at::Tensor& x, const at:
 
 at::Tensor BasicTransformerBlockImpl::forward(const at::Tensor& x, const TransformerCall& call) const {
   if (call.groups.empty()) return ForwardRows(x, call.encoder_hidden_states, nullptr, call);
+  const BlockContext ctx{path_, call.latent_height, call.latent_width};
+  const int64_t tokens = x.size(1);
+  // Which groups' hooks merge in this block (each hook is asked once per block, in UNet order).
+  std::vector<TransformerBlockHook*> hooks(call.groups.size(), nullptr);
+  bool any = false;
+  for (size_t i = 0; i < call.groups.size(); ++i) {
+    TransformerBlockHook* hook = call.groups[i].hook;
+    if (hook != nullptr && hook->Patches(ctx, tokens)) {
+      hooks[i] = hook;
+      any = true;
+    }
+  }
   if (call.groups.size() == 1 && !call.groups[0].rows.defined())
-    return ForwardRows(x, call.encoder_hidden_states, call.groups[0].hook, call);
-  // Mixed settings: each group on its own rows (token counts differ per group after merging), written back
-  // in place. Every row belongs to exactly one group (DenoiseBatch builds the partition).
+    return ForwardRows(x, call.encoder_hidden_states, hooks[0], call);
+  // No group merges here: the plain block, once for every row.
+  if (!any) return ForwardRows(x, call.encoder_hidden_states, nullptr, call);
+  // Mixed settings: each merging group on its own rows (token counts differ per group after merging), the
+  // other groups' rows together in one plain run, written back in place. Every row belongs to exactly one group
+  // (DenoiseBatch builds the partition).
   at::Tensor out = at::empty_like(x);
-  for (const HookGroup& g : call.groups) {
+  std::vector<at::Tensor> plain_rows;
+  for (size_t i = 0; i < call.groups.size(); ++i) {
+    const HookGroup& g = call.groups[i];
+    if (hooks[i] == nullptr) {
+      plain_rows.push_back(g.rows);
+      continue;
+    }
     at::Tensor y = ForwardRows(x.index_select(0, g.rows), call.encoder_hidden_states.index_select(0, g.rows),
-                               g.hook, call);
+                               hooks[i], call);
     out.index_copy_(0, g.rows, y);
+  }
+  if (!plain_rows.empty()) {
+    const at::Tensor rows = plain_rows.size() == 1 ? plain_rows[0] : at::cat(plain_rows);
+    out.index_copy_(0, rows, ForwardRows(x.index_select(0, rows), call.encoder_hidden_states.index_select(0, rows),
+                                         nullptr, call));
   }
   return out;
 }

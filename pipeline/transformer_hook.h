@@ -39,11 +39,17 @@ class TransformerBlockHook {
   virtual ~TransformerBlockHook() = default;
   // Called once per block per UNet call, before norm1, with the block input x [B, N, C] (the merge metric).
   virtual BlockTokenOps ForBlock(const BlockContext& ctx, const at::Tensor& x) = 0;
+  // Asked first, once per block per UNet call, in UNet order: whether ForBlock could merge anything in this
+  // block of `tokens` tokens. false: the block is left alone for these rows and ForBlock is not called for it
+  // (the hook counts the block as seen). A block that no group's hook patches runs once on every row of the
+  // call. The default (true) always asks ForBlock.
+  virtual bool Patches(const BlockContext& /*ctx*/, int64_t /*tokens*/) { return true; }
 };
 
 // The rows of one UNet call that share a hook (one Token Merging setting). Convolutions and ResNet blocks run
-// on every row at once; each BasicTransformerBlock runs once per group on that group's rows (merge, attend,
-// unmerge with the group's own plan) and puts the rows back in place. Rows are independent in every
+// on every row at once; a BasicTransformerBlock that some group's hook patches runs once per patching group on
+// that group's rows (merge, attend, unmerge with the group's own plan) and once on the rows of all other groups
+// together, and puts the rows back in place; a block no hook patches runs once on every row. Rows are independent in every
 // transformer sub-layer, so a row's result does not depend on which group layout it was run in.
 struct HookGroup {
   at::Tensor rows;                      // int64 row indices on the model's device; undefined = every row

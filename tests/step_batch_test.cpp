@@ -8,6 +8,7 @@
 // group, final latents relative L2 <= 1e-5, images <= 1 level of 255. A row run in the same layout is
 // bit-identical (the single-group layout checks that exactly).
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/cuda.h>
 #ifdef TOMESERVE_HAVE_CUDA
@@ -15,6 +16,8 @@
 #endif
 
 #include <cstdio>
+#include <functional>
+#include <string_view>
 #include <map>
 #include <memory>
 #include <random>
@@ -109,6 +112,76 @@ TEST_F(StepBatchTest, MixedTomeUNetCallEqualsEachGroupAlone) {
       }
     }
   }
+}
+
+// BasicTransformerBlock runs in one UNet call, counted as the dispatcher sees them (three layer norms per run;
+// the UNet has no other LayerNorm).
+int64_t BlockRuns(const std::function<void()>& forward) {
+  static thread_local int64_t norms = 0;
+  norms = 0;
+  const at::CallbackHandle handle = at::addThreadLocalCallback(
+      at::RecordFunctionCallback([](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+        if (std::string_view(fn.name()) == "aten::layer_norm") ++norms;
+        return nullptr;
+      }).needsInputs(false));
+  forward();
+  at::removeCallback(handle);
+  EXPECT_EQ(norms % 3, 0);
+  return norms / 3;
+}
+
+// Mixed settings split only the blocks where some group merges: with a plain group beside one that merges at
+// the finest level (max_downsample 1), every other block runs once on all rows; and two groups that merge
+// nowhere at this size run every block once.
+TEST_F(StepBatchTest, UnmergedBlocksRunOnceForAllRows) {
+  const pipeline::UNet2DConditionModelImpl& unet = sd_->unet();
+  at::manual_seed(9);
+  const at::Tensor x = at::randn({4, 4, 12, 10});
+  const at::Tensor ehs = at::randn({4, 77, unet.config().cross_attention_dim.at(0)});
+  const at::Tensor t = at::tensor({900.f, 900.f, 20.f, 20.f});
+  const auto fine = Hooks({.ratio = 0.5, .max_downsample = 1, .use_rand = false});
+  const auto info = [](std::vector<int64_t> rows) {
+    pipeline::UNetCallInfo call{.call_index = 0};
+    for (int64_t r : rows) {
+      call.row_seeds.push_back(1);
+      call.row_is_uncond.push_back(r % 2 == 0);
+      call.row_sample.push_back(static_cast<int>(r / 2));
+      call.row_call_index.push_back(static_cast<int>(r));
+      call.row_hook_seeds.push_back(1);
+    }
+    return call;
+  };
+  const int64_t all_blocks = BlockRuns([&] { unet.forward(x, t, ehs, nullptr); });
+  auto solo_hook = fine->ForCall(info({0, 1, 2, 3}));
+  unet.forward(x, t, ehs, solo_hook.get());
+  const int64_t merging_blocks = static_cast<int64_t>(fine->MergeCounts().size());
+  ASSERT_GT(merging_blocks, 0);
+  ASSERT_LT(merging_blocks, all_blocks);
+  std::printf("tiny UNet: %lld transformer blocks, %lld merge at max_downsample 1\n",
+              static_cast<long long>(all_blocks), static_cast<long long>(merging_blocks));
+
+  auto merged_hook = fine->ForCall(info({2, 3}));
+  std::vector<HookGroup> groups(2);
+  groups[0].rows = at::tensor(std::vector<int64_t>{0, 1}, at::kLong);
+  groups[1].rows = at::tensor(std::vector<int64_t>{2, 3}, at::kLong);
+  groups[1].hook = merged_hook.get();
+  at::Tensor mixed;
+  EXPECT_EQ(BlockRuns([&] { mixed = unet.forward(x, t, ehs, groups); }), all_blocks + merging_blocks);
+  // Still each group's own result.
+  const at::Tensor idx = at::tensor(std::vector<int64_t>{2, 3}, at::kLong);
+  auto alone_hook = fine->ForCall(info({2, 3}));
+  const at::Tensor alone = unet.forward(x.index_select(0, idx), t.index_select(0, idx), ehs.index_select(0, idx),
+                                        alone_hook.get());
+  EXPECT_LE(test::RelErr(mixed.index_select(0, idx), alone), 1e-5);
+
+  // Two merging groups: only the merging blocks run twice. Two plain groups: every block once.
+  auto other_hook = Hooks({.ratio = 0.3, .max_downsample = 1, .use_rand = false})->ForCall(info({0, 1}));
+  groups[0].hook = other_hook.get();
+  merged_hook = fine->ForCall(info({2, 3}));
+  groups[1].hook = merged_hook.get();
+  EXPECT_EQ(BlockRuns([&] { unet.forward(x, t, ehs, groups); }), all_blocks + merging_blocks);
+  groups[0].hook = groups[1].hook = nullptr;
+  EXPECT_EQ(BlockRuns([&] { unet.forward(x, t, ehs, groups); }), all_blocks);
 }
 
 struct Planned {

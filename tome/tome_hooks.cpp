@@ -34,15 +34,18 @@ class TokenMergingCallHook final : public pipeline::TransformerBlockHook {
   TokenMergingCallHook(std::shared_ptr<const TokenMergingHooks> owner, const pipeline::UNetCallInfo& call)
       : owner_(std::move(owner)), call_(call) {}
 
+  bool Patches(const pipeline::BlockContext& ctx, int64_t tokens) override {
+    if (Downsample(ctx, tokens) > 0) return true;
+    ++next_block_;  // seen: block indices stay positions in UNet order whichever blocks merge
+    return false;
+  }
+
   pipeline::BlockTokenOps ForBlock(const pipeline::BlockContext& ctx, const at::Tensor& x) override {
     const uint64_t block_index = next_block_++;
     const TokenMerging& tome = owner_->tome_;
     const int64_t n = x.size(1), orig_h = ctx.latent_height, orig_w = ctx.latent_width;
-    if (n <= 0 || n > orig_h * orig_w) return {};
-    // tomesd: downsample = ceil(sqrt(original_tokens // N)); blocks downsampled more than max_downsample are
-    // left alone; the grid is the latent size divided by downsample, rounded up.
-    const auto downsample = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(orig_h * orig_w / n))));
-    if (downsample > tome.max_downsample) return {};
+    const int64_t downsample = Downsample(ctx, n);
+    if (downsample <= 0) return {};
     const GridSpec grid{
         .w = static_cast<int64_t>(std::ceil(static_cast<double>(orig_w) / static_cast<double>(downsample))),
         .h = static_cast<int64_t>(std::ceil(static_cast<double>(orig_h) / static_cast<double>(downsample))),
@@ -75,6 +78,15 @@ class TokenMergingCallHook final : public pipeline::TransformerBlockHook {
   }
 
  private:
+  // tomesd: downsample = ceil(sqrt(original_tokens // N)); blocks downsampled more than max_downsample are left
+  // alone (0 here); the grid is the latent size divided by downsample, rounded up.
+  int64_t Downsample(const pipeline::BlockContext& ctx, int64_t n) const {
+    const int64_t orig_h = ctx.latent_height, orig_w = ctx.latent_width;
+    if (n <= 0 || n > orig_h * orig_w) return 0;
+    const auto downsample = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(orig_h * orig_w / n))));
+    return downsample > owner_->tome_.max_downsample ? 0 : downsample;
+  }
+
   // The dst of every cell for every UNet row, or undefined for tomesd's top-left choice everywhere.
   //
   // tomesd draws one partition per block call for the whole batch and turns randomness off when the UNet batch
