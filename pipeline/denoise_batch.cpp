@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "pipeline/device.h"
+#include "pipeline/graph_layout.h"
 #include "pipeline/stable_diffusion.h"
 #include "pipeline/torch_status.h"
 #include "pipeline/unet_call.h"
@@ -17,44 +18,51 @@ namespace tomeserve::pipeline {
 namespace {
 
 // Classifier-free guidance for a whole UNet call: the guided noise prediction of each active sample ([1, C, h,
-// w] each, in `active` order) from the call's rows (every unconditional half first, then every conditional
-// one). diffusers' uncond + scale * (cond - uncond) with the scale as a scalar, so it is computed once per
-// distinct scale over all the rows that share it (one scale, the usual case, is one set of three kernels)
-// rather than per sample, with the same per-element arithmetic.
-std::vector<at::Tensor> Guide(const std::vector<DenoiseBatch::Sample*>& active, const at::Tensor& out) {
-  int64_t uncond_rows = 0;
-  for (const DenoiseBatch::Sample* s : active) uncond_rows += s->uncond.defined() ? 1 : 0;
+// w] each, in `active` order) from the call's rows, where sample i's halves are rows uncond_row[i] (-1 without
+// guidance) and cond_row[i]. diffusers' uncond + scale * (cond - uncond) with the scale as a scalar, so it is
+// computed once per distinct scale over all the rows that share it (one scale, the usual case, is one set of
+// three kernels) rather than per sample, with the same per-element arithmetic.
+std::vector<at::Tensor> Guide(const std::vector<DenoiseBatch::Sample*>& active, const std::vector<int64_t>& uncond_row,
+                              const std::vector<int64_t>& cond_row, const at::Tensor& out) {
   const auto n = static_cast<int64_t>(active.size());
-  const at::Tensor cond = out.narrow(0, uncond_rows, n);
   std::vector<at::Tensor> eps(active.size());
-  // Samples with guidance, by scale: their positions in `active` and their unconditional rows.
+  // Samples with guidance, by scale: their positions in `active`.
   struct ScaleGroup {
     double scale;
-    std::vector<int64_t> samples, uncond_rows;
+    std::vector<int64_t> samples;
   };
   std::vector<ScaleGroup> by_scale;
-  int64_t uncond_row = 0;
   for (int64_t i = 0; i < n; ++i) {
-    if (!active[i]->uncond.defined()) {
-      eps[i] = cond.narrow(0, i, 1);
+    if (uncond_row[i] < 0) {
+      eps[i] = out.narrow(0, cond_row[i], 1);
       continue;
     }
     const double scale = active[i]->spec.guidance_scale;
     auto it = std::find_if(by_scale.begin(), by_scale.end(), [&](const ScaleGroup& g) { return g.scale == scale; });
     if (it == by_scale.end()) it = by_scale.insert(by_scale.end(), ScaleGroup{.scale = scale});
     it->samples.push_back(i);
-    it->uncond_rows.push_back(uncond_row++);
   }
-  for (const auto& [scale, samples, uncond_idx] : by_scale) {
+  for (const auto& [scale, samples] : by_scale) {
     const auto count = static_cast<int64_t>(samples.size());
     at::Tensor c, u;
-    if (count == n) {  // every sample guided with this scale: the halves are whole slices
-      c = cond;
-      u = out.narrow(0, 0, n);
+    bool pairs = count == n && out.size(0) == 2 * n;  // every row one half of a pair, in sample order
+    for (int64_t i = 0; pairs && i < n; ++i) pairs = uncond_row[i] == 2 * i && cond_row[i] == 2 * i + 1;
+    if (pairs) {  // the halves are strided views: [n, 2, C, h, w]
+      std::vector<int64_t> shape = out.sizes().vec();
+      shape.insert(shape.begin() + 1, 2);
+      shape[0] = n;
+      const at::Tensor halves = out.view(shape);
+      u = halves.select(1, 0);
+      c = halves.select(1, 1);
     } else {
+      std::vector<int64_t> u_idx, c_idx;
+      for (int64_t i : samples) {
+        u_idx.push_back(uncond_row[i]);
+        c_idx.push_back(cond_row[i]);
+      }
       const auto long_opts = at::TensorOptions().dtype(at::kLong);
-      c = cond.index_select(0, ToDeviceAsync(at::tensor(samples, long_opts), out.device()));
-      u = out.index_select(0, ToDeviceAsync(at::tensor(uncond_idx, long_opts), out.device()));
+      u = out.index_select(0, ToDeviceAsync(at::tensor(u_idx, long_opts), out.device()));
+      c = out.index_select(0, ToDeviceAsync(at::tensor(c_idx, long_opts), out.device()));
     }
     const at::Tensor guided = u + scale * (c - u);
     for (int64_t k = 0; k < count; ++k) eps[samples[k]] = guided.narrow(0, k, 1);
@@ -121,62 +129,74 @@ bool DenoiseBatch::Cancel(int id) {
 }
 
 absl::Status DenoiseBatch::Step() {
+  // The active samples in the canonical row order of pipeline/graph_layout.h (grouped by hook settings, guided
+  // samples first), so that CUDA graphs see one layout per shape, whoever the samples are.
   std::vector<Sample*> active;
   std::vector<int> active_ids;
-  for (auto& [id, s] : samples_) {
-    if (!s.active()) continue;
-    active.push_back(&s);
-    active_ids.push_back(id);
+  {
+    std::vector<Sample*> found;
+    std::vector<int> found_ids;
+    std::vector<LayoutSample> layout;
+    std::vector<const HookFactory*> factories;  // first appearance: tells apart factories with equal keys
+    for (auto& [id, s] : samples_) {
+      if (!s.active()) continue;
+      const HookFactory* f = s.spec.hooks.get();
+      std::string settings;
+      if (f != nullptr) {
+        auto it = std::find(factories.begin(), factories.end(), f);
+        if (it == factories.end()) it = factories.insert(factories.end(), f);
+        settings = absl::StrCat(f->CaptureKey().value_or("~"), "\x1f", it - factories.begin());
+      }
+      found.push_back(&s);
+      found_ids.push_back(id);
+      layout.push_back({.settings = std::move(settings), .guided = s.uncond.defined()});
+    }
+    for (size_t i : CanonicalOrder(layout)) {
+      active.push_back(found[i]);
+      active_ids.push_back(found_ids[i]);
+    }
   }
   if (active.empty()) return absl::OkStatus();
 
   at::Tensor out;
+  std::vector<int64_t> uncond_row(active.size(), -1), cond_row(active.size(), -1);
   absl::Status unet = GuardTorch(absl::StrCat("denoising step (UNet call ", calls_done_ + 1, ")"), [&]() -> absl::Status {
     c10::InferenceMode inference;
-    // Rows as diffusers lays them out: every unconditional half first, then every conditional one.
-    std::vector<at::Tensor> scaled(active.size()), inputs, embeddings;
+    std::vector<at::Tensor> inputs, embeddings;
     std::vector<float> timesteps;
-    std::vector<const HookFactory*> row_factory;
-    std::vector<int> row_of_sample;  // index into `active`
-    std::vector<bool> row_uncond;
-    for (size_t i = 0; i < active.size(); ++i) scaled[i] = active[i]->state->ScaleModelInput(active[i]->latents);
-    for (bool uncond_pass : {true, false}) {
-      for (size_t i = 0; i < active.size(); ++i) {
-        Sample& s = *active[i];
-        if (uncond_pass && !s.uncond.defined()) continue;
-        inputs.push_back(scaled[i]);
-        embeddings.push_back(uncond_pass ? s.uncond : s.cond);
+    UNetCall call;
+    for (size_t i = 0; i < active.size(); ++i) {
+      Sample& s = *active[i];
+      const at::Tensor scaled = s.state->ScaleModelInput(s.latents);
+      const HookFactory* factory = s.spec.hooks.get();
+      if (call.groups.empty() || call.groups.back().factory != factory) {
+        call.groups.push_back(UNetCall::Group{.factory = factory, .info = {.call_index = calls_done_}});
+      }
+      UNetCall::Group& g = call.groups.back();
+      for (bool uncond : {true, false}) {  // a guided sample's halves side by side
+        if (uncond && !s.uncond.defined()) continue;
+        const auto row = static_cast<int64_t>(inputs.size());
+        (uncond ? uncond_row : cond_row)[i] = row;
+        inputs.push_back(scaled);
+        embeddings.push_back(uncond ? s.uncond : s.cond);
         timesteps.push_back(s.state->timestep());
-        row_factory.push_back(s.spec.hooks.get());
-        row_of_sample.push_back(static_cast<int>(i));
-        row_uncond.push_back(uncond_pass);
+        g.rows.push_back(row);
+        g.info.row_seeds.push_back(s.spec.seed);
+        g.info.row_is_uncond.push_back(uncond);
+        g.info.row_sample.push_back(active_ids[i]);
+        g.info.row_call_index.push_back(s.state->step_index());
+        g.info.row_hook_seeds.push_back(s.spec.hook_seed);
       }
     }
-    // The text embeddings change only with the batch's composition (ids are never reused): concatenated once
-    // per composition.
+    // The text embeddings change only with the batch's composition (ids are never reused, and the order is a
+    // function of the composition): concatenated once per composition.
     if (active_ids != embedding_ids_) {
       embeddings_ = at::cat(embeddings);
       embedding_ids_ = active_ids;
     }
-    UNetCall call{.sample = at::cat(inputs),
-                  .timesteps = at::tensor(timesteps, at::kFloat),
-                  .encoder_hidden_states = embeddings_};
-    // Rows grouped by hook factory, groups in order of first appearance, rows ascending within a group.
-    for (size_t r = 0; r < row_factory.size(); ++r) {
-      auto it = std::find_if(call.groups.begin(), call.groups.end(),
-                             [&](const UNetCall::Group& g) { return g.factory == row_factory[r]; });
-      if (it == call.groups.end()) {
-        call.groups.push_back(UNetCall::Group{.factory = row_factory[r], .info = {.call_index = calls_done_}});
-        it = call.groups.end() - 1;
-      }
-      const Sample& s = *active[row_of_sample[r]];
-      it->rows.push_back(static_cast<int64_t>(r));
-      it->info.row_seeds.push_back(s.spec.seed);
-      it->info.row_is_uncond.push_back(row_uncond[r]);
-      it->info.row_sample.push_back(active_ids[row_of_sample[r]]);
-      it->info.row_call_index.push_back(s.state->step_index());
-      it->info.row_hook_seeds.push_back(s.spec.hook_seed);
-    }
+    call.sample = at::cat(inputs);
+    call.timesteps = at::tensor(timesteps, at::kFloat);
+    call.encoder_hidden_states = embeddings_;
     out = graphs_ != nullptr ? graphs_->Run(model_.unet(), call) : RunUNetCall(model_.unet(), call);
     return absl::OkStatus();
   });
@@ -184,7 +204,7 @@ absl::Status DenoiseBatch::Step() {
 
   absl::Status stepped = GuardTorch("scheduler step", [&]() -> absl::Status {
     c10::InferenceMode inference;
-    const std::vector<at::Tensor> eps = Guide(active, out);
+    const std::vector<at::Tensor> eps = Guide(active, uncond_row, cond_row, out);
     // Samples on equal schedules at one step index (a request's images; requests with the same scheduler and
     // step count admitted together) take one scheduler step together (SamplerState::StepTogether: the same
     // arithmetic row for row); others alone.

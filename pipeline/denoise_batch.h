@@ -55,8 +55,9 @@ class DenoiseBatch {
   // Takes a sample out (done, cancelled or evicted), with its state. nullopt for an unknown id.
   std::optional<Sample> Remove(int id);
 
-  // One UNet call for every active sample (each at its own step, with its own timestep row), grouped by hook
-  // factory inside the transformer blocks, then classifier-free guidance and one scheduler step each.
+  // One UNet call for every active sample (each at its own step, with its own timestep row), its rows in the
+  // canonical order of pipeline/graph_layout.h (grouped by hook settings, a guided sample's two halves side by
+  // side) so CUDA graphs see one layout per shape, then classifier-free guidance and one scheduler step each.
   // All-or-nothing for the UNet call: when it fails (out of memory, say) no sample has changed, and the caller
   // may remove samples and call Step() again. A failure after it (in a scheduler step) is reported as INTERNAL
   // and leaves the batch unusable.

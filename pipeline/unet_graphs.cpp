@@ -1,12 +1,9 @@
 #include "pipeline/unet_graphs.h"
 
-#include <list>
-#include <map>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "pipeline/device.h"
 
 #ifdef TOMESERVE_HAVE_CUDA
@@ -65,116 +62,106 @@ void RecordedHookInputs::Refill(const HookFactory* factory, const UNetCallInfo& 
   }
 }
 
-int64_t UNetGraphs::RowsBucket(int64_t rows, int64_t max_rows) {
-  if (rows <= 0 || rows > max_rows) return 0;
-  int64_t bucket = rows <= 8 ? 1 : (rows + 7) / 8 * 8;
-  while (rows <= 8 && bucket < rows) bucket *= 2;
-  return bucket <= max_rows ? bucket : rows;
+std::optional<CallLayout> UNetGraphs::Layout(const UNetCall& call) {
+  CallLayout layout{.latent_height = call.sample.size(2),
+                    .latent_width = call.sample.size(3),
+                    .text_length = call.encoder_hidden_states.size(1),
+                    .dtype = std::string(c10::toString(call.sample.scalar_type()))};
+  int64_t next_row = 0;
+  for (const UNetCall::Group& g : call.groups) {
+    LayoutGroup group;
+    if (g.factory != nullptr) {
+      std::optional<std::string> k = g.factory->CaptureKey();
+      if (!k || k->empty()) return std::nullopt;
+      group.settings = *std::move(k);
+    }
+    const size_t n = g.rows.size();
+    if (g.info.row_sample.size() != n || g.info.row_is_uncond.size() != n) return std::nullopt;
+    // Canonical: the group's rows contiguous and after the previous group's, pairs (u, c of one sample) first,
+    // then single conditional rows.
+    for (size_t i = 0; i < n; ++i) {
+      if (g.rows[i] != next_row++) return std::nullopt;
+    }
+    size_t i = 0;
+    for (; i + 1 < n && g.info.row_is_uncond[i]; i += 2) {
+      if (g.info.row_is_uncond[i + 1] || g.info.row_sample[i] != g.info.row_sample[i + 1]) return std::nullopt;
+      ++group.pairs;
+    }
+    for (; i < n; ++i) {
+      if (g.info.row_is_uncond[i]) return std::nullopt;
+      ++group.singles;
+    }
+    layout.groups.push_back(std::move(group));
+  }
+  if (next_row != call.rows()) return std::nullopt;
+  return layout;
 }
 
 std::optional<std::string> UNetGraphs::LayoutKey(const UNetCall& call, int64_t bucket) {
-  std::string key = absl::StrCat(call.sample.size(2), "x", call.sample.size(3), " rows ", call.rows(), "/",
-                                 bucket, " text ", call.encoder_hidden_states.size(1), " ",
-                                 c10::toString(call.sample.scalar_type()));
-  for (const UNetCall::Group& g : call.groups) {
-    std::string factory = "plain";
-    if (g.factory != nullptr) {
-      std::optional<std::string> k = g.factory->CaptureKey();
-      if (!k) return std::nullopt;
-      factory = *std::move(k);
-    }
-    // Each row as its sample's ordinal within the group and its half (u/c): which rows pair up.
-    std::vector<int> seen;
-    std::vector<std::string> rows;
-    for (size_t i = 0; i < g.rows.size(); ++i) {
-      const int sample = i < g.info.row_sample.size() ? g.info.row_sample[i] : -1;
-      auto it = std::find(seen.begin(), seen.end(), sample);
-      if (it == seen.end()) it = seen.insert(seen.end(), sample);
-      const bool uncond = i < g.info.row_is_uncond.size() && g.info.row_is_uncond[i];
-      absl::StrAppend(&rows.emplace_back(), g.rows[i], "=", it - seen.begin(), uncond ? "u" : "c");
-    }
-    absl::StrAppend(&key, " | ", factory, " [", absl::StrJoin(rows, ","), "]");
-  }
-  return key;
+  std::optional<CallLayout> layout = Layout(call);
+  if (!layout) return std::nullopt;
+  return GraphLayoutKey(*layout, bucket);
 }
 
 #ifdef TOMESERVE_HAVE_CUDA
 
 struct UNetGraphs::Impl {
-  enum class State { kSeen, kCaptured, kEager };
-  struct Entry {
-    State state = State::kSeen;
-    int64_t bucket = 0;
+  struct Graph {
     std::unique_ptr<at::cuda::CUDAGraph> graph;
+    int64_t bucket = 0;
     at::Tensor sample, timesteps, encoder_hidden_states, output;  // static, bucket rows
     at::Tensor embeddings_source;  // the call tensor last copied into encoder_hidden_states
     std::vector<std::unique_ptr<RecordedHookInputs>> inputs;       // per group
-    std::list<std::string>::iterator lru;
   };
 
   c10::Device device;
   Options options;
   c10::MempoolId_t pool;
-  absl::flat_hash_map<std::string, Entry> entries;
-  std::list<std::string> lru;  // most recent first
-  Stats stats;
+  GraphLayoutCache cache{options.capacity};
+  absl::flat_hash_map<std::string, Graph> graphs;  // the layouts `cache` holds a graph for
+  int64_t eager_outside = 0;  // calls no layout could serve
+  int64_t rows = 0, padded_rows = 0;
   bool warned_default_stream = false;
 
   at::Tensor Eager(const UNet2DConditionModelImpl& unet, const UNetCall& call) {
-    ++stats.eager;
+    ++eager_outside;
     return RunUNetCall(unet, call);
   }
 
-  void Release(Entry& e) {
-    if (e.state == State::kCaptured) --stats.graphs;
-    e = Entry{.lru = e.lru};
-  }
-
-  // Keeps at most `capacity` graphs and 8x as many layouts, dropping the least recently used.
-  void Trim() {
-    size_t graphs = stats.graphs;
-    for (auto it = lru.rbegin(); it != lru.rend() && graphs > options.capacity; ++it) {
-      Entry& e = entries.at(*it);
-      if (e.state == State::kCaptured) {
-        Release(e);
-        --graphs;
-      }
-    }
-    while (lru.size() > 8 * options.capacity) {
-      entries.erase(lru.back());
-      lru.pop_back();
-    }
+  void DropReleased() {
+    for (const std::string& key : cache.TakeReleased()) graphs.erase(key);
   }
 
   // The layout's second call: an eager warm-up on the padded shapes (this call's result), then the capture.
-  at::Tensor WarmUpAndCapture(const UNet2DConditionModelImpl& unet, const UNetCall& call, Entry& e,
+  at::Tensor WarmUpAndCapture(const UNet2DConditionModelImpl& unet, const UNetCall& call, int64_t bucket,
                               const std::string& key) {
-    const int64_t rows = call.rows();
-    e.inputs.clear();  // a warm-up that failed (out of memory, say) may have left some behind
-    UNetCall padded = PadRows(call, e.bucket);
+    const int64_t real_rows = call.rows();
+    Graph g{.bucket = bucket};
+    UNetCall padded = PadRows(call, bucket);
     // Static inputs, allocated outside the capture so its pool never holds them.
     padded.sample = padded.sample.clone();
     padded.timesteps = ToDeviceAsync(padded.timesteps, device).clone();
     padded.encoder_hidden_states = padded.encoder_hidden_states.clone();
     if (padded.groups.size() > 1) {
-      for (UNetCall::Group& g : padded.groups) {
-        g.device_rows = ToDeviceAsync(at::tensor(g.rows, at::TensorOptions().dtype(at::kLong)), device);
+      for (UNetCall::Group& group : padded.groups) {
+        group.device_rows = ToDeviceAsync(at::tensor(group.rows, at::TensorOptions().dtype(at::kLong)), device);
       }
     }
     std::vector<HookInputs*> raw;
-    for (size_t g = 0; g < padded.groups.size(); ++g) {
-      e.inputs.push_back(std::make_unique<RecordedHookInputs>(device));
-      raw.push_back(e.inputs.back().get());
+    for (size_t i = 0; i < padded.groups.size(); ++i) {
+      g.inputs.push_back(std::make_unique<RecordedHookInputs>(device));
+      raw.push_back(g.inputs.back().get());
     }
-    ++stats.eager;
-    const at::Tensor result = RunUNetCall(unet, padded, raw).narrow(0, 0, rows);
+    const at::Tensor result = RunUNetCall(unet, padded, raw).narrow(0, 0, real_rows);
+    rows += real_rows;
+    padded_rows += bucket - real_rows;
 
-    for (auto& in : e.inputs) in->Rewind();
+    for (auto& in : g.inputs) in->Rewind();
     auto graph = std::make_unique<at::cuda::CUDAGraph>();
     try {
       graph->capture_begin(pool, cudaStreamCaptureModeThreadLocal);
       try {
-        e.output = RunUNetCall(unet, padded, raw);
+        g.output = RunUNetCall(unet, padded, raw);
       } catch (...) {
         try {
           graph->capture_end();  // ends the stream's capture; reports the invalidated graph, ignored here
@@ -184,39 +171,39 @@ struct UNetGraphs::Impl {
       }
       graph->capture_end();
     } catch (const c10::Error& err) {
-      ++stats.capture_failures;
+      cache.CaptureFailed(key);
       spdlog::warn("CUDA graph capture failed for UNet layout {}; it runs eagerly: {}", key,
                    err.what_without_backtrace());
-      e = Entry{.state = State::kEager, .lru = e.lru};
       c10::cuda::CUDACachingAllocator::emptyCache();
       return result;
     }
-    e.graph = std::move(graph);
-    e.sample = padded.sample;
-    e.timesteps = padded.timesteps;
-    e.encoder_hidden_states = padded.encoder_hidden_states;
-    e.embeddings_source = call.encoder_hidden_states;
-    e.state = State::kCaptured;
-    ++stats.captures;
-    ++stats.graphs;
+    g.graph = std::move(graph);
+    g.sample = padded.sample;
+    g.timesteps = padded.timesteps;
+    g.encoder_hidden_states = padded.encoder_hidden_states;
+    g.embeddings_source = call.encoder_hidden_states;
+    graphs[key] = std::move(g);
+    cache.Captured(key);
+    DropReleased();
     return result;
   }
 
-  at::Tensor Replay(const UNetCall& call, Entry& e) {
-    const int64_t rows = call.rows();
-    CopyAsync(e.sample.narrow(0, 0, rows), call.sample);
-    CopyAsync(e.timesteps.narrow(0, 0, rows), call.timesteps);
+  at::Tensor Replay(const UNetCall& call, Graph& g) {
+    const int64_t real_rows = call.rows();
+    CopyAsync(g.sample.narrow(0, 0, real_rows), call.sample);
+    CopyAsync(g.timesteps.narrow(0, 0, real_rows), call.timesteps);
     // A running batch passes the same embeddings tensor while its composition stays (DenoiseBatch).
-    if (!e.embeddings_source.is_same(call.encoder_hidden_states)) {
-      CopyAsync(e.encoder_hidden_states.narrow(0, 0, rows), call.encoder_hidden_states);
-      e.embeddings_source = call.encoder_hidden_states;
+    if (!g.embeddings_source.is_same(call.encoder_hidden_states)) {
+      CopyAsync(g.encoder_hidden_states.narrow(0, 0, real_rows), call.encoder_hidden_states);
+      g.embeddings_source = call.encoder_hidden_states;
     }
     std::vector<UNetCall::Group> groups = call.groups;
-    PadGroupRows(&groups, rows, e.bucket);
-    for (size_t g = 0; g < groups.size(); ++g) e.inputs[g]->Refill(groups[g].factory, groups[g].info);
-    e.graph->replay();
-    ++stats.replays;
-    return e.output.narrow(0, 0, rows).clone();
+    PadGroupRows(&groups, real_rows, g.bucket);
+    for (size_t i = 0; i < groups.size(); ++i) g.inputs[i]->Refill(groups[i].factory, groups[i].info);
+    g.graph->replay();
+    rows += real_rows;
+    padded_rows += g.bucket - real_rows;
+    return g.output.narrow(0, 0, real_rows).clone();
   }
 };
 
@@ -237,35 +224,39 @@ at::Tensor UNetGraphs::Run(const UNet2DConditionModelImpl& unet, const UNetCall&
     }
     return im.Eager(unet, call);
   }
-  const int64_t bucket = RowsBucket(call.rows(), im.options.max_rows);
+  const int64_t bucket = GraphRowsBucket(call.rows(), im.options.max_rows, im.options.buckets);
   std::optional<std::string> key = bucket > 0 ? LayoutKey(call, bucket) : std::nullopt;
   if (!key) return im.Eager(unet, call);
-  auto [it, inserted] = im.entries.try_emplace(*key);
-  Impl::Entry& e = it->second;
-  if (inserted) {
-    im.lru.push_front(*key);
-    e.lru = im.lru.begin();
-    e.bucket = bucket;
-    im.Trim();
-    return im.Eager(unet, call);  // `e` may be gone: Trim drops the oldest layouts
-  }
-  im.lru.splice(im.lru.begin(), im.lru, e.lru);
-  switch (e.state) {
-    case Impl::State::kEager:
-      return im.Eager(unet, call);
-    case Impl::State::kSeen: {
-      e.bucket = bucket;
-      at::Tensor out = im.WarmUpAndCapture(unet, call, e, *key);
-      im.Trim();
-      return out;
-    }
-    case Impl::State::kCaptured:
-      return im.Replay(call, e);
+  const GraphLayoutCache::Action action = im.cache.Next(*key);
+  im.DropReleased();
+  switch (action) {
+    case GraphLayoutCache::Action::kEager:
+      return RunUNetCall(unet, call);
+    case GraphLayoutCache::Action::kCapture:
+      return im.WarmUpAndCapture(unet, call, bucket, *key);
+    case GraphLayoutCache::Action::kReplay:
+      return im.Replay(call, im.graphs.at(*key));
   }
   return im.Eager(unet, call);
 }
 
-UNetGraphs::Stats UNetGraphs::stats() const { return impl_->stats; }
+UNetGraphs::Stats UNetGraphs::stats() const {
+  const GraphLayoutCache::Stats& c = impl_->cache.stats();
+  return {.replays = c.replays,
+          .captures = c.captures,
+          .eager = c.eager + impl_->eager_outside,
+          .capture_failures = c.capture_failures,
+          .graphs = c.graphs,
+          .layouts = c.layouts,
+          .rows = impl_->rows,
+          .padded_rows = impl_->padded_rows};
+}
+
+void UNetGraphs::Release() {
+  impl_->cache.ReleaseAll();
+  impl_->DropReleased();
+  c10::cuda::CUDACachingAllocator::emptyCache();
+}
 
 #else  // !TOMESERVE_HAVE_CUDA
 
@@ -280,6 +271,8 @@ at::Tensor UNetGraphs::Run(const UNet2DConditionModelImpl& unet, const UNetCall&
 }
 
 UNetGraphs::Stats UNetGraphs::stats() const { return {}; }
+
+void UNetGraphs::Release() {}
 
 #endif  // TOMESERVE_HAVE_CUDA
 

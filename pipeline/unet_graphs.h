@@ -1,16 +1,18 @@
 // CUDA graphs for the UNet calls of one model on one worker. At batch 1 a UNet call is bound by kernel launches
 // (about a thousand per call for SD 1.5); a graph replays them all with one launch.
 //
-// A graph is captured per call layout: latent size, rows padded to a bucket (1, 2, 4, 8, then multiples of 8),
-// text length, dtype and, per hook group, the factory's CaptureKey, its rows and which of them are the two halves
-// of one sample (Token Merging draws partitions per sample). The first call of a layout runs eagerly; the second
-// runs eagerly on the padded shapes (a warm-up: cuBLAS and cuDNN settle their kernels for them) and is captured
-// after it; later ones copy their inputs into the graph's static tensors, refill what the hooks uploaded
-// (RecordedHookInputs) and replay. Calls a graph cannot serve run eagerly: more rows than the largest bucket, a
-// hook factory without a CaptureKey, the legacy default stream, a layout whose capture failed (logged once).
-// At most `capacity` graphs are kept, least recently used evicted; all share one memory pool, which is safe
-// because replays are sequential on one stream, every input is refilled before each replay and the output is
-// copied out right after it.
+// A graph is captured per call layout (pipeline/graph_layout.h): the call's rows in canonical order, padded to
+// a row bucket, fixed by latent size, text length, dtype and, per hook group, the factory's CaptureKey and its
+// counts of guided and unguided samples — not by which samples they are, so the same graph serves a running
+// batch whose samples come and go. GraphLayoutCache decides: the first call of a layout runs eagerly; the
+// second runs eagerly on the padded shapes (a warm-up: cuBLAS and cuDNN settle their kernels for them) and is
+// captured after it; later ones copy their inputs into the graph's static tensors, refill what the hooks
+// uploaded (RecordedHookInputs) and replay. Calls a graph cannot serve run eagerly: more rows than the largest
+// bucket, rows not in canonical order, a hook factory without a CaptureKey, the legacy default stream, a layout
+// whose capture failed (logged once). At most `capacity` graphs are kept, least recently used evicted; all
+// share one memory pool, which is safe because replays are sequential on one stream, every input is refilled
+// before each replay and the output is copied out right after it. Release() frees them all (the worker calls it
+// after an out-of-memory error, so the graphs' memory goes back before the batch is retried).
 //
 // Owned by the worker thread that runs the model (with its stream current); not thread-safe. Run only with the
 // model it captured for alive (graphs read the weights in place); one instance per model.
@@ -27,6 +29,7 @@
 
 #include "absl/status/statusor.h"
 #include "pipeline/generation.h"
+#include "pipeline/graph_layout.h"
 #include "pipeline/unet.h"
 #include "pipeline/unet_call.h"
 
@@ -35,8 +38,9 @@ namespace tomeserve::pipeline {
 class UNetGraphs {
  public:
   struct Options {
-    size_t capacity = 16;   // captured graphs kept
+    size_t capacity = 32;   // captured graphs kept
     int64_t max_rows = 32;  // calls with more rows run eagerly
+    RowBuckets buckets = RowBuckets::kFine;
   };
   struct Stats {
     int64_t replays = 0;           // calls served by a graph
@@ -44,6 +48,9 @@ class UNetGraphs {
     int64_t eager = 0;             // calls run eagerly (warm-ups included)
     int64_t capture_failures = 0;  // layouts left eager after a failed capture
     size_t graphs = 0;             // graphs held now
+    int64_t layouts = 0;           // distinct layouts seen
+    int64_t rows = 0;              // real rows of the calls a graph ran (replays and captures)
+    int64_t padded_rows = 0;       // padding rows those calls computed besides
   };
 
   // For `device` (CUDA). UNIMPLEMENTED in a build without CUDA; FAILED_PRECONDITION for another device.
@@ -59,10 +66,13 @@ class UNetGraphs {
   // change it in place.
   at::Tensor Run(const UNet2DConditionModelImpl& unet, const UNetCall& call);
   Stats stats() const;
+  // Drops every graph and returns the pool's memory to the allocator; each layout captures again when next seen.
+  void Release();
 
-  // The padded row count for `rows`: 1, 2, 4, 8, then the next multiple of 8; 0 above `max_rows`.
-  static int64_t RowsBucket(int64_t rows, int64_t max_rows);
-  // The layout a graph is captured for (see above), or nullopt when a group's factory cannot be captured.
+  // The call's layout, or nullopt when its rows are not in canonical order or a group's factory cannot be
+  // captured.
+  static std::optional<CallLayout> Layout(const UNetCall& call);
+  // GraphLayoutKey of the call's Layout, or nullopt.
   static std::optional<std::string> LayoutKey(const UNetCall& call, int64_t bucket);
 
  private:

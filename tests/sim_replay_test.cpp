@@ -132,5 +132,29 @@ TEST(Replay, TheControllerRaisesTheRatioToMeetATarget) {
   EXPECT_LE(r.calls[0].finish - r.calls[0].arrival, r.calls[0].target_seconds + 1e-9);
 }
 
+TEST(Replay, CountsCudaGraphLayoutsAsTheServerKeepsThem) {
+  // The join above: one call of 20 steps (guided: 2 rows), a second of 10 joining after the first's 5th:
+  // layouts "1 pair" (the first alone: steps 1-5 and 16-20) and "2 pairs" (the 10 shared steps, bucket 4).
+  const CostProfile p = *CostProfile::Create(Flat());
+  TraceCall first = Call(0, 20), second = Call(5 * 0.012 - 1e-6, 10);
+  ReplayOptions o{.graphs = true};
+  const ReplayResult r = Replay({first, second}, p, o);
+  ASSERT_TRUE(r.calls[1].completed);
+  EXPECT_EQ(r.unet_calls, 20);
+  EXPECT_EQ(r.graphs.layouts, 2);
+  EXPECT_EQ(r.graphs.captures, 2);
+  // Each layout: one eager first call and one capture, the rest replays.
+  EXPECT_EQ(r.graphs.replays, r.unet_calls - 4);
+  EXPECT_EQ(r.graph_padded_rows, 0);  // 2 and 4 rows are buckets
+  // Another ratio for the second call is another layout for the shared steps; an unguided image pads 3 -> 4.
+  second.ratio = 0.5;
+  second.guidance = 1.0;
+  const ReplayResult mixed = Replay({first, second}, p, o);
+  EXPECT_EQ(mixed.graphs.layouts, 2);
+  EXPECT_GT(mixed.graph_padded_rows, 0);
+  // Without graphs (a CPU profile), nothing is counted.
+  EXPECT_EQ(Replay({first, second}, p, {}).graphs.layouts, 0);
+}
+
 }  // namespace
 }  // namespace tomeserve::sim

@@ -20,7 +20,10 @@
 #include <string_view>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -182,6 +185,49 @@ TEST_F(StepBatchTest, UnmergedBlocksRunOnceForAllRows) {
   EXPECT_EQ(BlockRuns([&] { unet.forward(x, t, ehs, groups); }), all_blocks + merging_blocks);
   groups[0].hook = groups[1].hook = nullptr;
   EXPECT_EQ(BlockRuns([&] { unet.forward(x, t, ehs, groups); }), all_blocks);
+}
+
+// A factory that records the rows each UNet call gives its group (in the group's row order) and patches nothing.
+class RecordingHooks final : public pipeline::HookFactory {
+ public:
+  explicit RecordingHooks(std::string key) : key_(std::move(key)) {}
+  std::unique_ptr<pipeline::TransformerBlockHook> ForCall(const pipeline::UNetCallInfo& call) const override {
+    calls.push_back(call);
+    return nullptr;
+  }
+  std::optional<std::string> CaptureKey() const override { return key_; }
+  mutable std::vector<pipeline::UNetCallInfo> calls;
+
+ private:
+  std::string key_;
+};
+
+// DenoiseBatch lays a call's rows out in pipeline/graph_layout.h's canonical order whatever the order samples
+// joined in: groups by settings, guided samples first as adjacent (uncond, cond) halves, then the unguided ones.
+TEST_F(StepBatchTest, RowsAreInCanonicalOrder) {
+  const auto a = std::make_shared<RecordingHooks>("a");
+  const auto b = std::make_shared<RecordingHooks>("b");
+  // Joining order: b unguided, plain guided, b guided, a guided, plain unguided, b guided.
+  const std::vector<std::pair<std::shared_ptr<const pipeline::HookFactory>, double>> joins = {
+      {b, 1.0}, {nullptr, 7.5}, {b, 7.5}, {a, 3.0}, {nullptr, 1.0}, {b, 5.0}};
+  DenoiseBatch batch(*sd_, 8, 8);
+  std::vector<int> ids;
+  for (size_t i = 0; i < joins.size(); ++i) {
+    SampleSpec spec{.prompt = "p" + std::to_string(i), .seed = 60 + i, .guidance_scale = joins[i].second,
+                    .num_inference_steps = 2, .hooks = joins[i].first};
+    auto prepared = sd_->PrepareSamples({.width = 64, .height = 64}, {spec});
+    ASSERT_TRUE(prepared.ok()) << prepared.status();
+    auto id = batch.Add(std::move((*prepared)[0]));
+    ASSERT_TRUE(id.ok());
+    ids.push_back(*id);
+  }
+  ASSERT_TRUE(batch.Step().ok());
+  ASSERT_EQ(a->calls.size(), 1u);
+  ASSERT_EQ(b->calls.size(), 1u);
+  EXPECT_EQ(a->calls[0].row_sample, (std::vector<int>{ids[3], ids[3]}));
+  EXPECT_EQ(a->calls[0].row_is_uncond, (std::vector<bool>{true, false}));
+  EXPECT_EQ(b->calls[0].row_sample, (std::vector<int>{ids[2], ids[2], ids[5], ids[5], ids[0]}));
+  EXPECT_EQ(b->calls[0].row_is_uncond, (std::vector<bool>{true, false, true, false, false}));
 }
 
 struct Planned {

@@ -1,6 +1,6 @@
 // CUDA graphs for UNet calls (pipeline/unet_graphs.h) and the call layout they rely on (pipeline/unet_call.h).
-// On the CPU: the row buckets, the layout key (equal for calls that differ only in values, different for calls
-// that launch different work), padding that leaves the real rows alone, and the data flow of a replay — the
+// On the CPU: the layout of a call's rows and its key (equal for calls that differ only in values, different for
+// calls that launch different work, none for rows out of canonical order), padding that leaves the real rows alone, and the data flow of a replay — the
 // hooks' uploads recorded once, refilled for a later call and read in place by a run of the same layout give
 // that call's own result. On a CUDA device (_CUDA): denoising through graphs equals eager denoising, with the
 // graphs captured and replayed, and the steps do not synchronise the host.
@@ -45,8 +45,9 @@ class OpaqueHooks final : public pipeline::HookFactory {
   }
 };
 
-// Six rows as DenoiseBatch lays them out for three guided samples (uncond halves 0-2, cond halves 3-5): sample 0
-// plain, samples 1 and 2 under `tome`. `step` and `seed` change only values.
+// Six rows in DenoiseBatch's canonical order for three guided samples: sample 0 plain (rows 0-1), samples 1 and 2
+// under `tome` (rows 2-5), each sample's unconditional half before its conditional one. `step` and `seed`
+// change only values.
 UNetCall MakeCall(const pipeline::UNet2DConditionModelImpl& unet, const pipeline::HookFactory* tome, int step,
                   uint64_t seed) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
@@ -56,25 +57,17 @@ UNetCall MakeCall(const pipeline::UNet2DConditionModelImpl& unet, const pipeline
   UNetCall::Group plain{.factory = nullptr, .info = {.call_index = step}};
   UNetCall::Group merged{.factory = tome, .info = {.call_index = step}};
   for (int64_t r = 0; r < 6; ++r) {
-    UNetCall::Group& g = r % 3 == 0 ? plain : merged;
+    const int sample = static_cast<int>(r / 2);
+    UNetCall::Group& g = sample == 0 ? plain : merged;
     g.rows.push_back(r);
-    g.info.row_seeds.push_back(seed + static_cast<uint64_t>(r % 3));
-    g.info.row_is_uncond.push_back(r < 3);
-    g.info.row_sample.push_back(static_cast<int>(r % 3));
+    g.info.row_seeds.push_back(seed + static_cast<uint64_t>(sample));
+    g.info.row_is_uncond.push_back(r % 2 == 0);
+    g.info.row_sample.push_back(sample);
     g.info.row_call_index.push_back(step);
     g.info.row_hook_seeds.push_back(seed);
   }
   call.groups = {plain, merged};
   return call;
-}
-
-TEST(UNetGraphsTest, RowsBuckets) {
-  const std::vector<std::pair<int64_t, int64_t>> want = {{1, 1}, {2, 2}, {3, 4}, {5, 8},   {8, 8},
-                                                         {9, 16}, {16, 16}, {17, 24}, {32, 32}};
-  for (const auto& [rows, bucket] : want) EXPECT_EQ(UNetGraphs::RowsBucket(rows, 32), bucket) << rows;
-  EXPECT_EQ(UNetGraphs::RowsBucket(33, 32), 0);
-  EXPECT_EQ(UNetGraphs::RowsBucket(0, 32), 0);
-  EXPECT_EQ(UNetGraphs::RowsBucket(11, 12), 11);  // the next bucket is over the limit: no padding
 }
 
 TEST(UNetGraphsTest, CreateNeedsACudaDevice) {
@@ -100,9 +93,22 @@ TEST_F(UNetCallTest, LayoutKeyIgnoresValuesAndSeparatesWork) {
   EXPECT_EQ(UNetGraphs::LayoutKey(MakeCall(unet, same_settings.get(), 0, 1), 8), key);
   EXPECT_NE(UNetGraphs::LayoutKey(MakeCall(unet, other.get(), 0, 1), 8), key);
   EXPECT_NE(UNetGraphs::LayoutKey(MakeCall(unet, tome.get(), 0, 1), 16), key);
+  const std::optional<pipeline::CallLayout> layout = UNetGraphs::Layout(MakeCall(unet, tome.get(), 0, 1));
+  ASSERT_TRUE(layout.has_value());
+  ASSERT_EQ(layout->groups.size(), 2u);
+  EXPECT_EQ(layout->groups[0].settings, "");
+  EXPECT_EQ(layout->groups[0].pairs, 1);
+  EXPECT_EQ(layout->groups[1].settings, *tome->CaptureKey());
+  EXPECT_EQ(layout->groups[1].pairs, 2);
+  EXPECT_EQ(layout->groups[1].singles, 0);
+  // Rows out of canonical order have no layout (they run eagerly): halves of different samples side by side,
+  // a group's rows not contiguous.
   UNetCall unpaired = MakeCall(unet, tome.get(), 0, 1);
-  unpaired.groups[1].info.row_sample = {1, 2, 3, 4};  // the same rows, but no two halves of one sample
-  EXPECT_NE(UNetGraphs::LayoutKey(unpaired, 8), key);
+  unpaired.groups[1].info.row_sample = {1, 2, 3, 4};
+  EXPECT_FALSE(UNetGraphs::LayoutKey(unpaired, 8).has_value());
+  UNetCall interleaved = MakeCall(unet, tome.get(), 0, 1);
+  std::swap(interleaved.groups[0].rows[1], interleaved.groups[1].rows[0]);
+  EXPECT_FALSE(UNetGraphs::LayoutKey(interleaved, 8).has_value());
   UNetCall wider = MakeCall(unet, tome.get(), 0, 1);
   wider.sample = at::randn({6, 4, 8, 10});
   EXPECT_NE(UNetGraphs::LayoutKey(wider, 8), key);
@@ -116,7 +122,7 @@ TEST_F(UNetCallTest, PaddingLeavesTheRealRowsAlone) {
   const UNetCall call = MakeCall(unet, tome.get(), 1, 7);
   const UNetCall padded = pipeline::PadRows(call, 8);
   ASSERT_EQ(padded.rows(), 8);
-  EXPECT_EQ(padded.groups.back().rows, (std::vector<int64_t>{1, 2, 4, 5, 6, 7}));
+  EXPECT_EQ(padded.groups.back().rows, (std::vector<int64_t>{2, 3, 4, 5, 6, 7}));
   const at::Tensor want = pipeline::RunUNetCall(unet, call);
   const at::Tensor got = pipeline::RunUNetCall(unet, padded).narrow(0, 0, 6);
   // The CPU kernels block their work by row count: last-bit differences only (see step_batch_test).
@@ -173,8 +179,8 @@ TEST_F(UNetCallTest, RefilledHookInputsReplayAnotherCall) {
 }
 
 // Denoising through CUDA graphs equals eager denoising: mixed ToMe settings (random partitions refilled per
-// replay), guidance on and off, several schedulers, 3 rows padded to 4, and a sample leaving mid-way (a new
-// layout). Graphs are captured and replayed, and replays do not synchronise the host.
+// replay), guidance on and off, several schedulers, 5 rows padded to 6 and 3 to 4, a sample leaving mid-way (a
+// new layout). Graphs are captured and replayed, and replays do not synchronise the host.
 TEST(UNetGraphsCudaTest, GraphStepsEqualEagerSteps_CUDA) {
 #ifndef TOMESERVE_HAVE_CUDA
   GTEST_SKIP() << "built without c10_cuda";
@@ -218,7 +224,9 @@ TEST(UNetGraphsCudaTest, GraphStepsEqualEagerSteps_CUDA) {
   }
   const UNetGraphs::Stats stats = (*graphs)->stats();
   EXPECT_EQ(stats.capture_failures, 0);
-  EXPECT_GE(stats.captures, 2);  // 5 rows (padded to 8) while all three run, then 3 rows (padded to 4)
+  EXPECT_GE(stats.captures, 2);  // 5 rows (padded to 6) while all three run, then 3 rows (padded to 4)
+  EXPECT_GT(stats.padded_rows, 0);
+  EXPECT_GE(stats.layouts, 2);
   EXPECT_GE(stats.replays, 4);
   ASSERT_EQ(finals[0].size(), finals[1].size());
   for (size_t i = 0; i < finals[0].size(); ++i) {

@@ -3,11 +3,14 @@ worker's Nth denoising step): a request-level error fails only that batch's call
 device-fatal error and a stuck step (noticed by the watchdog, --step-timeout-seconds) fail the running calls with
 UNAVAILABLE, turn the `liveness` health service NOT_SERVING and make the process exit 3 within a bound, so an
 orchestrator restarts it. Liveness stays SERVING through a normal SIGTERM drain."""
+import io
 import signal
 import time
 
 import grpc
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import binary
 from tomeserve_server import health_status, proto, running_server, server_under_test
@@ -93,7 +96,8 @@ def test_exception_while_starting_a_call_answers_it_and_the_calls_after_it(tiny_
 def test_transient_oom_cap_probes_back_up_to_the_full_batch(tiny_model):
     """One out-of-memory error (oom@1: the first step of a 4-image call) halves the batch; after successful steps
     at the cap the worker probes one image more at a time, so the same call ends in full batches of 4 again
-    (GenerateResponse.batch_size: the most images in one of its UNet calls) and its images are unchanged."""
+    (GenerateResponse.batch_size: the most images in one of its UNet calls) and its images are unchanged (within
+    one level of 255)."""
     binary("tomeserve")
     four = request(num_images=4, num_inference_steps=50, seed=7, request_id="four")
     with running_server(["--model", tiny_model, "--max-batch-size", "4"], metrics=True) as s:
@@ -106,7 +110,12 @@ def test_transient_oom_cap_probes_back_up_to_the_full_batch(tiny_model):
     assert reply.batch_size == 4, log
     assert "evicting the 2 most recently admitted" in log and "image cap after an out-of-memory error raised to 3" in log
     assert "raised to 4" in log, log
-    assert [i.data for i in reply.images] == [i.data for i in plain.images]
+    # The same images within the CPU kernels' rounding: rows computed in batches of other sizes may differ in the
+    # last float bits (tests/step_batch_test.cpp), at most one level of 255 in a pixel.
+    assert len(reply.images) == len(plain.images) == 4
+    for got, want in zip(reply.images, plain.images):
+        a, b = (np.asarray(Image.open(io.BytesIO(i.data))).astype(int) for i in (got, want))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1
 
 
 def test_oom_while_encoding_text_waits_for_the_running_call(tiny_model):

@@ -53,7 +53,7 @@ double BySize(const std::vector<int64_t>& sizes, int64_t pixels, F at) {
 // (2026-11-30, commit c72669c). Every number is a measured cell or derived from two, as noted.
 ProfileData H200Sd15Fp16() {
   ProfileData d{.name = "h200-sd15-fp16",
-                .device = "NVIDIA H200 (143771 MiB), torch 2.11.0+cu130, fp16",
+                .device = "cuda (NVIDIA H200, 143771 MiB), torch 2.11.0+cu130, fp16",
                 .source = "docs/benchmarks.md, GPU: NVIDIA H200, run 1 (2026-11-30, commit c72669c)"};
   // The worker's derived CUDA budget: 0.8 x (free memory after the fp16 weights, ~141 GB) / 256 KiB per row x
   // latent pixel (worker.cpp); it binds only past 8 images at 1024².

@@ -33,7 +33,9 @@ struct FixedPoint {
 };
 
 struct ProfileData {
-  std::string name, device, source;
+  std::string name;
+  std::string device;  // "cuda..." for a CUDA device ("cuda:0 fp16"; the replay then counts CUDA graphs)
+  std::string source;
   int native_width = 512, native_height = 512;  // the server's warm-up size
   int64_t batch_cost_budget = 16 * 64 * 64;      // rows x latent pixels (the worker's budget on that device)
   double step_overhead_seconds = 0;              // host work per served step beyond the UNet call

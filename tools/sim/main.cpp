@@ -12,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "tools/cli_args.h"
 #include "tools/sim/calibrate.h"
@@ -26,6 +27,7 @@ constexpr char kUsage[] =
     "                     [--batching step|request] [--max-batch-size N] [--max-batch-cost N]\n"
     "                     [--max-queue-delay-ms N] [--max-queue-size N] [--max-running-batches N]\n"
     "                     [--devices D1,D2,...] [--warmup-steps N] [--calls-out FILE]\n"
+    "                     [--graph-buckets fine|pow2] [--graph-capacity N] [--graph-keys shape|admission]\n"
     "       tomeserve-sim calibrate --model DIR --devices D --out FILE [--sizes WxH,...] [--rows N,...]\n"
     "                     [--ratios R,...] [--dtype auto|fp32|fp16|bf16] [--repeats N]\n"
     "  replay     the trace (JSON lines: t, width, height, steps, scheduler, guidance, num_images, ratio, seed,\n"
@@ -36,7 +38,11 @@ constexpr char kUsage[] =
     "             call with slo_x gets the target slo_x x its own unloaded latency and its max_ratio. Prints one\n"
     "             JSON line: p50_s, p95_s, p99_s, throughput_rps, completed, refused, slo_attainment (null\n"
     "             without --slo), mean_ratio, mean_rows_per_call (UNet rows per UNet call), mean_solo_s, ...;\n"
-    "             --calls-out FILE writes each call's outcome as a JSON line.\n"
+    "             --calls-out FILE writes each call's outcome as a JSON line. On a CUDA profile it also counts\n"
+    "             CUDA graphs as the server keeps them (pipeline/graph_layout.h): graph_layouts, graph_captures,\n"
+    "             graph_hit_rate (replays / UNet calls), padded_rows_fraction (padding / rows graphs computed);\n"
+    "             --graph-buckets, --graph-capacity (graphs held per worker) and --graph-keys (admission: the\n"
+    "             earlier key by row identity) vary them.\n"
     "  calibrate  measures a profile with the real pipeline on this machine: UNet steps by size x rows x ratio\n"
     "             (ToMe groups included), text encoding, decode and encode, and the host overhead per step.\n";
 
@@ -56,7 +62,8 @@ int RunReplay(const std::vector<std::string>& rest) {
   absl::StatusOr<tools::CliArgs> args = tools::CliArgs::Parse(
       rest,
       {"trace", "profile", "load", "arrival-scale", "batching", "max-batch-size", "max-batch-cost",
-       "max-queue-delay-ms", "max-queue-size", "devices", "warmup-steps", "max-running-batches", "calls-out"},
+       "max-queue-delay-ms", "max-queue-size", "devices", "warmup-steps", "max-running-batches", "calls-out",
+       "graph-buckets", "graph-capacity", "graph-keys"},
       {"slo"});
   if (!args.ok()) return UsageError(std::string(args.status().message()));
   absl::StatusOr<std::string> trace_path = args->Required("trace");
@@ -74,10 +81,20 @@ int RunReplay(const std::vector<std::string>& rest) {
   absl::StatusOr<int64_t> queue_size = args->GetInt("max-queue-size", 64, 1, 1000000);
   absl::StatusOr<int64_t> warmup = args->GetInt("warmup-steps", 2, 0, 1000);
   absl::StatusOr<int64_t> max_batches = args->GetInt("max-running-batches", 2, 1, 16);
+  absl::StatusOr<int64_t> graph_capacity = args->GetInt("graph-capacity", 32, 1, 4096);
+  const std::string graph_buckets = args->Get("graph-buckets").value_or("fine");
+  if (graph_buckets != "fine" && graph_buckets != "pow2") {
+    return UsageError("--graph-buckets is \"" + graph_buckets + "\"; allowed: fine or pow2");
+  }
+  const std::string graph_keys = args->Get("graph-keys").value_or("shape");
+  if (graph_keys != "shape" && graph_keys != "admission") {
+    return UsageError("--graph-keys is \"" + graph_keys + "\"; allowed: shape or admission");
+  }
   absl::StatusOr<double> load = args->GetDouble("load", 1, 1e-6, 1e6);
   absl::StatusOr<double> scale = args->GetDouble("arrival-scale", 1, 0, 1e9);
   for (const absl::Status& s : {max_batch.status(), max_cost.status(), delay_ms.status(), queue_size.status(),
-                                warmup.status(), load.status(), scale.status(), max_batches.status()}) {
+                                warmup.status(), load.status(), scale.status(), max_batches.status(),
+                                graph_capacity.status()}) {
     if (!s.ok()) return UsageError(std::string(s.message()));
   }
   const std::string devices = args->Get("devices").value_or("cpu");
@@ -102,7 +119,12 @@ int RunReplay(const std::vector<std::string>& rest) {
       .max_batches = static_cast<int>(*max_batches),
       .warmup_steps = static_cast<int>(*warmup),
       .slo = args->Has("slo"),
-      .arrival_scale = args->Has("load") ? mean_solo / *load : *scale};
+      .arrival_scale = args->Has("load") ? mean_solo / *load : *scale,
+      // CUDA graphs are the server's default on a CUDA device.
+      .graphs = absl::StartsWith(profile->data().device, "cuda"),
+      .graph_capacity = static_cast<size_t>(*graph_capacity),
+      .graph_buckets = graph_buckets == "pow2" ? pipeline::RowBuckets::kPowerOfTwo : pipeline::RowBuckets::kFine,
+      .graph_shape_keys = graph_keys == "shape"};
   const ReplayResult r = Replay(*trace, *profile, options);
 
   std::vector<double> latency;
@@ -161,6 +183,16 @@ int RunReplay(const std::vector<std::string>& rest) {
   out["p95_slowdown"] = any ? nlohmann::json(Percentile(slowdown, 95)) : nlohmann::json(nullptr);
   out["mean_latency_s"] = any ? nlohmann::json(std::accumulate(latency.begin(), latency.end(), 0.0) / latency.size())
                               : nlohmann::json(nullptr);
+  // CUDA graphs (a CUDA profile; null otherwise): distinct layouts, the share of UNet calls a graph replayed
+  // (captures and first calls of a layout are not replays), and the share of the rows graphs computed that were
+  // padding.
+  const auto graph_value = [&](double v) { return options.graphs ? nlohmann::json(v) : nlohmann::json(nullptr); };
+  out["graph_layouts"] = graph_value(static_cast<double>(r.graphs.layouts));
+  out["graph_captures"] = graph_value(static_cast<double>(r.graphs.captures));
+  out["graph_hit_rate"] = graph_value(r.unet_calls > 0 ? static_cast<double>(r.graphs.replays) / r.unet_calls : 0.0);
+  const int64_t graph_computed = r.graph_rows + r.graph_padded_rows;
+  out["padded_rows_fraction"] =
+      graph_value(graph_computed > 0 ? static_cast<double>(r.graph_padded_rows) / graph_computed : 0.0);
   out["calls"] = r.calls.size();
   out["slo_calls"] = slo_calls;
   out["unet_calls"] = r.unet_calls;

@@ -9,6 +9,7 @@
 
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "pipeline/unet_calls.h"
 #include "server/step_time_model.h"
@@ -52,6 +53,79 @@ server::PolicyCall ToPolicyCall(const TraceCall& c, size_t index, double arrival
           .max_ratio = max_ratio,
           .target_seconds = target,
           .enqueued = arrival};
+}
+
+// The Token Merging settings of a call at `ratio` as a layout group's key: "" (the plain block) at 0, as the
+// server gives such calls no hooks; one key per ratio otherwise (the server's other settings are per call and
+// equal across a trace).
+std::string SettingsKey(double ratio) { return ratio > 0 ? absl::StrFormat("tome ratio=%.4g", ratio) : ""; }
+
+// The key graphs had before they were keyed by shape: the rows as DenoiseBatch laid them out then (every
+// unconditional half in admission order, then every conditional one), grouped by settings in order of first
+// appearance, each row named by its sample's ordinal in the group and its half.
+std::string AdmissionOrderKey(const std::vector<pipeline::LayoutSample>& samples, int64_t height, int64_t width,
+                              int64_t bucket) {
+  struct Row {
+    size_t sample;
+    bool uncond;
+  };
+  std::vector<Row> rows;
+  for (bool uncond : {true, false}) {
+    for (size_t i = 0; i < samples.size(); ++i) {
+      if (!uncond || samples[i].guided) rows.push_back({i, uncond});
+    }
+  }
+  std::vector<std::string> settings;  // groups, first appearance
+  std::vector<std::vector<size_t>> seen;
+  std::vector<std::string> group_rows;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const std::string& s = samples[rows[r].sample].settings;
+    size_t g = std::find(settings.begin(), settings.end(), s) - settings.begin();
+    if (g == settings.size()) {
+      settings.push_back(s);
+      seen.emplace_back();
+      group_rows.emplace_back();
+    }
+    auto it = std::find(seen[g].begin(), seen[g].end(), rows[r].sample);
+    if (it == seen[g].end()) it = seen[g].insert(seen[g].end(), rows[r].sample);
+    absl::StrAppend(&group_rows[g], r, "=", it - seen[g].begin(), rows[r].uncond ? "u," : "c,");
+  }
+  std::string key = absl::StrCat(height, "x", width, " rows ", rows.size(), "/", bucket);
+  for (size_t g = 0; g < settings.size(); ++g) absl::StrAppend(&key, " | ", settings[g], " [", group_rows[g], "]");
+  return key;
+}
+
+// One UNet call of the running calls `in_batch` selects, through `cache` as the server's UNetGraphs would run it:
+// the same canonical layout, key, bucket and cache policy (pipeline/graph_layout.h).
+template <typename InBatch>
+void CountGraphCall(pipeline::GraphLayoutCache& cache, const std::vector<server::RunningCall>& running,
+                    const InBatch& in_batch, const ReplayOptions& o, ReplayResult* result) {
+  std::vector<pipeline::LayoutSample> samples;
+  int64_t height = 0, width = 0;
+  for (const server::RunningCall& r : running) {
+    if (!in_batch(r)) continue;
+    height = r.call.height / 8;
+    width = r.call.width / 8;
+    const bool guided = r.call.rows == 2 * r.call.images;
+    for (int i = 0; i < r.call.images; ++i) samples.push_back({.settings = SettingsKey(r.ratio), .guided = guided});
+  }
+  const pipeline::CallLayout layout{.latent_height = height, .latent_width = width, .text_length = 77,
+                                    .dtype = "Half", .groups = pipeline::CanonicalGroups(samples)};
+  const int64_t rows = layout.rows();
+  const int64_t bucket = pipeline::GraphRowsBucket(rows, o.graph_max_rows, o.graph_buckets);
+  if (bucket == 0) {
+    ++result->graphs.eager;  // more rows than the largest bucket: eager, outside the cache
+    return;
+  }
+  const std::string key =
+      o.graph_shape_keys ? pipeline::GraphLayoutKey(layout, bucket) : AdmissionOrderKey(samples, height, width, bucket);
+  const pipeline::GraphLayoutCache::Action action = cache.Next(key);
+  if (action == pipeline::GraphLayoutCache::Action::kCapture) cache.Captured(key);
+  cache.TakeReleased();
+  if (action != pipeline::GraphLayoutCache::Action::kEager) {
+    result->graph_rows += rows;
+    result->graph_padded_rows += bucket - rows;
+  }
 }
 
 }  // namespace
@@ -145,11 +219,15 @@ ReplayResult Replay(const std::vector<TraceCall>& trace, const CostProfile& prof
 
   struct Worker {
     std::unique_ptr<server::StepTimeModel> model = std::make_unique<server::StepTimeModel>();
+    std::unique_ptr<pipeline::GraphLayoutCache> graphs;
     std::vector<server::RunningCall> running;  // admission order
     bool busy = false;
     double free_at = 0;
   };
   std::vector<Worker> workers(std::max(1, o.workers));
+  if (o.graphs) {
+    for (Worker& w : workers) w.graphs = std::make_unique<pipeline::GraphLayoutCache>(o.graph_capacity);
+  }
   const int64_t native = static_cast<int64_t>(profile.data().native_width / 8) * (profile.data().native_height / 8);
   for (Worker& w : workers) {
     // The server's warm-up: one image with CFG at the native size; its steps after the first are observed.
@@ -204,6 +282,7 @@ ReplayResult Replay(const std::vector<TraceCall>& trace, const CostProfile& prof
       rows += r.call.rows;
       tome_rows += r.call.rows * r.ratio;
     }
+    if (w.graphs != nullptr) CountGraphCall(*w.graphs, w.running, in_batch, o, &result);
     const double dt = *profile.StepSeconds(kModel, shape.latent_pixels, rows, tome_rows);
     w.model->Observe(kModel, shape.latent_pixels, rows, tome_rows, dt);
     ++result.unet_calls;
@@ -251,6 +330,15 @@ ReplayResult Replay(const std::vector<TraceCall>& trace, const CostProfile& prof
     for (Worker& w : workers) {
       if ((w.busy && w.free_at <= now) || (!w.busy && !queue.empty())) boundary(w);
     }
+  }
+  for (const Worker& w : workers) {
+    if (w.graphs == nullptr) continue;
+    const pipeline::GraphLayoutCache::Stats& g = w.graphs->stats();
+    result.graphs.replays += g.replays;
+    result.graphs.captures += g.captures;
+    result.graphs.eager += g.eager;
+    result.graphs.layouts += g.layouts;
+    result.graphs.graphs += g.graphs;
   }
   return result;
 }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "pipeline/graph_layout.h"
 #include "server/batching_policy.h"
 #include "tools/sim/cost_profile.h"
 
@@ -43,6 +44,15 @@ struct ReplayOptions {
   int warmup_steps = 2;
   bool slo = false;            // calls with slo_x get a target and their max_ratio
   double arrival_scale = 1;    // seconds per trace time unit
+  // CUDA graphs as the server's UNetGraphs keeps them (one cache per worker): counted, not costed (a step costs
+  // what the profile measured, without padding).
+  bool graphs = false;
+  size_t graph_capacity = 32;
+  int64_t graph_max_rows = 32;
+  pipeline::RowBuckets graph_buckets = pipeline::RowBuckets::kFine;
+  // false: the layout key before graphs were keyed by shape (rows in admission order, unconditional halves
+  // first, each row's sample and half in the key), for the comparison in docs/benchmarks.md.
+  bool graph_shape_keys = true;
 };
 
 struct CallOutcome {
@@ -57,6 +67,8 @@ struct ReplayResult {
   std::vector<CallOutcome> calls;  // in trace order
   int64_t unet_calls = 0;          // steps run, all workers
   int64_t unet_rows = 0;           // their rows summed
+  pipeline::GraphLayoutCache::Stats graphs;  // summed over workers (with ReplayOptions::graphs)
+  int64_t graph_rows = 0, graph_padded_rows = 0;  // rows of the calls a graph ran (replays and captures), padding
 };
 
 // Unloaded latency of one trace call at `ratio` under `profile`: fixed costs + its UNet calls alone.
