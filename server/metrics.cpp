@@ -124,6 +124,11 @@ struct Metrics::Impl {
       r, "tomeserve_unet_calls_total",
       "UNet calls by how they ran: graph (a CUDA graph replayed), capture (captured after an eager warm-up on "
       "the padded rows), eager");
+  Family<Counter>& graph_rows = CounterFamily(
+      r, "tomeserve_unet_graph_rows_total",
+      "Rows the CUDA graphs computed (replays and captures): kind=real (the calls' own) or padding (to the bucket)");
+  Family<Gauge>& graph_layouts =
+      GaugeFamily(r, "tomeserve_unet_graph_layouts", "Distinct UNet call layouts the CUDA graphs have seen");
   Family<Counter>& oom = CounterFamily(
       r, "tomeserve_oom_total", "Out-of-memory errors (denoising steps and decodes) by ToMe ratio and resolution");
   Family<Counter>& evictions = CounterFamily(
@@ -258,6 +263,18 @@ void Metrics::CountTextCacheLookups(const std::string& model, int64_t hits, int6
   if (!impl_) return;
   if (hits > 0) impl_->text_cache.Add({{"model", ModelLabel(model)}, {"result", "hit"}}).Increment(static_cast<double>(hits));
   if (misses > 0) impl_->text_cache.Add({{"model", ModelLabel(model)}, {"result", "miss"}}).Increment(static_cast<double>(misses));
+}
+
+void Metrics::CountGraphRows(const std::string& device, int64_t real, int64_t padding) {
+  if (!impl_) return;
+  if (real > 0) impl_->graph_rows.Add({{"device", device}, {"kind", "real"}}).Increment(static_cast<double>(real));
+  if (padding > 0) {
+    impl_->graph_rows.Add({{"device", device}, {"kind", "padding"}}).Increment(static_cast<double>(padding));
+  }
+}
+
+void Metrics::SetGraphLayouts(const std::string& device, int64_t layouts) {
+  if (impl_) impl_->graph_layouts.Add({{"device", device}}).Set(static_cast<double>(layouts));
 }
 
 void Metrics::CountUNetCalls(const std::string& device, const std::string& path, int64_t calls) {

@@ -25,6 +25,10 @@
 //   tomeserve_unet_calls_total{device,path=graph|capture|eager}          UNet calls by how they ran: a CUDA graph
 //                                                                       replayed, captured (after an eager
 //                                                                       warm-up), or eagerly (CPU: every call)
+//   tomeserve_unet_graph_rows_total{device,kind=real|padding}           rows the CUDA graphs computed: the calls'
+//                                                                       own and the padding to the row bucket
+//   tomeserve_unet_graph_layouts{device}                                distinct call layouts seen (graphs are
+//                                                                       keyed by shape: pipeline/graph_layout.h)
 //   tomeserve_text_cache_lookups_total{model,result=hit|miss}           text-embedding cache lookups (hit: no
 //                                                                       text-encoder run for that text)
 //   tomeserve_oom_total{model,tome_ratio,resolution}                    out-of-memory errors (steps and decodes)
@@ -83,6 +87,8 @@ class Metrics {
   void AddWorkerSeconds(const std::string& device, const std::string& part, double seconds);
   void CountTextCacheLookups(const std::string& model, int64_t hits, int64_t misses);
   void CountUNetCalls(const std::string& device, const std::string& path, int64_t calls);
+  void CountGraphRows(const std::string& device, int64_t real, int64_t padding);
+  void SetGraphLayouts(const std::string& device, int64_t layouts);
   void CountOom(const std::string& model, double tome_ratio, int width, int height);
   void CountEvictions(int samples);
   void CountSloDecision(const std::string& model, double chosen_ratio, bool target_met);

@@ -216,6 +216,7 @@ bool Worker::CheckStuck(absl::Time now) {
 
 void Worker::Impl::Loop(Scheduler* scheduler) {
   clock = std::make_unique<PhaseClock>(target.device);
+  step_timer = std::make_unique<StepTimer>(target.device, worker_internal::kStepTimerDepth);
   policy = &scheduler->policy();
   metrics->SetWorkerHealthy(options.device, true);
   // Host time per part of the loop while there is work (tomeserve_worker_seconds_total): the UNet call is
@@ -260,6 +261,7 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
     DropEnded();
     DropIdleBatches();
     if (jobs.empty()) {
+      ObserveTimed(step_timer->Drain());  // idle: the last steps' times, before the next call is planned
       oom_cap = INT_MAX;
       steps_at_cap = 0;
     }
@@ -588,8 +590,7 @@ void Worker::Impl::Step() {
   }
   Watch("a denoising step");
   ++steps_run;
-  const auto wall_start = std::chrono::steady_clock::now();
-  clock->Start();
+  step_timer->Begin();
   absl::Status status = InjectedFault();
   if (status.ok() && options.inject_oom_above_batch >= 0 && images > options.inject_oom_above_batch) {
     // Marked exactly like a real c10::OutOfMemoryError (pipeline::GuardTorch), so it takes the same path.
@@ -609,15 +610,42 @@ void Worker::Impl::Step() {
       // A capture's warm-up is one of its eager runs.
       metrics->CountUNetCalls(options.device, "eager",
                               (after.eager - before.eager) - (after.captures - before.captures));
+      metrics->CountGraphRows(options.device, after.rows - before.rows, after.padded_rows - before.padded_rows);
+      metrics->SetGraphLayouts(options.device, after.layouts);
     }
   }
-  clock->Stop();  // waits for the device: the wall time below includes it
-  // Host-inclusive: launches, ToMe's host work and the wait for the device, what the next step waits for.
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  if (status.ok()) {
+    // Timed later (StepTimer): what its time is observed under, taken now while the batch is as it ran.
+    worker_internal::UntimedStep untimed{.tag = static_cast<uint64_t>(steps_run),
+                                         .model = b.model,
+                                         .width = b.width,
+                                         .height = b.height,
+                                         .pixels = batch->latent_height() * batch->latent_width(),
+                                         .rows = rows,
+                                         .tome_rows = tome_rows,
+                                         .ratios = {0.0}};
+    bool mixed = false;
+    for (auto& run : jobs) {
+      if (run->batch != &b) continue;
+      run->result.batch_size = std::max(run->result.batch_size, images);
+      if (run->ended) continue;
+      const double ratio = tome::Canonical(run->tome).ratio;
+      if (untimed.only_ratio && RatioLabel(*untimed.only_ratio) != RatioLabel(ratio)) mixed = true;
+      untimed.only_ratio = ratio;
+      if (std::none_of(untimed.ratios.begin(), untimed.ratios.end(),
+                       [&](double r) { return RatioLabel(r) == RatioLabel(ratio); })) {
+        untimed.ratios.push_back(ratio);
+      }
+    }
+    if (mixed) untimed.only_ratio.reset();
+    untimed_steps.push_back(std::move(untimed));
+    step_timer->End(static_cast<uint64_t>(steps_run));
+  }
+  // Reads the events of earlier steps the device has passed (waits only when the ring is full).
+  ObserveTimed(step_timer->Collect());
   Unwatch();
   if (!in_service.load()) return;  // the watchdog gave up on this step; its calls are failed
   if (status.ok()) {
-    last_step_seconds = seconds;
     if (oom_cap != INT_MAX && images >= oom_cap && ++steps_at_cap >= worker_internal::kOomProbeSteps) {
       // The batch ran at the cap for a while: probe one image more (an OOM sets the cap back to what fitted).
       steps_at_cap = 0;
@@ -625,37 +653,7 @@ void Worker::Impl::Step() {
       spdlog::info("{}: image cap after an out-of-memory error raised to {}", options.device,
                    oom_cap == INT_MAX ? options.max_batch_images : oom_cap);
     }
-    step_times->Observe(b.model, batch->latent_height() * batch->latent_width(), rows, tome_rows, seconds);
     metrics->ObserveBatch(images, rows);
-    // The step-time histogram's tome_ratio label means that ratio's work: a step whose rows mix ratios is not
-    // observed there (the step-time model's per-ratio marginal cost covers mixed batches).
-    std::optional<double> only_ratio;
-    bool mixed = false;
-    for (auto& run : jobs) {
-      if (run->batch != &b) continue;
-      run->result.batch_size = std::max(run->result.batch_size, images);
-      if (run->ended) continue;
-      const double ratio = tome::Canonical(run->tome).ratio;
-      if (only_ratio && RatioLabel(*only_ratio) != RatioLabel(ratio)) mixed = true;
-      only_ratio = ratio;
-    }
-    if (only_ratio && !mixed) metrics->ObserveStep(b.model, *only_ratio, b.width, b.height, seconds);
-    // What one more guided image at each ratio present (and at 0, the comparison's base) would add to this step.
-    const int64_t pixels = batch->latent_height() * batch->latent_width();
-    const std::optional<double> now_cost = step_times->StepSeconds(b.model, pixels, rows, tome_rows);
-    std::vector<std::string> marked;
-    auto mark_ratio = [&](double ratio) {
-      const std::string label = RatioLabel(ratio);
-      if (!now_cost || std::find(marked.begin(), marked.end(), label) != marked.end()) return;
-      marked.push_back(label);
-      if (std::optional<double> more = step_times->StepSeconds(b.model, pixels, rows + 2, tome_rows + 2 * ratio)) {
-        metrics->SetStepMarginal(b.model, ratio, b.width, b.height, std::max(0.0, *more - *now_cost));
-      }
-    };
-    mark_ratio(0.0);
-    for (const auto& run : jobs) {
-      if (run->batch == &b && !run->ended) mark_ratio(tome::Canonical(run->tome).ratio);
-    }
     return;
   }
   if (pipeline::IsOutOfMemory(status)) {
@@ -676,7 +674,34 @@ void Worker::Impl::Step() {
   }
 }
 
+void Worker::Impl::ObserveTimed(const std::vector<StepTimer::Timed>& timed) {
+  for (const StepTimer::Timed& t : timed) {
+    // Steps are timed in the order they ran; a step that failed was never queued for timing.
+    while (!untimed_steps.empty() && untimed_steps.front().tag < t.tag) untimed_steps.pop_front();
+    if (untimed_steps.empty() || untimed_steps.front().tag != t.tag) continue;
+    const worker_internal::UntimedStep step = std::move(untimed_steps.front());
+    untimed_steps.pop_front();
+    last_step_seconds = t.seconds;
+    step_times->Observe(step.model, step.pixels, step.rows, step.tome_rows, t.seconds);
+    // The step-time histogram's tome_ratio label means that ratio's work: a step whose rows mix ratios is not
+    // observed there (the step-time model's per-ratio marginal cost covers mixed batches).
+    if (step.only_ratio) metrics->ObserveStep(step.model, *step.only_ratio, step.width, step.height, t.seconds);
+    // What one more guided image at each ratio present (and at 0, the comparison's base) would add to a step.
+    const std::optional<double> now_cost = step_times->StepSeconds(step.model, step.pixels, step.rows, step.tome_rows);
+    if (!now_cost) continue;
+    for (double ratio : step.ratios) {
+      if (std::optional<double> more =
+              step_times->StepSeconds(step.model, step.pixels, step.rows + 2, step.tome_rows + 2 * ratio)) {
+        metrics->SetStepMarginal(step.model, ratio, step.width, step.height, std::max(0.0, *more - *now_cost));
+      }
+    }
+  }
+}
+
 void Worker::Impl::Evict(RunningBatch& b, const absl::Status& oom, int active) {
+  // The graphs' pool first: its memory goes back before the smaller batch is retried (each layout captures
+  // again when next seen).
+  for (auto& [model, model_graphs] : graphs) model_graphs->Release();
   EmptyCache();
   pipeline::DenoiseBatch* const batch = b.denoise.get();
   const int batch_width = b.width, batch_height = b.height;

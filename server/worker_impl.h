@@ -77,6 +77,22 @@ struct FinishedSample {
   at::Tensor latents;
 };
 
+// A step queued on the device whose time StepTimer has not read yet: what that time is observed under, taken
+// when the step ran.
+struct UntimedStep {
+  uint64_t tag = 0;  // StepTimer's
+  std::string model;
+  int width = 0, height = 0;
+  int64_t pixels = 0;  // latent
+  int rows = 0;
+  double tome_rows = 0;
+  std::optional<double> only_ratio;  // the step-time histogram's tome_ratio; none when the rows mix ratios
+  std::vector<double> ratios;        // 0 and the ratios present (the marginal-cost gauge)
+};
+
+// Denoising steps the host may queue ahead of the device before it waits for the oldest one's events.
+inline constexpr int kStepTimerDepth = 3;
+
 // Images decoded in one VAE call at a step boundary.
 inline constexpr size_t kDecodeChunk = 4;
 
@@ -115,6 +131,8 @@ struct Worker::Impl {
   const BatchingPolicy* policy = nullptr;         // the scheduler's (Loop), for PickBatch
   double last_step_seconds = 0;
   std::unique_ptr<PhaseClock> clock;  // created on the worker thread (CUDA events belong to its device)
+  std::unique_ptr<StepTimer> step_timer;  // the same; steps queued but not timed yet are in `untimed_steps`
+  std::deque<worker_internal::UntimedStep> untimed_steps;
   int64_t steps_run = 0;              // steps started over the worker's life (fault injection counts them)
 
   // Images encoded on the EncodePool, handed back to the worker thread (CollectEncoded). `encodes_pending` is
@@ -181,6 +199,8 @@ struct Worker::Impl {
   void Readmit();
   void RetireStopped();
   void Step();
+  // Observes the timed steps' seconds (step-time model, step histogram, marginal-cost gauges).
+  void ObserveTimed(const std::vector<StepTimer::Timed>& timed);
   void Evict(RunningBatch& b, const absl::Status& oom, int active);
   void NotifyProgress();
   void RetireDone();
