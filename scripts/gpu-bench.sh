@@ -11,11 +11,14 @@
 #   5. scripts/bench.py side by side with diffusers + tomesd (sd15, fp16 and bf16; CUDA graphs on and off) into
 #      $OUT/benchmarks.md
 #   6. (phase "sim") tomeserve-sim calibrate on sd15 (512/768/1024², rows 2/8, ratios 0/0.5) into
-#      $OUT/gpu-sd15-profile.json, and the gpu-sd15 trace replayed on it next to the built-in h200-sd15-fp16
+#      $OUT/gpu-sd15-profile.json, and the gpu-sd15 trace replayed on it next to the built-in h200-sd15-fp16;
+#      then a short trace (GPU_REAL_CALLS=24) on the real server (scripts/load_open.py --transport http) next to
+#      the simulator's prediction for the same arrivals
 # Everything is logged to $OUT/gpu.log; $OUT/benchmarks.md is docs/benchmarks.md with the GPU sections added.
 #   GPU_BENCH_BUDGET=420  GPU_BENCH_REPS=10
 #   GPU_BENCH_PHASES="tests serve bench"   (a follow-up run can pick; "bench-short" = headline + UNet batch 1;
-#                                           "table" = the seed's grid, scripts/bench_table.py)
+#                                           "table" = the seed's grid, scripts/bench_table.py; "sim")
+#   GPU_SIM_MODEL=$td/sd15 GPU_SIM_SIZES=512x512,768x768,1024x1024 GPU_SIM_PRESET=gpu-sd15 GPU_REAL_CALLS=24
 # Dry run on a CPU machine (plumbing only): PATH=.venv/bin:$PATH GPU_DEVICE=cpu GPU_BENCH_MODEL=build/testdata/tiny
 for arg in "$@"; do case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac; done
 set -uo pipefail
@@ -95,6 +98,7 @@ for t in pipeline_load_test scheduler_test unet_test vae_test tome_test; do run_
 run_test scheduler_test TOMESERVE_REF_DIR=$td/refs_cuda
 run_test step_batch_test
 run_test unet_graphs_test
+run_test step_timer_test
 rm -f "$out/test.log.tmp"
 fi
 
@@ -128,10 +132,13 @@ if want bench || want bench-short; then
 # with CUDA graphs (the server's default on a GPU).
 bench 70 --label "sd15 end to end, $card" --sizes 512 --modes generate --steps 50 --reps 3 --warmup 1 \
   --cpp-variants plain,cuda-graphs --section gpu-sd15-e2e-fp16
-# The seed's table: UNet at 512/768/1024, batch 1 and 4, vanilla vs ToMe 0.5 (cuDNN benchmark as a variant).
-for b in 1 $(want bench && echo 4); do
+# The seed's table: UNet at 512/768/1024, batch 1, 4 and 8, vanilla vs ToMe 0.5, eager and with CUDA graphs
+# (issue 21's goals: ToMe 0.5 >= 1.25x at 512² batch 4 and >= 1.5x at 1024² batch 4 with graphs); cuDNN
+# benchmark as a variant at batch 1.
+for b in 1 $(want bench && echo 4 8); do
+  variants=plain,cuda-graphs; [ "$b" = 1 ] && variants=plain,cuda-graphs,cudnn-benchmark
   bench 70 --label "sd15 UNet batch $b, $card" --sizes 512,768,1024 --modes unet --tome-ratios 0,0.5 --batch $b \
-    --reps "$reps" --warmup 3 --cpp-variants plain,cuda-graphs,cudnn-benchmark --section gpu-sd15-unet-b$b-fp16
+    --reps "$reps" --warmup 3 --cpp-variants "$variants" --section gpu-sd15-unet-b$b-fp16
 done
 # bf16 against fp16 (the table above): same UNet cells at 512² and 1024², batch 1.
 bench 50 --label "sd15 UNet batch 1 bf16, $card" --sizes 512,1024 --modes unet --tome-ratios 0,0.5 --batch 1 \
@@ -158,11 +165,14 @@ if want table; then
 fi
 if want sim; then
   log "6. simulator profile ($(left) s left)"
+  sim_model="${GPU_SIM_MODEL:-$td/sd15}"
+  serve_device="$device"; [ "$serve_device" = cuda ] && serve_device=cuda:0
   if (($(left) > 60)); then
-    timeout $(($(left) - 30)) "$launchers/tomeserve-sim" calibrate --model "$td/sd15" --devices "$device" \
-      --sizes 512x512,768x768,1024x1024 --rows 2,8 --ratios 0,0.5 --repeats 3 --out "$out/gpu-sd15-profile.json" \
+    timeout $(($(left) - 30)) "$launchers/tomeserve-sim" calibrate --model "$sim_model" --devices "$device" \
+      --sizes "${GPU_SIM_SIZES:-512x512,768x768,1024x1024}" --rows 2,8 --ratios 0,0.5 --repeats 3 \
+      --out "$out/gpu-sd15-profile.json" \
       || { status=1; log "calibrate failed"; }
-    python3 scripts/make_trace.py --preset gpu-sd15 --calls 200 -o "$out/gpu-trace.jsonl"
+    python3 scripts/make_trace.py --preset "${GPU_SIM_PRESET:-gpu-sd15}" --calls 200 -o "$out/gpu-trace.jsonl"
     for p in h200-sd15-fp16 "$out/gpu-sd15-profile.json"; do
       [ -f "$p" ] || [ "$p" = h200-sd15-fp16 ] || continue
       for m in request step; do
@@ -173,6 +183,23 @@ if want sim; then
     done
   else
     log "simulator profile skipped (budget)"
+  fi
+  # The check that the projections are true: a short trace replayed on the real GPU server (over the HTTP front
+  # door: this image has no grpcio), then the simulator on the calibrated profile with the real run's arrivals.
+  if (($(left) > 150)) && [ -f "$out/gpu-sd15-profile.json" ]; then
+    log "6b. trace on the real server ($(left) s left)"
+    python3 scripts/make_trace.py --preset "${GPU_SIM_PRESET:-gpu-sd15}" --calls "${GPU_REAL_CALLS:-24}" \
+      -o "$out/gpu-real-trace.jsonl"
+    timeout $(($(left) - 30)) python3 scripts/load_open.py --trace "$out/gpu-real-trace.jsonl" --load 0.8 \
+      --transport http --modes step --model "$sim_model" --devices "$serve_device" --bin "$launchers" \
+      --server-flags "--dtype ${GPU_SERVE_DTYPE:-fp16}" --json "$out/gpu-real.json" | tee "$out/gpu-real.txt" ||
+      { status=1; log "real trace replay failed"; }
+    if [ -f "$out/gpu-real.json" ]; then
+      scale=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['arrival_scale_s'])" "$out/gpu-real.json")
+      echo "sim on the calibrated profile, the real run's arrivals: $("$launchers/tomeserve-sim" \
+        --trace "$out/gpu-real-trace.jsonl" --profile "$out/gpu-sd15-profile.json" --arrival-scale "$scale" \
+        --max-batch-cost 430000)"
+    fi
   fi
 fi
 log "done, status $status"

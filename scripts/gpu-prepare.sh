@@ -20,7 +20,7 @@ build="${BUILD_DIR:-build}"
 limit_mib="${GPU_CARRY_LIMIT_MIB:-60}"
 rm -rf .devbuild .whl && mkdir -p .devbuild/bin .devbuild/lib .devbuild/refs .devbuild/cache .whl
 
-bins=(pipeline_load_test scheduler_test unet_test vae_test tome_test step_batch_test unet_graphs_test
+bins=(pipeline_load_test scheduler_test unet_test vae_test tome_test step_batch_test unet_graphs_test step_timer_test
       tomeserve-bench tomeserve-gen tomeserve tomeserve-cli tomeserve-sim)
 for b in "${bins[@]}"; do
   [ -x "$build/bin/$b" ] || { echo "gpu-prepare: $build/bin/$b is missing (build first)" >&2; exit 1; }

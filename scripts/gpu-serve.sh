@@ -61,10 +61,19 @@ text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout
 keep = ("tomeserve_requests_total", "tomeserve_oom_total", "tomeserve_unet_rows_sum", "tomeserve_worker_healthy",
         "tomeserve_unet_step_seconds_sum", "tomeserve_unet_step_seconds_count", "tomeserve_batch_size_sum",
         "tomeserve_batch_size_count", "tomeserve_device_memory_bytes", "tomeserve_phase_seconds_sum",
-        "tomeserve_build_info", "tomeserve_worker_seconds_total")
+        "tomeserve_build_info", "tomeserve_worker_seconds_total", "tomeserve_unet_calls_total",
+        "tomeserve_unet_graph_rows_total", "tomeserve_unet_graph_layouts")
+total = {}
 for line in text.splitlines():
     if line.startswith(keep):
         print(line)
+    name = line.split("{")[0].split(" ")[0]
+    if name in ("tomeserve_unet_step_seconds_sum", "tomeserve_unet_step_seconds_count"):
+        total[name] = total.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+# Served step (host-inclusive, single-ratio steps) next to the benchmark's UNet call: issue 21's <= 1.1x goal.
+if total.get("tomeserve_unet_step_seconds_count"):
+    mean = total["tomeserve_unet_step_seconds_sum"] / total["tomeserve_unet_step_seconds_count"]
+    print(f"served step mean: {mean * 1000:.1f} ms over {int(total['tomeserve_unet_step_seconds_count'])} steps")
 EOF
 ls -l "$tmp"/*.png | awk '{print $5, $9}' | head -20
 kill -TERM "$pid"

@@ -4,6 +4,7 @@ ToMe ratios) sent with Poisson arrivals at several offered loads, against reques
 batching, and step-level batching with the SLO ratio controller. A benchmark, not a test.
 
     load_open.py --trace FILE --load X [--slo] [--model DIR] [--modes request,step] [--json FILE] [--devices cpu]
+                 [--transport grpc|http] [--server-flags "..."] [--bin build/bin]
     load_open.py --model DIR [--modes request,step,step+slo] [--loads 0.5,1,1.5,2,3] [--requests 40]
                  [--max-seconds 90] [--seed 7] [--threads 1] [--max-batch-size 8] [--max-queue-delay-ms 20]
                  [--slo-target-factor 2.0] [--adaptive-max-ratio 0.75] [--calibration 6] [--call-timeout 300]
@@ -19,6 +20,8 @@ slo_x x its own unloaded latency and tome.max_ratio = its max_ratio; otherwise e
 mode a fresh server replays the trace open loop and one JSON line is printed with tomeserve-sim's keys (p50_s,
 p95_s, p99_s, throughput_rps, completed, refused, slo_attainment, mean_ratio, mean_rows_per_call (null: the
 server does not report it), mean_solo_s, arrival_scale_s) plus mode; --json also keeps every call's outcome.
+--transport http sends the calls to the HTTP front door (POST /v1/images/generations) with the standard library
+only, for machines without grpcio (the GPU image).
 
 Without --trace (the original sweep):
 1. Trace: random.Random(--seed) draws --requests requests (mostly 256x256, some 128x128; 10-50 steps; ToMe ratio
@@ -49,13 +52,23 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "tests" / "python"))
 from load import percentile  # noqa: E402  (nearest-rank percentile, shared with the closed-loop benchmark)
-from tomeserve_server import proto, start_server  # noqa: E402  (grpcio stubs, server start/stop)
+
+
+def proto():
+    """grpcio stubs (imported only for the gRPC transport: --transport http needs no grpcio)."""
+    from tomeserve_server import proto as stubs
+
+    return stubs()
+
+
+def start_server(*args, **kw):
+    from tomeserve_server import start_server as start_grpc
+
+    return start_grpc(*args, **kw)
 
 SIZES = [(256, 0.75), (128, 0.25)]  # (side, probability)
 SCHEDULERS = ["DDIM", "EULER", "EULER_ANCESTRAL", "DPMPP_2M_KARRAS", "PNDM"]
@@ -153,6 +166,8 @@ async def calibrate(args, trace):
         steps = [r["steps"] for r in runs if r["side"] == side]
         secs = [r["seconds"] for r in runs if r["side"] == side]
         if len(set(steps)) > 1:
+            import numpy as np
+
             b, a = np.polyfit(steps, secs, 1)
         else:
             a, b = 0.0, statistics.mean(s / n for s, n in zip(secs, steps))
@@ -383,60 +398,169 @@ def trace_request(pb2, c, rid, target=None):
     return req
 
 
-async def trace_warm_up(stub, pb2, calls, timeout):
+class GrpcTraceClient:
+    """Trace calls over gRPC (grpc.aio) to a fresh server of `mode` (start())."""
+
+    def __init__(self, args, mode):
+        self.args, self.mode = args, mode
+
+    async def __aenter__(self):
+        self.pb2, pb2_grpc = proto()
+        self.server = start(self.args, self.mode)
+        self.channel = channel(self.server.address)
+        self.stub = pb2_grpc.ImageGeneratorStub(self.channel)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.channel.close()
+        self.server.channel.close()
+        self.server.stop()
+
+    async def generate(self, c, rid, target=None):
+        """{"code": "OK", "ratio", "batch"} or {"code": the status name}."""
+        import grpc
+
+        try:
+            r = await self.stub.Generate(trace_request(self.pb2, c, rid, target), timeout=self.args.call_timeout)
+        except grpc.aio.AioRpcError as e:
+            return {"code": e.code().name}
+        return {"code": "OK", "ratio": r.tome.ratio, "batch": r.batch_size}
+
+
+class HttpTraceClient:
+    """Trace calls over the HTTP front door (POST /v1/images/generations, stdlib only: for machines without
+    grpcio, such as the GPU image) to a fresh server of `mode` started with --http-listen on 127.0.0.1."""
+
+    def __init__(self, args, mode):
+        self.args, self.mode = args, mode
+
+    async def __aenter__(self):
+        import concurrent.futures
+        import subprocess
+        import tempfile
+        import urllib.request
+
+        a = self.args
+        self.tmp = Path(tempfile.mkdtemp(prefix="load_open_"))
+        flags = ["--model", a.model, "--devices", a.devices, "--max-batch-size", str(a.max_batch_size),
+                 "--max-queue-size", str(max(64, a.requests)),
+                 "--batching", "request" if self.mode == "request" else "step",
+                 "--listen", "127.0.0.1:0", "--port-file", str(self.tmp / "port"),
+                 "--http-listen", "127.0.0.1:0", "--http-port-file", str(self.tmp / "http.port")]
+        if self.mode == "request":
+            flags += ["--max-queue-delay-ms", str(a.max_queue_delay_ms)]
+        flags += a.server_flags.split()
+        self.log = open(self.tmp / "server.log", "wb")
+        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+        self.process = subprocess.Popen([str(Path(a.bin) / "tomeserve")] + flags, stdout=self.log,
+                                        stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + a.start_timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tomeserve exited with {self.process.returncode}: "
+                                   f"{(self.tmp / 'server.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise TimeoutError(f"tomeserve not ready after {a.start_timeout} s")
+            port_file = self.tmp / "http.port"
+            if port_file.exists() and port_file.read_text().strip():
+                self.base = f"http://127.0.0.1:{int(port_file.read_text())}"
+                try:
+                    with urllib.request.urlopen(self.base + "/readyz", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+            await asyncio.sleep(0.2)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(256, a.requests + 4))
+        return self
+
+    async def __aexit__(self, *exc):
+        import signal
+
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except Exception:  # noqa: BLE001  (a server that does not stop is killed: bounded)
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+    def _post(self, body):
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.base + "/v1/images/generations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.args.call_timeout) as r:
+                return {"code": "OK", **json.loads(r.read())["tomeserve"]}
+        except urllib.error.HTTPError as e:
+            return {"code": f"HTTP_{e.code}"}
+        except OSError as e:
+            return {"code": type(e).__name__}
+
+    async def generate(self, c, rid, target=None):
+        tome = {"ratio": c["ratio"]}
+        if target is not None and c.get("max_ratio") is not None:
+            tome["max_ratio"] = c["max_ratio"]
+        body = {"prompt": c["prompt"], "n": c["num_images"], "size": f"{c['width']}x{c['height']}",
+                "response_format": "b64_json", "num_inference_steps": c["steps"], "guidance_scale": c["guidance"],
+                "seed": c["seed"], "scheduler": c["scheduler"], "tome": tome, "request_id": rid}
+        if target is not None:
+            body["latency_target_seconds"] = target
+        r = await asyncio.get_running_loop().run_in_executor(self.pool, self._post, body)
+        if r["code"] != "OK":
+            return r
+        return {"code": "OK", "ratio": r["tome"]["ratio"], "batch": r["batch_size"]}
+
+
+def trace_client(args, mode):
+    return (HttpTraceClient if args.transport == "http" else GrpcTraceClient)(args, mode)
+
+
+async def trace_warm_up(client, calls):
     """One uncounted 4-step call per trace size, so first-call costs and the step-time model are settled."""
     for w, h in sorted({(c["width"], c["height"]) for c in calls}):
         warm = dict(calls[0], width=w, height=h, steps=4, ratio=0.0, num_images=1)
-        await stub.Generate(trace_request(pb2, warm, f"warm-{w}x{h}"), timeout=timeout)
+        r = await client.generate(warm, f"warm-{w}x{h}")
+        if r["code"] != "OK":
+            sys.exit(f"load_open.py: the warm-up call at {w}x{h} failed: {r['code']}")
 
 
 async def trace_solo(args, calls):
     """Each trace call alone on an idle --batching step server, after one warm-up call per size."""
-    pb2, pb2_grpc = proto()
-    server = start(args, "step")
     solo = []
-    try:
-        async with channel(server.address) as ch:
-            stub = pb2_grpc.ImageGeneratorStub(ch)
-            await trace_warm_up(stub, pb2, calls, args.call_timeout)
-            for i, c in enumerate(calls):
-                t0 = time.perf_counter()
-                await stub.Generate(trace_request(pb2, c, f"solo-{i}"), timeout=args.call_timeout)
-                solo.append(time.perf_counter() - t0)
-    finally:
-        server.channel.close()
-        server.stop()
+    async with trace_client(args, "step") as client:
+        await trace_warm_up(client, calls)
+        for i, c in enumerate(calls):
+            t0 = time.perf_counter()
+            r = await client.generate(c, f"solo-{i}")
+            if r["code"] != "OK":
+                sys.exit(f"load_open.py: trace call {i} alone failed: {r['code']}")
+            solo.append(time.perf_counter() - t0)
     return solo
 
 
 async def trace_mode(args, mode, calls, solo, scale):
     """The trace open loop against a fresh `mode` server: arrival t x scale seconds."""
-    import grpc
+    async with trace_client(args, mode) as client:
+        await trace_warm_up(client, calls)
+        t_start = time.perf_counter()
 
-    pb2, pb2_grpc = proto()
-    server = start(args, mode)
-    try:
-        async with channel(server.address) as ch:
-            stub = pb2_grpc.ImageGeneratorStub(ch)
-            await trace_warm_up(stub, pb2, calls, args.call_timeout)
-            t_start = time.perf_counter()
+        async def one(i, c):
+            await asyncio.sleep(max(0.0, t_start + c["t"] * scale - time.perf_counter()))
+            target = c["slo_x"] * solo[i] if args.slo and c.get("slo_x") is not None else None
+            t0 = time.perf_counter()
+            r = await client.generate(c, f"{mode}-{i}", target)
+            if r["code"] != "OK":
+                return {"code": r["code"], "arrival": t0 - t_start, "target": target}
+            end = time.perf_counter()
+            return {"code": "OK", "arrival": t0 - t_start, "latency": end - t0, "end": end - t_start,
+                    "ratio": r["ratio"], "batch": r["batch"], "target": target}
 
-            async def one(i, c):
-                await asyncio.sleep(max(0.0, t_start + c["t"] * scale - time.perf_counter()))
-                target = c["slo_x"] * solo[i] if args.slo and c.get("slo_x") is not None else None
-                t0 = time.perf_counter()
-                try:
-                    r = await stub.Generate(trace_request(pb2, c, f"{mode}-{i}", target), timeout=args.call_timeout)
-                except grpc.aio.AioRpcError as e:
-                    return {"code": e.code().name, "arrival": t0 - t_start, "target": target}
-                end = time.perf_counter()
-                return {"code": "OK", "arrival": t0 - t_start, "latency": end - t0, "end": end - t_start,
-                        "ratio": r.tome.ratio, "batch": r.batch_size, "target": target}
-
-            outcomes = await asyncio.gather(*(one(i, c) for i, c in enumerate(calls)))
-    finally:
-        server.channel.close()
-        server.stop()
+        outcomes = await asyncio.gather(*(one(i, c) for i, c in enumerate(calls)))
     ok = [o for o in outcomes if o["code"] == "OK"]
     lat = sorted(o["latency"] for o in ok)
     slo_calls = [o for o in outcomes if o["target"] is not None]
@@ -504,6 +628,8 @@ def main():
     p.add_argument("--slo", action="store_true", help="--trace: calls with slo_x send their target and max_ratio")
     p.add_argument("--solo-from", help="--trace: reuse the unloaded latencies (solo_s) of an earlier --json output")
     p.add_argument("--server-flags", default="", help="--trace: extra tomeserve flags, space-separated")
+    p.add_argument("--transport", choices=["grpc", "http"], default="grpc",
+                   help="--trace: gRPC (grpc.aio) or the HTTP front door (stdlib only; no grpcio needed)")
     args = p.parse_args()
     if args.trace and args.model is None:
         args.model = str(REPO / "build" / "testdata" / "tiny")
