@@ -61,16 +61,42 @@ ClipTextTransformerImpl::ClipTextTransformerImpl(const ClipTextConfig& c, const 
   final_layer_norm_ = register_module("final_layer_norm", LayerNorm(c.hidden_size, c.layer_norm_eps, o));
 }
 
-at::Tensor ClipTextTransformerImpl::forward(const at::Tensor& input_ids) const {
+at::Tensor ClipTextTransformerImpl::forward(const at::Tensor& input_ids) const { return forward(input_ids, nullptr); }
+
+at::Tensor ClipTextTransformerImpl::forward(const at::Tensor& input_ids, at::Tensor* penultimate) const {
   const int64_t l = input_ids.size(1);
   at::Tensor positions = at::arange(l, input_ids.options().dtype(at::kLong));
   at::Tensor x = token_embedding_->forward(input_ids) + position_embedding_->forward(positions).unsqueeze(0);
-  for (const auto& layer : *layers_) x = layer->as<ClipEncoderLayer>()->forward(x);
+  const size_t n = layers_->size();
+  size_t i = 0;
+  for (const auto& layer : *layers_) {
+    // hidden_states[-2]: the input of the last layer (the embeddings for a one-layer model).
+    if (penultimate != nullptr && ++i == n) *penultimate = x;
+    x = layer->as<ClipEncoderLayer>()->forward(x);
+  }
   return final_layer_norm_->forward(x);
 }
 
 ClipTextModelImpl::ClipTextModelImpl(const ClipTextConfig& c, const at::TensorOptions& o) : config_(c) {
   text_model_ = register_module("text_model", ClipTextTransformer(c, o));
+  if (c.projection_dim > 0) {
+    text_projection_ = register_module("text_projection", Linear(c.hidden_size, c.projection_dim, false, o));
+  }
+}
+
+ClipTextOutput ClipTextModelImpl::Encode(const at::Tensor& input_ids) const {
+  TORCH_CHECK(input_ids.dim() == 2 && input_ids.size(1) <= config_.max_position_embeddings,
+              "input_ids must be [B, L] with L <= ", config_.max_position_embeddings);
+  ClipTextOutput out;
+  out.last_hidden_state = text_model_->forward(input_ids, &out.penultimate);
+  // transformers' pooling: the legacy eos id 2 pools at argmax(input_ids) (the first <|endoftext|>), any other
+  // at the first eos_token_id.
+  const at::Tensor eos = config_.eos_token_id == 2 ? input_ids.argmax(-1)
+                                                   : input_ids.eq(config_.eos_token_id).to(at::kInt).argmax(-1);
+  const int64_t b = input_ids.size(0), l = input_ids.size(1);
+  out.pooled = out.last_hidden_state.reshape({b * l, -1}).index_select(0, at::arange(b, eos.options()) * l + eos);
+  if (text_projection_) out.pooled = text_projection_->forward(out.pooled);
+  return out;
 }
 
 at::Tensor ClipTextModelImpl::forward(const at::Tensor& input_ids) const {
@@ -96,8 +122,9 @@ absl::StatusOr<std::shared_ptr<ClipTextModelImpl>> ClipTextModelImpl::Load(const
                           // SD 1.x checkpoints spell keys "text_model.encoder...", transformers >= 5 writes
                           // "encoder..." and loads both; so do we.
                           .rename = [](absl::string_view key) {
-                            return absl::StartsWith(key, "text_model.") ? std::string(key)
-                                                                        : absl::StrCat("text_model.", key);
+                            return absl::StartsWith(key, "text_model.") || absl::StartsWith(key, "text_projection.")
+                                       ? std::string(key)
+                                       : absl::StrCat("text_model.", key);
                           }};
                       if (absl::Status s = LoadWeights(*model, *weights, options); !s.ok()) return s;
                       model->eval();

@@ -1,7 +1,8 @@
-// transformers' CLIPTextModel (the SD 1.x text encoder): pre-LayerNorm transformer with a causal mask.
-// The module tree spells the checkpoint keys: text_model.embeddings.token_embedding,
-// text_model.encoder.layers.N.{self_attn.{q,k,v,out}_proj, layer_norm1, mlp.{fc1,fc2}, layer_norm2},
-// text_model.final_layer_norm. Immutable after load; forward() is safe to call from one thread at a time per
+// transformers' CLIPTextModel (the SD 1.x text encoder, SDXL's text_encoder) and CLIPTextModelWithProjection
+// (SDXL's text_encoder_2): pre-LayerNorm transformer with a causal mask. The module tree spells the checkpoint
+// keys: text_model.embeddings.token_embedding, text_model.encoder.layers.N.{self_attn.{q,k,v,out}_proj,
+// layer_norm1, mlp.{fc1,fc2}, layer_norm2}, text_model.final_layer_norm, and with a projection text_projection.
+// Immutable after load; forward() is safe to call from one thread at a time per
 // device stream (the worker that owns it).
 #pragma once
 
@@ -54,11 +55,21 @@ class ClipEncoderLayerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(ClipEncoderLayer);
 
+// What one text-encoder call gives (transformers' output fields).
+struct ClipTextOutput {
+  at::Tensor last_hidden_state;  // [B, L, hidden], after final_layer_norm (SD 1.x's conditioning)
+  at::Tensor penultimate;        // [B, L, hidden]: hidden_states[-2], the second-to-last layer's output (SDXL's)
+  at::Tensor pooled;             // [B, hidden or projection_dim]: the eos token's last state, projected if the
+                                 // model has text_projection (CLIPTextModelWithProjection's text_embeds)
+};
+
 // The "text_model" submodule: embeddings + encoder + final_layer_norm.
 class ClipTextTransformerImpl : public torch::nn::Module {
  public:
   ClipTextTransformerImpl(const ClipTextConfig& config, const at::TensorOptions& options);
   at::Tensor forward(const at::Tensor& input_ids) const;
+  // last_hidden_state, with the second-to-last layer's output in *penultimate.
+  at::Tensor forward(const at::Tensor& input_ids, at::Tensor* penultimate) const;
 
  private:
   Embedding token_embedding_{nullptr}, position_embedding_{nullptr};
@@ -78,11 +89,14 @@ class ClipTextModelImpl : public torch::nn::Module {
 
   // input_ids [B, L] (int64, L <= max_position_embeddings) -> last_hidden_state [B, L, hidden].
   at::Tensor forward(const at::Tensor& input_ids) const;
+  // Every output SDXL's text path reads (see ClipTextOutput).
+  ClipTextOutput Encode(const at::Tensor& input_ids) const;
   const ClipTextConfig& config() const { return config_; }
 
  private:
   ClipTextConfig config_;
   ClipTextTransformer text_model_{nullptr};
+  Linear text_projection_{nullptr};  // with projection_dim > 0
 };
 TORCH_MODULE(ClipTextModel);
 

@@ -196,7 +196,40 @@ absl::StatusOr<std::unique_ptr<ClipTokenizer>> ClipTokenizer::Load(const std::fi
   absl::flat_hash_map<std::string, int32_t> vocab;
   if (absl::Status s = tok->LoadVocab(dir / "vocab.json", &vocab); !s.ok()) return s;
   if (absl::Status s = tok->LoadMerges(dir / "merges.txt", vocab); !s.ok()) return s;
+  if (absl::Status s = tok->LoadPadToken(dir, vocab); !s.ok()) return s;
   return tok;
+}
+
+absl::Status ClipTokenizer::LoadPadToken(const std::filesystem::path& dir,
+                                         const absl::flat_hash_map<std::string, int32_t>& vocab) {
+  pad_id_ = eos_id_;
+  specials_ = {{std::string(kBosToken), bos_id_}, {std::string(kEosToken), eos_id_}};
+  // transformers reads tokenizer_config.json first; special_tokens_map.json fills what it leaves out.
+  for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"}) {
+    const std::filesystem::path path = dir / name;
+    std::ifstream in(path, std::ios::binary);
+    if (!in) continue;
+    const json j = json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a JSON object"));
+    auto it = j.find("pad_token");
+    if (it == j.end() || it->is_null()) continue;
+    // A string, or an AddedToken object with its "content".
+    const json* content = it->is_object() && it->contains("content") ? &(*it)["content"] : &*it;
+    if (!content->is_string()) {
+      return absl::InvalidArgumentError(absl::StrCat(path.string(), ": \"pad_token\" must be a string or {\"content\": ...}"));
+    }
+    auto id = vocab.find(content->get<std::string>());
+    if (id == vocab.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path.string(), ": pad token \"", content->get<std::string>(), "\" is not in vocab.json"));
+    }
+    pad_id_ = id->second;
+    // A pad token of its own (SDXL's "!") is a special token too: transformers cuts it out of the raw text, so
+    // "wow!!" gives "wow" and two pad ids, never BPE's "!!".
+    if (pad_id_ != bos_id_ && pad_id_ != eos_id_) specials_.push_back({content->get<std::string>(), pad_id_});
+    return absl::OkStatus();
+  }
+  return absl::OkStatus();
 }
 
 absl::Status ClipTokenizer::LoadVocab(const std::filesystem::path& path,
@@ -267,12 +300,19 @@ std::vector<int32_t> ClipTokenizer::Encode(std::string_view text, int max_length
   // Special tokens are matched in the raw text, leftmost first (they cannot overlap each other).
   size_t pos = 0;
   while (pos < clean.size() && ids.size() - 1 < limit) {
-    const size_t bos_at = clean.find(kBosToken, pos), eos_at = clean.find(kEosToken, pos);
-    const size_t at = std::min(bos_at, eos_at);
+    size_t at = std::string::npos;
+    const Special* found = nullptr;
+    for (const Special& special : specials_) {
+      const size_t where = clean.find(special.text, pos);
+      if (where < at) {
+        at = where;
+        found = &special;
+      }
+    }
     EncodeSegment(std::string_view(clean).substr(pos, at - pos), limit + 1, &ids);
-    if (at == std::string::npos) break;
-    ids.push_back(at == bos_at ? bos_id_ : eos_id_);
-    pos = at + (at == bos_at ? kBosToken.size() : kEosToken.size());
+    if (found == nullptr) break;
+    ids.push_back(found->id);
+    pos = at + found->text.size();
   }
   ids.resize(std::min(ids.size(), limit + 1));
   ids.push_back(eos_id_);

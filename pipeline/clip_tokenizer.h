@@ -3,8 +3,8 @@
 // EncodePadded). tests/test_tokenizer_parity.py holds it to that over tests/tokenizer_prompts.txt.
 //
 // The pipeline it mirrors, in order:
-//   1. The special tokens <|startoftext|> and <|endoftext|> are cut out of the raw text (exact and
-//      case-sensitive match, no stripping); each becomes its own id.
+//   1. The special tokens <|startoftext|> and <|endoftext|> (and a pad token of its own, SDXL tokenizer_2's "!")
+//      are cut out of the raw text (exact and case-sensitive match, no stripping); each becomes its own id.
 //   2. Every other segment is normalized: NFC, each run of White_Space becomes one " ", then per-character
 //      full lowercase (so U+0130 becomes "i" U+0307; no final-sigma rule).
 //   3. Pre-tokenization keeps the matches of CLIP's split regex and drops the rest (whitespace), then splits
@@ -41,9 +41,10 @@ class ClipTokenizer {
   static constexpr std::string_view kBosToken = "<|startoftext|>";
   static constexpr std::string_view kEosToken = "<|endoftext|>";
 
-  // Loads `dir`/vocab.json and `dir`/merges.txt (a diffusers model's tokenizer/ folder). Both special tokens
-  // must be in the vocabulary, and every merge's two parts and their concatenation too. Errors name the file
-  // and, for merges.txt, the line.
+  // Loads `dir`/vocab.json and `dir`/merges.txt (a diffusers model's tokenizer/ folder), and the pad token
+  // from tokenizer_config.json or special_tokens_map.json where they name one. Both special tokens and the pad
+  // token must be in the vocabulary, and every merge's two parts and their concatenation too. Errors name the
+  // file and, for merges.txt, the line.
   static absl::StatusOr<std::unique_ptr<ClipTokenizer>> Load(const std::filesystem::path& dir);
 
   ClipTokenizer(const ClipTokenizer&) = delete;
@@ -59,8 +60,9 @@ class ClipTokenizer {
 
   int32_t bos_id() const { return bos_id_; }
   int32_t eos_id() const { return eos_id_; }
-  // CLIP pads with <|endoftext|>; it is also the unknown token.
-  int32_t pad_id() const { return eos_id_; }
+  // The pad token of tokenizer_config.json (else special_tokens_map.json): SD 1.x and SDXL's first tokenizer pad
+  // with <|endoftext|> (the default, also the unknown token), SDXL's tokenizer_2 with "!".
+  int32_t pad_id() const { return pad_id_; }
   size_t vocab_size() const { return vocab_size_; }
 
  private:
@@ -72,6 +74,7 @@ class ClipTokenizer {
 
   ClipTokenizer();
   absl::Status LoadVocab(const std::filesystem::path& path, absl::flat_hash_map<std::string, int32_t>* vocab);
+  absl::Status LoadPadToken(const std::filesystem::path& dir, const absl::flat_hash_map<std::string, int32_t>& vocab);
   absl::Status LoadMerges(const std::filesystem::path& path,
                           const absl::flat_hash_map<std::string, int32_t>& vocab);
   // Appends the ids of one special-token-free segment of (valid UTF-8) text to `ids`, stopping once `ids`
@@ -82,6 +85,12 @@ class ClipTokenizer {
 
   int32_t bos_id_ = 0;
   int32_t eos_id_ = 0;
+  int32_t pad_id_ = 0;
+  struct Special {
+    std::string text;
+    int32_t id;
+  };
+  std::vector<Special> specials_;  // cut out of the raw text before BPE: bos, eos, and a pad token of its own
   size_t vocab_size_ = 0;
   // Id of each byte's GPT-2 symbol alone and with "</w>" appended; eos (the unknown token) where absent.
   int32_t byte_id_[256] = {};

@@ -91,6 +91,15 @@ absl::StatusOr<ClipTextConfig> ClipTextConfig::FromJson(const json& j, const std
           absl::StrCat(where, ": \"hidden_act\" \"", act, "\" is not supported (quick_gelu or gelu)"));
     }
   }
+  if (absl::Status s = config_json::GetInt(j, "eos_token_id", where, 0, &c.eos_token_id); !s.ok()) return s;
+  if (auto it = j.find("architectures"); it != j.end() && it->is_array()) {
+    for (const json& a : *it) {
+      if (a.is_string() && a.get<std::string>() == "CLIPTextModelWithProjection") {
+        c.projection_dim = c.hidden_size;  // transformers' default when the key is absent
+        if (absl::Status s = config_json::GetInt(j, "projection_dim", where, 1, &c.projection_dim); !s.ok()) return s;
+      }
+    }
+  }
   if (c.hidden_size % c.num_attention_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat(where, ": hidden_size ", c.hidden_size,
                                                    " is not divisible by num_attention_heads ", c.num_attention_heads));

@@ -49,6 +49,12 @@ struct ClipTextConfig {
   int64_t max_position_embeddings = 77;
   double layer_norm_eps = 1e-5;
   Activation hidden_act = Activation::kQuickGelu;
+  // transformers pools at the first eos_token_id, or at argmax(input_ids) for the legacy value 2 that SD 1.x and
+  // SDXL configs carry (the first <|endoftext|>, the vocabulary's highest id).
+  int64_t eos_token_id = 2;
+  // CLIPTextModelWithProjection (SDXL's text_encoder_2, "architectures"): the pooled output goes through
+  // text_projection [projection_dim, hidden_size]; 0 for a plain CLIPTextModel.
+  int64_t projection_dim = 0;
 
   static absl::StatusOr<ClipTextConfig> FromJson(const nlohmann::json& j, const std::string& where);
   static absl::StatusOr<ClipTextConfig> Load(const std::filesystem::path& config_json);

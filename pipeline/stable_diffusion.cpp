@@ -31,9 +31,19 @@ absl::StatusOr<std::unique_ptr<StableDiffusion>> StableDiffusion::Create(const P
         ".venv/bin/python scripts/convert_single_file.py ", dir.string(), " OUT_DIR --config-dir <a diffusers SD 1.5 "
         "folder> (diffusers' from_single_file) and serve OUT_DIR"));
   }
-  if (absl::StatusOr<nlohmann::json> index = ReadJsonFile(dir / "model_index.json"); !index.ok()) {
+  absl::StatusOr<nlohmann::json> index = ReadJsonFile(dir / "model_index.json");
+  if (!index.ok()) {
     return absl::Status(index.status().code(),
                         absl::StrCat(index.status().message(), " (is ", dir.string(), " a diffusers model folder?)"));
+  }
+  // The model family comes from model_index.json. SDXL's text towers load (ClipTextModelImpl with its
+  // projection, tokenizer_2's pad token); its UNet's added conditions and pipeline do not yet.
+  if (const auto cls = index->find("_class_name"); cls != index->end() && cls->is_string() &&
+                                                   cls->get<std::string>() == "StableDiffusionXLPipeline") {
+    return absl::UnimplementedError(absl::StrCat(
+        (dir / "model_index.json").string(), ": StableDiffusionXLPipeline (SDXL) is not served yet: its UNet's "
+        "added conditions (addition_embed_type \"text_time\") and two-tower text path are missing; serve an SD 1.x "
+        "folder (StableDiffusionPipeline)"));
   }
   std::unique_ptr<StableDiffusion> sd(new StableDiffusion(options));
   sd->text_cache_ = std::make_unique<TextEmbeddingCache>(options.text_cache_entries);

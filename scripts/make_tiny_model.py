@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes a complete diffusers-format Stable Diffusion 1.x model folder with RANDOM weights.
 
-    make_tiny_model.py OUT_DIR [--preset tiny|sd15] [--seed N] [--dtype fp32|fp16] [--legacy-text-encoder-keys]
+    make_tiny_model.py OUT_DIR [--preset tiny|sd15|tiny-xl|sdxl] [--seed N] [--dtype fp32|fp16]
+                       [--legacy-text-encoder-keys]
 
 Everything goes through diffusers' and transformers' own save_pretrained (safetensors), so the folder has the exact
 layout and config keys of a real SD 1.x checkpoint:
@@ -21,6 +22,10 @@ Presets:
   tiny  small channels, every SD 1.x structure (4 UNet levels, cross-attention, VAE mid attention); 64x64 px
         default size; loads and runs in seconds on CPU.
   sd15  the exact SD 1.5 architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text tower 123M parameters).
+  tiny-xl  small channels, every SDXL structure (StableDiffusionXLPipeline: text_encoder + text_encoder_2 with
+        projection, tokenizer + tokenizer_2, a 3-level UNet without attention at full resolution and with the
+        "text_time" added conditions, transformer depth per level, VAE with scaling_factor 0.13025 and force_upcast).
+  sdxl  the exact SDXL base architecture (UNet 2.6B, text towers 123M + 695M parameters).
 
 transformers 5 saves CLIPTextModel's keys as "embeddings.*", "encoder.*", "final_layer_norm.*"; real SD 1.x
 files have them under "text_model." plus an int64 "text_model.embeddings.position_ids". --legacy-text-encoder-keys
@@ -130,6 +135,76 @@ PRESETS = {
     ),
 }
 
+# SDXL (stabilityai/stable-diffusion-xl-base-1.0): two text towers — CLIP ViT-L (as SD 1.5's, its penultimate
+# layer used) and OpenCLIP ViT-bigG with a projection (CLIPTextModelWithProjection, gelu) — and a UNet whose
+# first level has no attention, with the pooled text embedding and six size/crop numbers as added conditions
+# (addition_embed_type "text_time"). Special-token ids as in the real configs (legacy 0 / 2 / 1).
+SDXL_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+SDXL_UP_BLOCKS = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+SDXL_UNET_COMMON = dict(
+    UNET_COMMON,
+    down_block_types=SDXL_DOWN_BLOCKS,
+    up_block_types=SDXL_UP_BLOCKS,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+)
+# SDXL base's scheduler/scheduler_config.json (EulerDiscreteScheduler).
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    trained_betas=None,
+    prediction_type="epsilon",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+    timestep_spacing="leading",
+    steps_offset=1,
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    clip_sample=False,
+)
+XL_PRESETS = {
+    "tiny-xl": dict(
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, projection_dim=32),
+        text_2=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, projection_dim=32,
+                    hidden_act="gelu"),
+        unet=dict(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 2),
+            attention_head_dim=(2, 4, 4),
+            cross_attention_dim=64,  # 32 + 32: both towers' hidden states side by side
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,
+            norm_num_groups=8,
+            sample_size=16,
+        ),
+        vae=dict(block_out_channels=(16, 32, 64, 64), layers_per_block=2, norm_num_groups=8, sample_size=128),
+    ),
+    "sdxl": dict(
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  projection_dim=768),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    projection_dim=1280, hidden_act="gelu"),
+        unet=dict(
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            norm_num_groups=32,
+            sample_size=128,
+        ),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
+    ),
+}
+# SDXL's VAE: its own scaling factor; force_upcast (the fp16 VAE overflows: diffusers decodes in fp32).
+SDXL_VAE_COMMON = dict(VAE_COMMON, scaling_factor=0.13025, force_upcast=True)
+
 # SD 1.5's tokenizer/special_tokens_map.json.
 def _special_token(content):
     return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
@@ -190,6 +265,25 @@ def build_pipeline(preset, seed, tokenizer):
     )
 
 
+def build_xl_pipeline(preset, seed, tokenizer, tokenizer_2):
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    p = XL_PRESETS[preset]
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_COMMON, **p["text"])).eval()
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(TEXT_COMMON, **p["text_2"]))).eval()
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**SDXL_UNET_COMMON, **p["unet"]).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(**SDXL_VAE_COMMON, **p["vae"]).eval()
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+
+
 def write_legacy_text_encoder_keys(text_encoder_dir):
     """Rewrites text_encoder/model.safetensors in the key layout of the real SD 1.5 file (transformers < 5):
     every key under "text_model." plus the int64 buffer text_model.embeddings.position_ids [1, 77]. transformers
@@ -214,24 +308,39 @@ def make_model(out_dir, preset="tiny", seed=0, dtype="fp32", legacy_text_encoder
     import torch
 
     out_dir = Path(out_dir)
+    xl = preset in XL_PRESETS
     with tempfile.TemporaryDirectory(prefix="clip_vocab_") as vocab_dir:
         tokenizer = build_tokenizer(vocab_dir)
-        pipe = build_pipeline(preset, seed, tokenizer)
+        if xl:
+            # SDXL's tokenizer_2 (OpenCLIP's) pads with "!" (id 0) rather than <|endoftext|>.
+            tokenizer_2 = build_tokenizer(vocab_dir)
+            tokenizer_2.pad_token = "!"
+            pipe = build_xl_pipeline(preset, seed, tokenizer, tokenizer_2)
+        else:
+            pipe = build_pipeline(preset, seed, tokenizer)
+        towers = [pipe.text_encoder] + ([pipe.text_encoder_2] if xl else [])
         if dtype == "fp16":
-            for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+            for module in towers + [pipe.unet, pipe.vae]:
                 module.to(torch.float16)
         pipe.save_pretrained(str(out_dir), safe_serialization=True)
         # transformers >= 5 saves only tokenizer.json + tokenizer_config.json; add the files a real SD 1.x
         # tokenizer/ folder has (byte-identical vocab.json/merges.txt to the ones the tokenizer was built from).
-        tok_dir = out_dir / "tokenizer"
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(Path(vocab_dir) / name, tok_dir / name)
-    with open(tok_dir / "special_tokens_map.json", "w", encoding="utf-8") as f:
-        json.dump(SPECIAL_TOKENS_MAP, f, indent=2)
-        f.write("\n")
+        tok_dirs = [out_dir / "tokenizer"] + ([out_dir / "tokenizer_2"] if xl else [])
+        for tok_dir in tok_dirs:
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copyfile(Path(vocab_dir) / name, tok_dir / name)
+    for tok_dir in tok_dirs:
+        special = dict(SPECIAL_TOKENS_MAP, pad_token="!") if tok_dir.name == "tokenizer_2" else SPECIAL_TOKENS_MAP
+        with open(tok_dir / "special_tokens_map.json", "w", encoding="utf-8") as f:
+            json.dump(special, f, indent=2)
+            f.write("\n")
     if legacy_text_encoder_keys:
         write_legacy_text_encoder_keys(out_dir / "text_encoder")
-    return {"text_encoder": _count(pipe.text_encoder), "unet": _count(pipe.unet), "vae": _count(pipe.vae)}
+    counts = {"text_encoder": _count(pipe.text_encoder)}
+    if xl:
+        counts["text_encoder_2"] = _count(pipe.text_encoder_2)
+    counts.update(unet=_count(pipe.unet), vae=_count(pipe.vae))
+    return counts
 
 
 def _dir_size(path):
@@ -243,7 +352,8 @@ def main(argv=None):
         description="Write a diffusers-format Stable Diffusion 1.x folder with random weights.",
     )
     parser.add_argument("out_dir", type=Path, help="output folder (created; existing files are overwritten)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="architecture (default: tiny)")
+    parser.add_argument("--preset", choices=sorted(PRESETS) + sorted(XL_PRESETS), default="tiny",
+                        help="architecture (default: tiny)")
     parser.add_argument("--seed", type=int, default=0, help="RNG seed (default: 0)")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="saved weight dtype (default: fp32)")
     parser.add_argument(

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the transformers reference output of an SD 1.x text encoder, the ground truth for the C++ CLIP tests.
 
-    reference_text_encoder.py --model DIR --out FILE.safetensors [--prompts-file F] [--device cpu]
+    reference_text_encoder.py --model DIR --out FILE.safetensors [--prompts-file F] [--device cpu] [--tower 1|2]
 
 DIR is a diffusers-format SD 1.x folder (tokenizer/ and text_encoder/ inside; e.g. one written by
 make_tiny_model.py). Prompts are tokenized exactly as diffusers' StableDiffusionPipeline.encode_prompt does
@@ -9,8 +9,11 @@ make_tiny_model.py). Prompts are tokenized exactly as diffusers' StableDiffusion
 torch.no_grad, without an attention mask (SD 1.x text encoders have no use_attention_mask; diffusers passes None).
 
 Output tensors (the C++ safetensors reader takes F32/F16/BF16 only, so ids are stored as exactly representable F32):
-    input_ids          F32 [B, 77]
-    last_hidden_state  F32 [B, 77, hidden]
+    input_ids                 F32 [B, 77]
+    last_hidden_state         F32 [B, 77, hidden]
+    penultimate_hidden_state  F32 [B, 77, hidden]   hidden_states[-2] (what SDXL conditions on)
+    pooled                    F32 [B, hidden or projection_dim]   pooler_output; text_embeds for --tower 2
+--tower 2 reads SDXL's tokenizer_2/ and text_encoder_2/ (CLIPTextModelWithProjection) instead.
 Metadata (all strings): prompts (JSON list, in batch order), attn_implementation, model, max_length,
 torch_version, transformers_version.
 
@@ -54,22 +57,31 @@ def read_prompts(path):
     return prompts
 
 
-def encode(model_dir, prompts, device="cpu"):
-    """Returns (input_ids int64 [B,77], last_hidden_state float32 [B,77,H], attn_implementation)."""
+def encode(model_dir, prompts, device="cpu", tower="1"):
+    """Returns (input_ids int64 [B,77], {name: float32 tensor}, attn_implementation). Tower "1": tokenizer/ +
+    text_encoder/ (CLIPTextModel); "2": SDXL's tokenizer_2/ + text_encoder_2/ (CLIPTextModelWithProjection)."""
     import torch
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     model_dir = Path(model_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
-    text_encoder = CLIPTextModel.from_pretrained(str(model_dir / "text_encoder"), dtype=torch.float32)
+    suffix = "" if tower == "1" else "_2"
+    tokenizer = CLIPTokenizer.from_pretrained(str(model_dir / f"tokenizer{suffix}"))
+    cls = CLIPTextModel if tower == "1" else CLIPTextModelWithProjection
+    text_encoder = cls.from_pretrained(str(model_dir / f"text_encoder{suffix}"), dtype=torch.float32)
     text_encoder = text_encoder.to(device).eval()
     tokens = tokenizer(
         prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
     )
     input_ids = tokens.input_ids
     with torch.no_grad():
-        hidden = text_encoder(input_ids.to(device), attention_mask=None)[0]
-    return input_ids, hidden.float().cpu().contiguous(), str(text_encoder.config._attn_implementation)
+        out = text_encoder(input_ids.to(device), attention_mask=None, output_hidden_states=True)
+    # What SD 1.x reads (last_hidden_state) and what SDXL reads (hidden_states[-2]; the pooled output,
+    # text_embeds with the projection).
+    pooled = out.pooler_output if tower == "1" else out.text_embeds
+    tensors = {"last_hidden_state": out.last_hidden_state, "penultimate_hidden_state": out.hidden_states[-2],
+               "pooled": pooled}
+    tensors = {k: v.float().cpu().contiguous() for k, v in tensors.items()}
+    return input_ids, tensors, str(text_encoder.config._attn_implementation)
 
 
 def main(argv=None):
@@ -78,8 +90,11 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     parser.add_argument("--prompts-file", type=Path, help=".json list of strings, or one prompt per line")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--tower", choices=("1", "2"), default="1",
+                        help="1: tokenizer/ + text_encoder/; 2: SDXL's tokenizer_2/ + text_encoder_2/")
     args = parser.parse_args(argv)  # argparse exits with status 2 on bad arguments
-    for sub in ("tokenizer", "text_encoder"):
+    suffix = "" if args.tower == "1" else "_2"
+    for sub in (f"tokenizer{suffix}", f"text_encoder{suffix}"):
         if not (args.model / sub).is_dir():
             parser.error(f"{args.model} has no {sub}/ folder")
     if args.prompts_file is not None and not args.prompts_file.is_file():
@@ -93,7 +108,7 @@ def main(argv=None):
     import transformers
     from safetensors.torch import save_file
 
-    input_ids, hidden, attn_impl = encode(args.model, prompts, args.device)
+    input_ids, tensors, attn_impl = encode(args.model, prompts, args.device, args.tower)
     if int(input_ids.max()) >= 2**24:
         sys.exit("token ids do not fit exactly in float32")
     metadata = {
@@ -105,13 +120,10 @@ def main(argv=None):
         "transformers_version": transformers.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"input_ids": input_ids.to(torch.float32).contiguous(), "last_hidden_state": hidden},
-        str(args.out),
-        metadata=metadata,
-    )
-    print(f"wrote {args.out}: input_ids {list(input_ids.shape)}, last_hidden_state {list(hidden.shape)}, "
-          f"{len(prompts)} prompts, attn_implementation={attn_impl}")
+    save_file({"input_ids": input_ids.to(torch.float32).contiguous(), **tensors}, str(args.out), metadata=metadata)
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
+    print(f"wrote {args.out}: input_ids {list(input_ids.shape)}, {shapes}, {len(prompts)} prompts, "
+          f"attn_implementation={attn_impl}")
 
 
 if __name__ == "__main__":

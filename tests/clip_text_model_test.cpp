@@ -1,4 +1,4 @@
-// CLIP text encoder parity with transformers' CLIPTextModel. The reference outputs are written by
+// CLIP text encoder parity with transformers' CLIPTextModel (and, for SDXL, CLIPTextModelWithProjection). The reference outputs are written by
 // scripts/reference_text_encoder.py from the same random-weight model folders (ctest fixtures).
 // Tolerance: relative L2 error <= 1e-5 in fp32 (both sides run the same math in fp32; the remaining difference
 // is summation order in matmul/attention kernels, ~1e-7 per op, well below 1e-5 over 12 layers).
@@ -12,8 +12,11 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
+#include "nlohmann/json.hpp"
 #include "pipeline/clip_text_model.h"
+#include "pipeline/clip_tokenizer.h"
 #include "pipeline/load_weights.h"
+#include "pipeline/safetensors.h"
 #include "pipeline/weight_store.h"
 
 namespace tomeserve::pipeline {
@@ -44,6 +47,49 @@ fs::path ModelDir(const std::string& preset) {
 }
 
 class TextEncoderParity : public ::testing::TestWithParam<std::string> {};
+
+// SDXL's two towers (tiny-xl): tokenizer/ + text_encoder/ (CLIPTextModel) and tokenizer_2/ (pads with "!") +
+// text_encoder_2/ (CLIPTextModelWithProjection, gelu): our tokenizer gives transformers' ids for the same
+// prompts, and the last and penultimate hidden states and the pooled (projected) output match in fp32.
+TEST(SdxlTextTowers, MatchTransformersFp32) {
+  const fs::path model = EnvPath("TOMESERVE_TINY_XL_MODEL");
+  if (model.empty() || EnvPath("TOMESERVE_REF_DIR").empty()) GTEST_SKIP() << "tiny-xl fixtures not set";
+  for (const std::string tower : {"1", "2"}) {
+    const std::string suffix = tower == "1" ? "" : "_2";
+    const fs::path ref_path = EnvPath("TOMESERVE_REF_DIR") / ("text_encoder_tiny_xl_" + tower + ".safetensors");
+    auto file = SafetensorsFile::Open(ref_path);
+    ASSERT_TRUE(file.ok()) << file.status();
+    const nlohmann::json prompts = nlohmann::json::parse((*file)->metadata().at("prompts"));
+    auto store = WeightStore::OpenFile(ref_path);
+    ASSERT_TRUE(store.ok()) << store.status();
+    const at::Tensor ids = ReadTensor(*store, "input_ids").value().to(at::kLong);
+
+    auto tokenizer = ClipTokenizer::Load(model / ("tokenizer" + suffix));
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    EXPECT_EQ((*tokenizer)->pad_id(), tower == "1" ? (*tokenizer)->eos_id() : 0);  // "!" is id 0
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      const std::vector<int32_t> ours = (*tokenizer)->EncodePadded(prompts[i].get<std::string>());
+      const at::Tensor row = ids[static_cast<int64_t>(i)].to(at::kInt).contiguous();
+      EXPECT_EQ(ours, std::vector<int32_t>(row.data_ptr<int32_t>(), row.data_ptr<int32_t>() + row.numel()))
+          << "tower " << tower << " prompt " << i;
+    }
+
+    auto encoder = ClipTextModelImpl::Load(model / ("text_encoder" + suffix), {c10::Device(c10::kCPU), c10::kFloat});
+    ASSERT_TRUE(encoder.ok()) << encoder.status();
+    EXPECT_EQ((*encoder)->config().projection_dim, tower == "1" ? 0 : 32);
+    at::NoGradGuard no_grad;
+    const ClipTextOutput out = (*encoder)->Encode(ids);
+    for (const auto& [name, got] : {std::pair{"last_hidden_state", out.last_hidden_state},
+                                    std::pair{"penultimate_hidden_state", out.penultimate},
+                                    std::pair{"pooled", out.pooled}}) {
+      const at::Tensor want = ReadTensor(*store, name).value();
+      ASSERT_EQ(got.sizes(), want.sizes()) << tower << " " << name;
+      const double err = RelErr(got, want);
+      std::printf("tiny-xl tower %s %s rel_err %.3g\n", tower.c_str(), name, err);
+      EXPECT_LE(err, 1e-5) << tower << " " << name;
+    }
+  }
+}
 
 TEST_P(TextEncoderParity, MatchesTransformersFp32) {
   if (EnvPath("TOMESERVE_REF_DIR").empty()) GTEST_SKIP() << "TOMESERVE_REF_DIR not set";

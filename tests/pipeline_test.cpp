@@ -159,6 +159,18 @@ TEST(PipelineLoad, RejectsNonModelFolder) {
   EXPECT_THAT(sd.status().message(), HasSubstr("model_index.json"));
 }
 
+// An SDXL folder (the family from model_index.json) is refused at load with one line naming the file and what
+// is missing, not with an error from deep inside the UNet loader.
+TEST(PipelineLoad, SdxlFolderIsRefusedNamingWhatIsMissing) {
+  const std::filesystem::path xl = EnvPath("TOMESERVE_TINY_XL_MODEL");
+  if (xl.empty()) GTEST_SKIP() << "TOMESERVE_TINY_XL_MODEL not set";
+  auto sd = StableDiffusion::Create({.model_dir = xl, .target = {c10::Device(c10::kCPU), c10::kFloat}});
+  ASSERT_FALSE(sd.ok());
+  EXPECT_TRUE(absl::IsUnimplemented(sd.status())) << sd.status();
+  EXPECT_NE(sd.status().message().find("model_index.json: StableDiffusionXLPipeline"), std::string::npos) << sd.status();
+  EXPECT_NE(sd.status().message().find("text_time"), std::string::npos) << sd.status();
+}
+
 TEST(PipelineLoad, Bf16OnCpuStaysCloseToFp32) {
   if (EnvPath("TOMESERVE_TINY_MODEL").empty()) GTEST_SKIP();
   auto fp32 = StableDiffusion::Create({EnvPath("TOMESERVE_TINY_MODEL"), {}});

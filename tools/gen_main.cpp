@@ -1,5 +1,5 @@
 // tomeserve-gen: the offline tool. Subcommands:
-//   tokenize --model DIR [--pad] [--max-length N]   prompts on stdin (one per line) -> one JSON id array per line
+//   tokenize --model DIR [--pad] [--max-length N] [--tokenizer tokenizer|tokenizer_2]   prompts on stdin (one per line) -> one JSON id array per line
 //   generate --model DIR --prompt TEXT ... -o OUT.png  text-to-image (see kUsage)
 // Usage errors print one line on stderr and exit 2; runtime errors exit 1.
 #include <cstdio>
@@ -19,7 +19,7 @@ namespace tomeserve::tools {
 namespace {
 
 constexpr char kUsage[] =
-    "usage: tomeserve-gen tokenize --model DIR [--pad] [--max-length N]\n"
+    "usage: tomeserve-gen tokenize --model DIR [--pad] [--max-length N] [--tokenizer tokenizer|tokenizer_2]\n"
     "       tomeserve-gen generate --model DIR --prompt TEXT [--negative-prompt TEXT] [--width W --height H]\n"
     "                              [--steps N] [--guidance G] [--seed S|-1]\n"
     "                              [--scheduler pndm|ddim|euler|euler_a|dpmpp_2m|dpmpp_2m_karras]\n"
@@ -56,7 +56,7 @@ int RuntimeError(const absl::Status& status) {
 }
 
 int Tokenize(const std::vector<std::string>& rest) {
-  absl::StatusOr<CliArgs> args = CliArgs::Parse(rest, {"model", "max-length"}, {"pad"});
+  absl::StatusOr<CliArgs> args = CliArgs::Parse(rest, {"model", "max-length", "tokenizer"}, {"pad"});
   if (!args.ok()) return UsageError(args.status());
   absl::StatusOr<std::string> model = args->Required("model");
   if (!model.ok()) return UsageError(model.status());
@@ -64,7 +64,13 @@ int Tokenize(const std::vector<std::string>& rest) {
       args->GetInt("max-length", pipeline::ClipTokenizer::kMaxLength, 2, pipeline::ClipTokenizer::kMaxLength);
   if (!max_length.ok()) return UsageError(max_length.status());
 
-  auto tokenizer = pipeline::ClipTokenizer::Load(std::filesystem::path(*model) / "tokenizer");
+  // SDXL folders have a second tokenizer (tokenizer_2, its own pad token).
+  const std::string subfolder = args->Get("tokenizer").value_or("tokenizer");
+  if (subfolder != "tokenizer" && subfolder != "tokenizer_2") {
+    return UsageError(absl::InvalidArgumentError(
+        absl::StrCat("--tokenizer is \"", subfolder, "\"; allowed: tokenizer or tokenizer_2")));
+  }
+  auto tokenizer = pipeline::ClipTokenizer::Load(std::filesystem::path(*model) / subfolder);
   if (!tokenizer.ok()) return RuntimeError(tokenizer.status());
   const bool pad = args->Has("pad");
   std::string line;

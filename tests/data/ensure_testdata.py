@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Creates test data on demand and reuses it while the scripts that made it are unchanged.
 
-  ensure_testdata.py model --preset tiny|sd15 --out DIR
-  ensure_testdata.py text-encoder-ref --model DIR --out FILE.safetensors
+  ensure_testdata.py model --preset tiny|sd15|tiny-xl --out DIR
+  ensure_testdata.py text-encoder-ref --model DIR --out FILE.safetensors [--tower 1|2]
 
 Each output gets a stamp (a hash of the generating scripts and arguments); a matching stamp means the data is
 current and nothing runs. Used as ctest fixtures so that a plain `ctest` works from a fresh build tree.
@@ -42,7 +42,7 @@ def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="what", required=True)
     m = sub.add_parser("model")
-    m.add_argument("--preset", choices=["tiny", "sd15"], required=True)
+    m.add_argument("--preset", choices=["tiny", "sd15", "tiny-xl"], required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--legacy-text-encoder-keys", action="store_true",
@@ -50,6 +50,7 @@ def main():
     r = sub.add_parser("text-encoder-ref")
     r.add_argument("--model", required=True)
     r.add_argument("--out", required=True)
+    r.add_argument("--tower", choices=["1", "2"], default="1", help="2: SDXL's tokenizer_2 + text_encoder_2")
     a = p.parse_args()
 
     if a.what == "model":
@@ -63,9 +64,9 @@ def main():
     else:
         script = os.path.join(SCRIPTS, "reference_text_encoder.py")
         model_stamp = open(os.path.join(a.model, ".stamp")).read().strip()
-        want = digest([script], model_stamp)
+        want = digest([script], (model_stamp, a.tower))
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
-        ensure(a.out + ".stamp", want, [sys.executable, script, "--model", a.model, "--out", a.out])
+        ensure(a.out + ".stamp", want, [sys.executable, script, "--model", a.model, "--out", a.out, "--tower", a.tower])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Every line of tests/tokenizer_prompts.txt goes through `tomeserve-gen tokenize --model DIR [--pad]` and through
 CLIPTokenizer(truncation=True, max_length=77[, padding="max_length"]); the id lists must be identical for 100%
-of the prompts (ids are discrete: there is no tolerance).
+of the prompts (ids are discrete: there is no tolerance). The same for SDXL's tokenizer_2 (tiny-xl preset,
+TOMESERVE_TINY_XL_MODEL), whose pad token "!" is a special token.
 
 Environment:
   TOMESERVE_BIN_DIR      folder holding tomeserve-gen (default <repo>/build/bin); the test skips if it is absent.
@@ -67,8 +68,8 @@ def reference(model_dir):
     return CLIPTokenizer.from_pretrained(str(model_dir), subfolder="tokenizer")
 
 
-def run_cli(cli: Path, model_dir: Path, prompts: list[str], pad: bool) -> list[list[int]]:
-    cmd = [str(cli), "tokenize", "--model", str(model_dir)] + (["--pad"] if pad else [])
+def run_cli(cli: Path, model_dir: Path, prompts: list[str], pad: bool, subfolder="tokenizer") -> list[list[int]]:
+    cmd = [str(cli), "tokenize", "--model", str(model_dir), "--tokenizer", subfolder] + (["--pad"] if pad else [])
     stdin = ("\n".join(prompts) + "\n").encode("utf-8")
     proc = subprocess.run(cmd, input=stdin, capture_output=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr.decode(errors='replace')}"
@@ -97,3 +98,22 @@ def test_ids_match_transformers(cli, model_dir, reference, prompts, pad):
         f"{len(prompts) - len(mismatches)}/{len(prompts)} prompts match "
         f"({'padded' if pad else 'unpadded'}); first {min(len(mismatches), MAX_REPORTED)} mismatches:\n{report}"
     )
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "padded"])
+def test_sdxl_tokenizer_2_ids_match_transformers(cli, prompts, pad):
+    """SDXL's tokenizer_2 (tiny-xl preset) pads with "!", which transformers then treats as a special token:
+    every "!" in a prompt is cut out as the pad id rather than merged by BPE."""
+    model = os.environ.get("TOMESERVE_TINY_XL_MODEL")
+    if not model:
+        pytest.skip("TOMESERVE_TINY_XL_MODEL not set")
+    from transformers import CLIPTokenizer
+
+    reference = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2")
+    assert reference.pad_token == "!" and reference.pad_token_id == 0
+    got = run_cli(cli, Path(model), prompts, pad, "tokenizer_2")
+    want = reference(prompts, truncation=True, max_length=MAX_LENGTH,
+                     padding="max_length" if pad else False).input_ids
+    mismatches = [(p, w, g) for p, w, g in zip(prompts, want, got) if w != g]
+    assert any("!" in p for p in prompts)
+    assert not mismatches, f"{len(mismatches)}/{len(prompts)} differ; first: {mismatches[:3]}"
