@@ -40,6 +40,11 @@ UNet2DConditionModelImpl::UNet2DConditionModelImpl(const UNet2DConditionConfig& 
   time_linear_1_ =
       time_embedding->register_module("linear_1", Linear(c.block_out_channels[0], temb, true, o));
   time_linear_2_ = time_embedding->register_module("linear_2", Linear(temb, temb, true, o));
+  if (c.text_time()) {
+    auto add_embedding = register_module("add_embedding", std::make_shared<torch::nn::Module>());
+    add_linear_1_ = add_embedding->register_module("linear_1", Linear(c.added_cond_dim, temb, true, o));
+    add_linear_2_ = add_embedding->register_module("linear_2", Linear(temb, temb, true, o));
+  }
 
   UNetBlockSpec base{.temb_channels = temb, .groups = c.norm_num_groups, .eps = c.norm_eps};
   auto downs = register_module("down_blocks", torch::nn::ModuleList());
@@ -91,11 +96,14 @@ at::Tensor UNet2DConditionModelImpl::TimestepFeatures(const at::Tensor& timestep
   TORCH_CHECK(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == batch),
               "UNet: timesteps must be 0-dim, [1] or [", batch, "], got ", t.sizes());
   t = ToDeviceAsync(t, device).expand({batch});
+  return Sinusoidal(t, config_.block_out_channels[0]);
+}
+
+at::Tensor UNet2DConditionModelImpl::Sinusoidal(const at::Tensor& t, int64_t dim) const {
   // diffusers' get_timestep_embedding, op for op (fp32, max_period 10000, scale 1).
-  const int64_t dim = config_.block_out_channels[0];
   const int64_t half = dim / 2;
   at::Tensor exponent =
-      at::arange(0, half, at::TensorOptions().dtype(at::kFloat).device(device)) * -std::log(10000.0);
+      at::arange(0, half, at::TensorOptions().dtype(at::kFloat).device(t.device())) * -std::log(10000.0);
   exponent = exponent / (static_cast<double>(half) - config_.freq_shift);
   at::Tensor emb = t.unsqueeze(1).to(at::kFloat) * at::exp(exponent).unsqueeze(0);
   emb = at::cat({at::sin(emb), at::cos(emb)}, -1);
@@ -105,14 +113,15 @@ at::Tensor UNet2DConditionModelImpl::TimestepFeatures(const at::Tensor& timestep
 }
 
 at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timesteps,
-                                             const at::Tensor& encoder_hidden_states,
-                                             TransformerBlockHook* hook) const {
-  return forward(sample, timesteps, encoder_hidden_states, std::vector<HookGroup>{HookGroup{.hook = hook}});
+                                             const at::Tensor& encoder_hidden_states, TransformerBlockHook* hook,
+                                             const UNetAddedConditions* added) const {
+  return forward(sample, timesteps, encoder_hidden_states, std::vector<HookGroup>{HookGroup{.hook = hook}}, added);
 }
 
 at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at::Tensor& timesteps,
                                              const at::Tensor& encoder_hidden_states,
-                                             const std::vector<HookGroup>& groups) const {
+                                             const std::vector<HookGroup>& groups,
+                                             const UNetAddedConditions* added) const {
   TORCH_CHECK(sample.dim() == 4 && sample.size(1) == config_.in_channels, "UNet: sample must be [B, ",
               config_.in_channels, ", h, w], got ", sample.sizes());
   const int64_t batch = sample.size(0), height = sample.size(2), width = sample.size(3);
@@ -127,6 +136,22 @@ at::Tensor UNet2DConditionModelImpl::forward(const at::Tensor& sample, const at:
   at::Tensor x = config_.center_input_sample ? 2 * sample - 1.0 : sample;
   at::Tensor temb = TimestepFeatures(timesteps, batch, sample.device()).to(sample.scalar_type());
   temb = time_linear_2_->forward(at::silu(time_linear_1_->forward(temb)));
+  if (config_.text_time()) {
+    TORCH_CHECK(added != nullptr && added->text_embeds.defined() && added->time_ids.defined(),
+                "UNet: this model (addition_embed_type \"text_time\") needs text_embeds and time_ids");
+    TORCH_CHECK(added->text_embeds.dim() == 2 && added->text_embeds.size(0) == batch &&
+                    added->text_embeds.size(1) == config_.pooled_text_dim(),
+                "UNet: text_embeds must be [", batch, ", ", config_.pooled_text_dim(), "], got ",
+                added->text_embeds.sizes());
+    TORCH_CHECK(added->time_ids.dim() == 2 && added->time_ids.size(0) == batch && added->time_ids.size(1) == 6,
+                "UNet: time_ids must be [", batch, ", 6], got ", added->time_ids.sizes());
+    // diffusers: add_time_proj(time_ids.flatten()) reshaped per row, after the pooled text embedding.
+    const at::Tensor time_ids = ToDeviceAsync(added->time_ids, sample.device()).flatten();
+    const at::Tensor time_features = Sinusoidal(time_ids, config_.addition_time_embed_dim).reshape({batch, -1});
+    const at::Tensor add_embeds =
+        at::cat({added->text_embeds.to(at::kFloat), time_features}, -1).to(sample.scalar_type());
+    temb = temb + add_linear_2_->forward(at::silu(add_linear_1_->forward(add_embeds)));
+  }
 
   const TransformerCall call{encoder_hidden_states, groups, height, width};
   x = conv_in_->forward(x);

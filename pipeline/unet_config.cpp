@@ -80,7 +80,7 @@ absl::Status GetBlockTypes(const json& j, const char* key, const std::string& wh
 
 // Keys that must be null or absent: each one, when set, adds layers or inputs the SD 1.x math does not have.
 constexpr std::initializer_list<const char*> kMustBeNull = {
-    "class_embed_type",  "num_class_embeds",     "addition_embed_type",
+    "class_embed_type",  "num_class_embeds",
     "encoder_hid_dim",   "encoder_hid_dim_type", "time_embedding_act_fn",
     "timestep_post_act", "time_cond_proj_dim",   "reverse_transformer_layers_per_block",
 };
@@ -137,6 +137,25 @@ absl::StatusOr<UNet2DConditionConfig> UNet2DConditionConfig::FromJson(const json
   if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(where, ": expected a JSON object"));
   if (absl::Status s = CheckUnsupported(j, where); !s.ok()) return s;
   UNet2DConditionConfig c;
+  // SDXL's added conditions: the pooled text embedding and six size/crop numbers (sinusoidal,
+  // addition_time_embed_dim each) through add_embedding, added to the time embedding.
+  if (const json* v = Find(j, "addition_embed_type")) {
+    if (!v->is_string() || v->get<std::string>() != "text_time") {
+      return Unsupported(where, "addition_embed_type", *v, "only null and \"text_time\" are");
+    }
+    for (auto [key, field] : {std::pair{"addition_time_embed_dim", &c.addition_time_embed_dim},
+                              std::pair{"projection_class_embeddings_input_dim", &c.added_cond_dim}}) {
+      if (absl::Status s = GetInt(j, key, where, 1, field); !s.ok()) return s;
+      if (*field == 0) {
+        return Invalid(where, "addition_embed_type", absl::StrCat("\"text_time\" needs \"", key, "\" (a positive integer)"));
+      }
+    }
+    if (c.added_cond_dim <= 6 * c.addition_time_embed_dim) {
+      return Invalid(where, "projection_class_embeddings_input_dim",
+                     absl::StrCat("must exceed 6 x addition_time_embed_dim (", 6 * c.addition_time_embed_dim,
+                                  "): the rest is the pooled text embedding"));
+    }
+  }
 
   if (const json* v = Find(j, "block_out_channels")) {
     c.block_out_channels.clear();

@@ -1,6 +1,6 @@
-// diffusers' UNet2DConditionModel config (unet/config.json), limited to what Stable Diffusion 1.x/2.x UNets
-// use: CrossAttnDownBlock2D / DownBlock2D, UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D / UpBlock2D,
-// positional time embedding, "default" ResNet time conditioning. Torch-free.
+// diffusers' UNet2DConditionModel config (unet/config.json), limited to what Stable Diffusion 1.x/2.x and SDXL
+// UNets use: CrossAttnDownBlock2D / DownBlock2D, UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D / UpBlock2D,
+// positional time embedding, "default" ResNet time conditioning, SDXL's "text_time" added conditions. Torch-free.
 //
 // Keys that would change the math of the model (class/addition embeddings, scale-shift ResNets, dual or
 // cross-only attention, GLIGEN, other block types, ...) are rejected with an error naming the key, so an
@@ -54,10 +54,16 @@ struct UNet2DConditionConfig {
   bool use_linear_projection = false;  // Transformer2DModel proj_in/proj_out: Linear instead of 1x1 Conv2d
   bool upcast_attention = false;       // attention computed in fp32 when the model runs in fp16/bf16
   int64_t time_embedding_dim = 0;      // 0 (null): 4 * block_out_channels[0]
+  // addition_embed_type "text_time" (SDXL) when addition_time_embed_dim > 0: add_embedding takes the pooled
+  // text embedding (added_cond_dim - 6 x addition_time_embed_dim values) and the six time ids' features.
+  int64_t addition_time_embed_dim = 0;
+  int64_t added_cond_dim = 0;  // "projection_class_embeddings_input_dim"
   int64_t conv_in_kernel = 3;
   int64_t conv_out_kernel = 3;
 
   int64_t num_levels() const { return static_cast<int64_t>(block_out_channels.size()); }
+  bool text_time() const { return addition_time_embed_dim > 0; }
+  int64_t pooled_text_dim() const { return added_cond_dim - 6 * addition_time_embed_dim; }
   int64_t time_embed_dim() const {
     return time_embedding_dim > 0 ? time_embedding_dim : 4 * block_out_channels[0];
   }

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """tomesd 0.1.3 (use_rand=False) outputs for the C++ Token Merging parity tests.
 
-    reference_tome.py --model DIR --out FILE.safetensors [--preset-cases tiny|sd15]
+    reference_tome.py --model DIR --out FILE.safetensors [--preset-cases tiny|sd15|tiny-xl]
 
 UNet cases: diffusers' UNet2DConditionModel patched by tomesd.apply_patch with one setting per case, fp32, CPU,
-one intra-op thread, from seeded inputs. Tensors "unet/<case>/{sample,timesteps,encoder_hidden_states,out}".
+one intra-op thread, from seeded inputs. Tensors "unet/<case>/{sample,timesteps,encoder_hidden_states,out}"
+(SDXL UNets, tiny-xl: also text_embeds and time_ids, the added conditions).
 Pipeline cases (tiny only): StableDiffusionPipeline with tomesd applied, from fixed initial latents; tensors
 "pipe/<case>/{latents,image}" (RGB8 as F32, diffusers' round(x * 255)).
 
@@ -32,6 +33,16 @@ def tome(ratio, md=1, sx=2, sy=2, attn=True, cross=False, mlp=False):
 
 def unet_cases(preset):
     """(name, batch, h, w, tome kwargs). Sizes not divisible by the stride leave right/bottom tokens as src."""
+    if preset == "tiny-xl":
+        # SDXL has no attention at full resolution: max_downsample 1 patches no block (tomesd's default, why
+        # ToMe "does nothing" on SDXL); 2 merges in the 2x-down blocks, 4 in the 4x-down ones too.
+        return [
+            ("md1_b2_16x16_patches_nothing", 2, 16, 16, tome(0.5, md=1)),
+            ("r05_b2_16x16_md2", 2, 16, 16, tome(0.5, md=2)),
+            ("r03_b1_9x13_md2_s33_all", 1, 9, 13, tome(0.3, md=2, sx=3, sy=3, cross=True, mlp=True)),
+            ("r05_b2_16x24_md4_s12", 2, 16, 24, tome(0.5, md=4, sx=1, sy=2)),
+            ("r075_b1_16x16_md4", 1, 16, 16, tome(0.75, md=4)),
+        ]
     if preset == "sd15":
         return [
             ("r05_b2_8x8", 2, 8, 8, tome(0.5)),
@@ -98,7 +109,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--preset-cases", choices=["tiny", "sd15"], default="tiny")
+    p.add_argument("--preset-cases", choices=["tiny", "sd15", "tiny-xl"], default="tiny")
     a = p.parse_args()
     torch.set_num_threads(1)
     import diffusers
@@ -113,12 +124,18 @@ def main():
         sample = torch.randn(b, unet.config.in_channels, h, w, generator=g)
         hidden = torch.randn(b, TEXT_LENGTH, cross_dim, generator=g)
         timesteps = torch.tensor([999.0, 500.0, 1.0, 250.0][:b] if b <= 4 else [500.0] * b)
+        inputs = dict(sample=sample, timesteps=timesteps, encoder_hidden_states=hidden)
+        added = {}
+        if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size/crop ids
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            added = {"text_embeds": torch.randn(b, pooled, generator=g),
+                     "time_ids": torch.tensor([[8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w]] * b)}
         tomesd.apply_patch(unet, **kwargs)
         with BlockRecorder() as rec, torch.no_grad():
             rec.active = True
-            out = unet(sample, timesteps, hidden).sample
+            out = unet(sample, timesteps, hidden, added_cond_kwargs=added or None).sample
         tomesd.remove_patch(unet)
-        for key, t in dict(sample=sample, timesteps=timesteps, encoder_hidden_states=hidden, out=out).items():
+        for key, t in dict(inputs, **added, out=out).items():
             tensors[f"unet/{name}/{key}"] = t.float().contiguous()
         unet_meta.append(dict(name=name, tome=kwargs, blocks=rec.blocks))
         print(f"unet {name}: {len(rec.blocks)} patched blocks", flush=True)

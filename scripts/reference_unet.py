@@ -3,7 +3,7 @@
 
     reference_unet.py --model DIR --out FILE.safetensors [--sizes BxHxW ...] [--device cpu]
 
-DIR is a diffusers-format SD 1.x folder (unet/ inside; e.g. one written by make_tiny_model.py). The UNet runs in
+DIR is a diffusers-format SD 1.x or SDXL folder (unet/ inside; e.g. one written by make_tiny_model.py). The UNet runs in
 fp32, eval mode, under torch.no_grad, on one intra-op thread (so the summation order is the reproducible one),
 with diffusers' default attention processor (scaled_dot_product_attention).
 
@@ -12,6 +12,7 @@ Each case NAME (e.g. "b2_8x8") stores, all F32 (the C++ safetensors reader takes
     NAME.timesteps              [B]                      exactly representable in F32 (some fractional)
     NAME.encoder_hidden_states  [B, 77, cross_attention_dim]
     NAME.out                    [B, out_channels, H, W]  unet(sample, timesteps, encoder_hidden_states).sample
+    NAME.text_embeds, NAME.time_ids  [B, pooled], [B, 6]  SDXL ("text_time") UNets only: added_cond_kwargs
 Metadata (strings): cases (JSON list of names, in order), model, torch_version, diffusers_version.
 
 The default sizes cover the native 8x8 and sizes that are not multiples of 8 (5x7, 9x13, 41x61: diffusers then
@@ -37,7 +38,9 @@ def parse_size(text):
     return tuple(int(g) for g in m.groups())
 
 
-def make_cases(sizes, in_channels, cross_attention_dim):
+def make_cases(sizes, in_channels, cross_attention_dim, pooled_dim=0):
+    """{name: (sample, timesteps, hidden, added)}; `added` (SDXL's text_time models, pooled_dim > 0) holds
+    text_embeds [B, pooled_dim] and time_ids [B, 6], drawn after the other inputs, else None."""
     import torch
 
     cases = {}
@@ -52,7 +55,13 @@ def make_cases(sizes, in_channels, cross_attention_dim):
         timesteps = torch.tensor([TIMESTEP_POOL[(pool_at + i) % len(TIMESTEP_POOL)] for i in range(b)],
                                  dtype=torch.float32)
         pool_at += b
-        cases[name] = (sample, timesteps, hidden)
+        added = None
+        if pooled_dim:
+            # Original size, crop top-left, target size in pixels, as SDXL's pipeline passes them (varied per row).
+            ids = [[8 * h + 8 * i, 8 * w, 16 * i, 0, 8 * h, 8 * w] for i in range(b)]
+            added = {"text_embeds": torch.randn(b, pooled_dim, generator=g, dtype=torch.float32),
+                     "time_ids": torch.tensor(ids, dtype=torch.float32)}
+        cases[name] = (sample, timesteps, hidden, added)
     return cases
 
 
@@ -80,10 +89,20 @@ def main(argv=None):
         sys.exit(f"per-level cross_attention_dim {cross_dim} is not supported by this script")
 
     tensors = {}
-    cases = make_cases(sizes, unet.config.in_channels, cross_dim)
+    pooled_dim = 0
+    if unet.config.addition_embed_type == "text_time":
+        pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    elif unet.config.addition_embed_type is not None:
+        sys.exit(f"addition_embed_type {unet.config.addition_embed_type!r} is not supported by this script")
+    cases = make_cases(sizes, unet.config.in_channels, cross_dim, pooled_dim)
     with torch.no_grad():
-        for name, (sample, timesteps, hidden) in cases.items():
-            out = unet(sample.to(args.device), timesteps.to(args.device), hidden.to(args.device)).sample
+        for name, (sample, timesteps, hidden, added) in cases.items():
+            kwargs = {}
+            if added is not None:
+                kwargs["added_cond_kwargs"] = {k: v.to(args.device) for k, v in added.items()}
+                for k, v in added.items():
+                    tensors[f"{name}.{k}"] = v.contiguous()
+            out = unet(sample.to(args.device), timesteps.to(args.device), hidden.to(args.device), **kwargs).sample
             tensors[f"{name}.sample"] = sample.contiguous()
             tensors[f"{name}.timesteps"] = timesteps.contiguous()
             tensors[f"{name}.encoder_hidden_states"] = hidden.contiguous()

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -39,13 +40,17 @@ using ::testing::HasSubstr;
 
 
 fs::path UNetDir(const std::string& preset) {
-  return EnvPath(preset == "tiny" ? "TOMESERVE_TINY_MODEL" : "TOMESERVE_SD15_MODEL") / "unet";
+  return EnvPath(preset == "tiny"      ? "TOMESERVE_TINY_MODEL"
+                 : preset == "tiny_xl" ? "TOMESERVE_TINY_XL_MODEL"
+                                       : "TOMESERVE_SD15_MODEL") /
+         "unet";
 }
 
 
 struct Case {
   std::string name;
   at::Tensor sample, timesteps, encoder_hidden_states, out;
+  std::optional<UNetAddedConditions> added;  // SDXL ("text_time") models
 };
 
 std::vector<Case> LoadCases(const std::string& preset) {
@@ -59,7 +64,10 @@ std::vector<Case> LoadCases(const std::string& preset) {
     const std::string name = key.substr(0, key.size() - 4);
     auto read = [&](const char* field) { return ReadTensor(*store, name + field).value(); };
     cases.push_back(
-        {name, read(".sample"), read(".timesteps"), read(".encoder_hidden_states"), read(".out")});
+        {name, read(".sample"), read(".timesteps"), read(".encoder_hidden_states"), read(".out"), std::nullopt});
+    if (store->Find(name + ".text_embeds") != nullptr) {
+      cases.back().added = UNetAddedConditions{read(".text_embeds"), read(".time_ids")};
+    }
   }
   EXPECT_FALSE(cases.empty()) << file;
   return cases;
@@ -93,7 +101,8 @@ TEST_P(UNetParity, MatchesDiffusersFp32) {
   at::NoGradGuard no_grad;
   double max_err = 0;
   for (const Case& c : LoadCases(GetParam())) {
-    at::Tensor out = model->forward(c.sample, c.timesteps, c.encoder_hidden_states);
+    at::Tensor out = model->forward(c.sample, c.timesteps, c.encoder_hidden_states, nullptr,
+                                    c.added ? &*c.added : nullptr);
     ASSERT_EQ(out.sizes(), c.out.sizes()) << c.name;
     const double err = RelErr(out, c.out);
     max_err = std::max(max_err, err);
@@ -113,15 +122,17 @@ TEST_P(UNetParity, ScalarAndIntegerTimestepsMatchAVector) {
   // This checks the timestep plumbing, not the network: one case, every batch element at its first timestep.
   // A 0-dim int64 tensor and an int32 [1] expand like diffusers' timesteps[None].expand(B).
   const Case c = LoadCases(GetParam()).at(0);
+  const UNetAddedConditions* added = c.added ? &*c.added : nullptr;
   const int64_t t = static_cast<int64_t>(c.timesteps[0].item<float>());
-  at::Tensor want =
-      model->forward(c.sample, at::full({c.sample.size(0)}, t, at::kFloat), c.encoder_hidden_states);
-  EXPECT_TRUE(
-      at::equal(model->forward(c.sample, at::scalar_tensor(t, at::kLong), c.encoder_hidden_states), want));
-  EXPECT_TRUE(at::equal(model->forward(c.sample, at::full({1}, t, at::kInt), c.encoder_hidden_states), want));
+  at::Tensor want = model->forward(c.sample, at::full({c.sample.size(0)}, t, at::kFloat), c.encoder_hidden_states,
+                                   nullptr, added);
+  EXPECT_TRUE(at::equal(
+      model->forward(c.sample, at::scalar_tensor(t, at::kLong), c.encoder_hidden_states, nullptr, added), want));
+  EXPECT_TRUE(at::equal(
+      model->forward(c.sample, at::full({1}, t, at::kInt), c.encoder_hidden_states, nullptr, added), want));
 }
 
-INSTANTIATE_TEST_SUITE_P(Presets, UNetParity, ::testing::Values("tiny", "sd15"));
+INSTANTIATE_TEST_SUITE_P(Presets, UNetParity, ::testing::Values("tiny", "sd15", "tiny_xl"));
 
 // ---- The Token Merging seam ----
 
@@ -303,6 +314,7 @@ TEST(UNetConfigTest, MathChangingKeysAreRejectedByName) {
   // [key, value] pairs, each of which would change the math (diffusers supports them; we do not).
   const nlohmann::json bad = nlohmann::json::parse(R"([
     ["class_embed_type", "timestep"], ["num_class_embeds", 10], ["addition_embed_type", "text_time"],
+    ["addition_embed_type", "image"],
     ["encoder_hid_dim", 32], ["time_cond_proj_dim", 256], ["time_embedding_act_fn", "silu"],
     ["timestep_post_act", "silu"], ["resnet_time_scale_shift", "scale_shift"], ["dual_cross_attention", true],
     ["only_cross_attention", true], ["mid_block_type", "UNetMidBlock2DSimpleCrossAttn"],
@@ -370,8 +382,10 @@ TEST_P(UNetParity, MatchesDiffusers_CUDA) {
     auto fp32 = UNet2DConditionModelImpl::Load(UNetDir(GetParam()), {cuda, c10::kFloat});
     ASSERT_TRUE(fp32.ok()) << fp32.status();
     for (const Case& c : cases) {
-      at::Tensor out =
-          (*fp32)->forward(c.sample.to(cuda), c.timesteps.to(cuda), c.encoder_hidden_states.to(cuda));
+      std::optional<UNetAddedConditions> added;
+      if (c.added) added = UNetAddedConditions{c.added->text_embeds.to(cuda), c.added->time_ids.to(cuda)};
+      at::Tensor out = (*fp32)->forward(c.sample.to(cuda), c.timesteps.to(cuda), c.encoder_hidden_states.to(cuda),
+                                        nullptr, added ? &*added : nullptr);
       const double err = RelErr(out, c.out);
       std::printf("[%s cuda fp32] %s rel err %.3g\n", GetParam().c_str(), c.name.c_str(), err);
       EXPECT_LE(err, 1e-5) << c.name;
@@ -381,8 +395,11 @@ TEST_P(UNetParity, MatchesDiffusers_CUDA) {
   auto fp16 = UNet2DConditionModelImpl::Load(UNetDir(GetParam()), {cuda, c10::kHalf});
   ASSERT_TRUE(fp16.ok()) << fp16.status();
   for (const Case& c : cases) {
+    std::optional<UNetAddedConditions> added;
+    if (c.added) added = UNetAddedConditions{c.added->text_embeds.to(cuda, c10::kHalf), c.added->time_ids.to(cuda)};
     at::Tensor out = (*fp16)->forward(c.sample.to(cuda, c10::kHalf), c.timesteps.to(cuda),
-                                      c.encoder_hidden_states.to(cuda, c10::kHalf));
+                                      c.encoder_hidden_states.to(cuda, c10::kHalf), nullptr,
+                                      added ? &*added : nullptr);
     EXPECT_EQ(out.scalar_type(), c10::kHalf);
     const double err = RelErr(out, c.out);
     std::printf("[%s cuda fp16] %s rel err %.3g\n", GetParam().c_str(), c.name.c_str(), err);
