@@ -66,6 +66,7 @@ pids=()
 make_model tiny --preset tiny & pids+=($!)
 make_model tiny_legacy --preset tiny --legacy-text-encoder-keys & pids+=($!)
 make_model sd15 --preset sd15 & pids+=($!)
+make_model tiny_xl --preset tiny-xl & pids+=($!)
 wait "${pids[@]}"  # not a bare wait: that would also wait for the tee above
 cp .devbuild/refs/*.safetensors "$td/refs/"
 if (cd $td && sha256sum --quiet -c "$root/.devbuild/models.sha256"); then
@@ -84,6 +85,7 @@ log "models ready ($(du -sh $td/sd15 | cut -f1) sd15)"
 if want tests; then
 log "3. CUDA tests"
 export TOMESERVE_TINY_MODEL=$td/tiny TOMESERVE_TINY_LEGACY_MODEL=$td/tiny_legacy TOMESERVE_SD15_MODEL=$td/sd15 \
+  TOMESERVE_TINY_XL_MODEL=$td/tiny_xl \
   TOMESERVE_REF_DIR=$td/refs TOMESERVE_TEST_TOKENIZER_DIR=$td/tiny/tokenizer
 run_test() {  # NAME [ENV=VALUE ...]
   local t="$1"; shift

@@ -84,7 +84,9 @@ Reference OpenReference(const std::string& preset) {
 class TomeUNetParity : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(TomeUNetParity, MatchesTomesdNoRand) {
-  if (EnvPath("TOMESERVE_REF_DIR").empty()) GTEST_SKIP() << "TOMESERVE_REF_DIR not set";
+  if (EnvPath("TOMESERVE_REF_DIR").empty() || ModelDir(GetParam()).empty()) {
+    GTEST_SKIP() << "TOMESERVE_REF_DIR or the preset's model not set";
+  }
   auto model = LoadUNet(GetParam());
   ASSERT_TRUE(model);
   Reference ref = OpenReference(GetParam());
