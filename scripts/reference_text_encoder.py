@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the transformers reference output of an SD 1.x text encoder, the ground truth for the C++ CLIP tests.
 
-    reference_text_encoder.py --model DIR --out FILE.safetensors [--prompts-file F] [--device cpu] [--tower 1|2]
+    reference_text_encoder.py --model DIR --out FILE.safetensors [--prompts-file F] [--device cpu] [--tower 1|2|xl]
 
 DIR is a diffusers-format SD 1.x folder (tokenizer/ and text_encoder/ inside; e.g. one written by
 make_tiny_model.py). Prompts are tokenized exactly as diffusers' StableDiffusionPipeline.encode_prompt does
@@ -13,7 +13,9 @@ Output tensors (the C++ safetensors reader takes F32/F16/BF16 only, so ids are s
     last_hidden_state         F32 [B, 77, hidden]
     penultimate_hidden_state  F32 [B, 77, hidden]   hidden_states[-2] (what SDXL conditions on)
     pooled                    F32 [B, hidden or projection_dim]   pooler_output; text_embeds for --tower 2
---tower 2 reads SDXL's tokenizer_2/ and text_encoder_2/ (CLIPTextModelWithProjection) instead.
+--tower 2 reads SDXL's tokenizer_2/ and text_encoder_2/ (CLIPTextModelWithProjection) instead. --tower xl stores
+StableDiffusionXLPipeline.encode_prompt's output instead: prompt_embeds, pooled_prompt_embeds and the
+negatives without a negative prompt (input_ids: tokenizer_2's).
 Metadata (all strings): prompts (JSON list, in batch order), attn_implementation, model, max_length,
 torch_version, transformers_version.
 
@@ -84,16 +86,35 @@ def encode(model_dir, prompts, device="cpu", tower="1"):
     return input_ids, tensors, str(text_encoder.config._attn_implementation)
 
 
+def encode_sdxl(model_dir, prompts, device="cpu"):
+    """StableDiffusionXLPipeline.encode_prompt with classifier-free guidance and no negative prompt: returns
+    (input_ids of tokenizer_2, {prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+    negative_pooled_prompt_embeds}) — the negatives are force_zeros_for_empty_prompt's zeros."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32).to(device)
+    ids = pipe.tokenizer_2(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                           return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+    tensors = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": negative,
+               "negative_pooled_prompt_embeds": negative_pooled}
+    return ids, {k: v.float().cpu().contiguous() for k, v in tensors.items()}, "sdpa"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write transformers' CLIP text encoder output as a reference.")
     parser.add_argument("--model", type=Path, required=True, help="diffusers SD 1.x folder (tokenizer/, text_encoder/)")
     parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     parser.add_argument("--prompts-file", type=Path, help=".json list of strings, or one prompt per line")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--tower", choices=("1", "2"), default="1",
-                        help="1: tokenizer/ + text_encoder/; 2: SDXL's tokenizer_2/ + text_encoder_2/")
+    parser.add_argument("--tower", choices=("1", "2", "xl"), default="1",
+                        help="1: tokenizer/ + text_encoder/; 2: SDXL's tokenizer_2/ + text_encoder_2/; xl: SDXL's "
+                             "pipeline encode_prompt (both towers)")
     args = parser.parse_args(argv)  # argparse exits with status 2 on bad arguments
-    suffix = "" if args.tower == "1" else "_2"
+    suffix = "_2" if args.tower in ("2", "xl") else ""
     for sub in (f"tokenizer{suffix}", f"text_encoder{suffix}"):
         if not (args.model / sub).is_dir():
             parser.error(f"{args.model} has no {sub}/ folder")
@@ -108,7 +129,10 @@ def main(argv=None):
     import transformers
     from safetensors.torch import save_file
 
-    input_ids, tensors, attn_impl = encode(args.model, prompts, args.device, args.tower)
+    if args.tower == "xl":
+        input_ids, tensors, attn_impl = encode_sdxl(args.model, prompts, args.device)
+    else:
+        input_ids, tensors, attn_impl = encode(args.model, prompts, args.device, args.tower)
     if int(input_ids.max()) >= 2**24:
         sys.exit("token ids do not fit exactly in float32")
     metadata = {

@@ -17,6 +17,7 @@
 #include "pipeline/clip_tokenizer.h"
 #include "pipeline/load_weights.h"
 #include "pipeline/safetensors.h"
+#include "pipeline/sdxl_text_encoder.h"
 #include "pipeline/weight_store.h"
 
 namespace tomeserve::pipeline {
@@ -88,6 +89,35 @@ TEST(SdxlTextTowers, MatchTransformersFp32) {
       std::printf("tiny-xl tower %s %s rel_err %.3g\n", tower.c_str(), name, err);
       EXPECT_LE(err, 1e-5) << tower << " " << name;
     }
+  }
+}
+
+// SDXL's prompt encoding (SdxlTextEncoder) against StableDiffusionXLPipeline.encode_prompt on tiny-xl: the two
+// towers' penultimate states side by side, tower 2's pooled output, and force_zeros_for_empty_prompt's zero
+// negatives.
+TEST(SdxlTextEncoder, MatchesTheDiffusersPipelineFp32) {
+  const fs::path model = EnvPath("TOMESERVE_TINY_XL_MODEL");
+  if (model.empty() || EnvPath("TOMESERVE_REF_DIR").empty()) GTEST_SKIP() << "tiny-xl fixtures not set";
+  const fs::path ref_path = EnvPath("TOMESERVE_REF_DIR") / "text_encoder_tiny_xl_xl.safetensors";
+  auto file = SafetensorsFile::Open(ref_path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  const nlohmann::json prompts = nlohmann::json::parse((*file)->metadata().at("prompts"));
+  auto store = WeightStore::OpenFile(ref_path);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto encoder = SdxlTextEncoder::Load(model, {c10::Device(c10::kCPU), c10::kFloat});
+  ASSERT_TRUE(encoder.ok()) << encoder.status();
+  EXPECT_EQ((*encoder)->embed_dim(), 64);
+  EXPECT_EQ((*encoder)->pooled_dim(), 32);
+  const SdxlTextEncoder::Encoded ours = (*encoder)->Encode(prompts.get<std::vector<std::string>>());
+  const SdxlTextEncoder::Encoded zeros = (*encoder)->Zeros(static_cast<int64_t>(prompts.size()));
+  for (const auto& [name, got] : {std::pair{"prompt_embeds", ours.embeds}, std::pair{"pooled_prompt_embeds", ours.pooled},
+                                  std::pair{"negative_prompt_embeds", zeros.embeds},
+                                  std::pair{"negative_pooled_prompt_embeds", zeros.pooled}}) {
+    const at::Tensor want = ReadTensor(*store, name).value();
+    ASSERT_EQ(got.sizes(), want.sizes()) << name;
+    const double err = want.abs().max().item<double>() == 0 ? (got - want).abs().max().item<double>() : RelErr(got, want);
+    std::printf("tiny-xl encode_prompt %s error %.3g\n", name, err);
+    EXPECT_LE(err, 1e-5) << name;
   }
 }
 

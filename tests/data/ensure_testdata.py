@@ -2,7 +2,7 @@
 """Creates test data on demand and reuses it while the scripts that made it are unchanged.
 
   ensure_testdata.py model --preset tiny|sd15|tiny-xl --out DIR
-  ensure_testdata.py text-encoder-ref --model DIR --out FILE.safetensors [--tower 1|2]
+  ensure_testdata.py text-encoder-ref --model DIR --out FILE.safetensors [--tower 1|2|xl]
 
 Each output gets a stamp (a hash of the generating scripts and arguments); a matching stamp means the data is
 current and nothing runs. Used as ctest fixtures so that a plain `ctest` works from a fresh build tree.
@@ -50,7 +50,8 @@ def main():
     r = sub.add_parser("text-encoder-ref")
     r.add_argument("--model", required=True)
     r.add_argument("--out", required=True)
-    r.add_argument("--tower", choices=["1", "2"], default="1", help="2: SDXL's tokenizer_2 + text_encoder_2")
+    r.add_argument("--tower", choices=["1", "2", "xl"], default="1",
+                   help="2: SDXL's tokenizer_2 + text_encoder_2; xl: SDXL's encode_prompt")
     a = p.parse_args()
 
     if a.what == "model":
