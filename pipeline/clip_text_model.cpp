@@ -8,6 +8,16 @@
 
 namespace tomeserve::pipeline {
 
+at::Tensor PaddedTokenIds(const ClipTokenizer& tokenizer, const std::vector<std::string>& texts,
+                          const c10::Device& device) {
+  std::vector<int64_t> ids;
+  ids.reserve(texts.size() * ClipTokenizer::kMaxLength);
+  for (const std::string& text : texts) {
+    for (int32_t id : tokenizer.EncodePadded(text)) ids.push_back(id);
+  }
+  return at::tensor(ids, at::kLong).view({static_cast<int64_t>(texts.size()), ClipTokenizer::kMaxLength}).to(device);
+}
+
 ClipAttentionImpl::ClipAttentionImpl(const ClipTextConfig& c, const at::TensorOptions& o)
     : heads_(c.num_attention_heads) {
   const int64_t d = c.hidden_size;

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <filesystem>
+#include <string>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -15,6 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "pipeline/clip_tokenizer.h"
 #include "pipeline/device.h"
 #include "pipeline/layers.h"
 #include "pipeline/model_config.h"
@@ -54,6 +57,11 @@ class ClipEncoderLayerImpl : public torch::nn::Module {
   ClipMlp mlp_{nullptr};
 };
 TORCH_MODULE(ClipEncoderLayer);
+
+// `texts` tokenized as diffusers' pipelines do (padded to max_length 77, truncated): input_ids [B, 77] int64 on
+// `device`.
+at::Tensor PaddedTokenIds(const ClipTokenizer& tokenizer, const std::vector<std::string>& texts,
+                          const c10::Device& device);
 
 // What one text-encoder call gives (transformers' output fields).
 struct ClipTextOutput {

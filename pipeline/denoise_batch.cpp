@@ -137,15 +137,20 @@ absl::Status DenoiseBatch::Step() {
     std::vector<Sample*> found;
     std::vector<int> found_ids;
     std::vector<LayoutSample> layout;
-    std::vector<const HookFactory*> factories;  // first appearance: tells apart factories with equal keys
+    // Each distinct factory's sort key, once: its capture key, then its first appearance (which tells apart
+    // factories with equal keys, so each stays one contiguous group).
+    std::vector<std::pair<const HookFactory*, std::string>> factories;
     for (auto& [id, s] : samples_) {
       if (!s.active()) continue;
       const HookFactory* f = s.spec.hooks.get();
       std::string settings;
       if (f != nullptr) {
-        auto it = std::find(factories.begin(), factories.end(), f);
-        if (it == factories.end()) it = factories.insert(factories.end(), f);
-        settings = absl::StrCat(f->CaptureKey().value_or("~"), "\x1f", it - factories.begin());
+        auto it = std::find_if(factories.begin(), factories.end(), [&](const auto& e) { return e.first == f; });
+        if (it == factories.end()) {
+          it = factories.insert(factories.end(), {f, absl::StrCat(f->CaptureKey().value_or("~"), "\x1f",
+                                                                  factories.size())});
+        }
+        settings = it->second;
       }
       found.push_back(&s);
       found_ids.push_back(id);

@@ -25,6 +25,11 @@
 
 namespace tomeserve::pipeline {
 
+// The server's defaults (UNetGraphs::Options), which tomeserve-sim counts with: graphs held per model and
+// worker, and the most rows a graph serves (calls with more run eagerly).
+inline constexpr size_t kDefaultGraphCapacity = 32;
+inline constexpr int64_t kDefaultGraphMaxRows = 32;
+
 // One sample of a call, as the layout sees it.
 struct LayoutSample {
   std::string settings;  // the hook factory's capture key; "" for the plain block

@@ -31,21 +31,10 @@ absl::StatusOr<std::unique_ptr<SdxlTextEncoder>> SdxlTextEncoder::Load(const std
   return out;
 }
 
-at::Tensor SdxlTextEncoder::Ids(const ClipTokenizer& tokenizer, const std::vector<std::string>& texts) const {
-  std::vector<int64_t> ids;
-  ids.reserve(texts.size() * ClipTokenizer::kMaxLength);
-  for (const std::string& text : texts) {
-    for (int32_t id : tokenizer.EncodePadded(text)) ids.push_back(id);
-  }
-  return at::tensor(ids, at::kLong)
-      .view({static_cast<int64_t>(texts.size()), ClipTokenizer::kMaxLength})
-      .to(target_.device);
-}
-
 SdxlTextEncoder::Encoded SdxlTextEncoder::Encode(const std::vector<std::string>& texts) const {
   c10::InferenceMode inference;
-  const ClipTextOutput first = encoder_->Encode(Ids(*tokenizer_, texts));
-  const ClipTextOutput second = encoder_2_->Encode(Ids(*tokenizer_2_, texts));
+  const ClipTextOutput first = encoder_->Encode(PaddedTokenIds(*tokenizer_, texts, target_.device));
+  const ClipTextOutput second = encoder_2_->Encode(PaddedTokenIds(*tokenizer_2_, texts, target_.device));
   return {.embeds = at::cat({first.penultimate, second.penultimate}, -1), .pooled = second.pooled};
 }
 

@@ -45,7 +45,6 @@ class SdxlTextEncoder {
 
  private:
   SdxlTextEncoder() = default;
-  at::Tensor Ids(const ClipTokenizer& tokenizer, const std::vector<std::string>& texts) const;
 
   ComputeTarget target_;
   std::unique_ptr<ClipTokenizer> tokenizer_, tokenizer_2_;

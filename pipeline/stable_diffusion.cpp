@@ -112,13 +112,7 @@ int StableDiffusion::native_width() const {
 absl::StatusOr<at::Tensor> StableDiffusion::EncodePrompts(const std::vector<std::string>& texts) const {
   return GuardTorch("text encoding", [&]() -> absl::StatusOr<at::Tensor> {
     at::NoGradGuard no_grad;
-    std::vector<int64_t> ids;
-    ids.reserve(texts.size() * ClipTokenizer::kMaxLength);
-    for (const std::string& text : texts) {
-      for (int32_t id : tokenizer_->EncodePadded(text)) ids.push_back(id);
-    }
-    at::Tensor input = at::tensor(ids, at::kLong).view({static_cast<int64_t>(texts.size()), ClipTokenizer::kMaxLength});
-    return text_encoder_->forward(input.to(options_.target.device));
+    return text_encoder_->forward(PaddedTokenIds(*tokenizer_, texts, options_.target.device));
   });
 }
 

@@ -49,8 +49,9 @@ class TransformerBlockHook {
 // The rows of one UNet call that share a hook (one Token Merging setting). Convolutions and ResNet blocks run
 // on every row at once; a BasicTransformerBlock that some group's hook patches runs once per patching group on
 // that group's rows (merge, attend, unmerge with the group's own plan) and once on the rows of all other groups
-// together, and puts the rows back in place; a block no hook patches runs once on every row. Rows are independent in every
-// transformer sub-layer, so a row's result does not depend on which group layout it was run in.
+// together, and puts the rows back in place; a block no hook patches runs once on every row. Rows are
+// independent in every transformer sub-layer, so a row's result does not depend on which group layout it was
+// run in.
 struct HookGroup {
   at::Tensor rows;                      // int64 row indices on the model's device; undefined = every row
   TransformerBlockHook* hook = nullptr; // null: the plain block for these rows

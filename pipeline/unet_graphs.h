@@ -38,8 +38,8 @@ namespace tomeserve::pipeline {
 class UNetGraphs {
  public:
   struct Options {
-    size_t capacity = 32;   // captured graphs kept
-    int64_t max_rows = 32;  // calls with more rows run eagerly
+    size_t capacity = kDefaultGraphCapacity;   // captured graphs kept
+    int64_t max_rows = kDefaultGraphMaxRows;  // calls with more rows run eagerly
     RowBuckets buckets = RowBuckets::kFine;
   };
   struct Stats {

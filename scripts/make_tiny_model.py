@@ -148,28 +148,21 @@ SDXL_UNET_COMMON = dict(
     use_linear_projection=True,
     addition_embed_type="text_time",
 )
-# SDXL base's scheduler/scheduler_config.json (EulerDiscreteScheduler).
+# SDXL base's scheduler/scheduler_config.json (EulerDiscreteScheduler): SD 1.5's betas and offsets plus Euler's keys.
 SDXL_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    trained_betas=None,
+    SD15_SCHEDULER,
     prediction_type="epsilon",
     interpolation_type="linear",
     use_karras_sigmas=False,
     timestep_spacing="leading",
-    steps_offset=1,
     sample_max_value=1.0,
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-    clip_sample=False,
 )
+# The first text tower is SD 1.x's (CLIP ViT-L at full size) and the VAE has SD's architecture; what is SDXL's
+# own: the second tower, the UNet, the VAE's native size.
 XL_PRESETS = {
     "tiny-xl": dict(
-        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, projection_dim=32),
-        text_2=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, projection_dim=32,
-                    hidden_act="gelu"),
+        text=PRESETS["tiny"]["text"],
+        text_2=dict(PRESETS["tiny"]["text"], hidden_act="gelu"),
         unet=dict(
             block_out_channels=(32, 64, 64),
             layers_per_block=2,
@@ -181,11 +174,10 @@ XL_PRESETS = {
             norm_num_groups=8,
             sample_size=16,
         ),
-        vae=dict(block_out_channels=(16, 32, 64, 64), layers_per_block=2, norm_num_groups=8, sample_size=128),
+        vae=dict(PRESETS["tiny"]["vae"], sample_size=128),
     ),
     "sdxl": dict(
-        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                  projection_dim=768),
+        text=PRESETS["sd15"]["text"],
         text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                     projection_dim=1280, hidden_act="gelu"),
         unet=dict(
@@ -199,7 +191,7 @@ XL_PRESETS = {
             norm_num_groups=32,
             sample_size=128,
         ),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
+        vae=dict(PRESETS["sd15"]["vae"], sample_size=1024),
     ),
 }
 # SDXL's VAE: its own scaling factor; force_upcast (the fp16 VAE overflows: diffusers decodes in fp32).

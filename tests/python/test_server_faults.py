@@ -110,12 +110,14 @@ def test_transient_oom_cap_probes_back_up_to_the_full_batch(tiny_model):
     assert reply.batch_size == 4, log
     assert "evicting the 2 most recently admitted" in log and "image cap after an out-of-memory error raised to 3" in log
     assert "raised to 4" in log, log
-    # The same images within the CPU kernels' rounding: rows computed in batches of other sizes may differ in the
-    # last float bits (tests/step_batch_test.cpp), at most one level of 255 in a pixel.
+    # The same images within the CPU kernels' rounding: rows computed in batches of other sizes and at other row
+    # positions may differ in the last float bits (tests/step_batch_test.cpp), at most one level of 255 in a
+    # value and in a handful of values (measured: 1 of 12,288 per image in two of the four).
     assert len(reply.images) == len(plain.images) == 4
     for got, want in zip(reply.images, plain.images):
         a, b = (np.asarray(Image.open(io.BytesIO(i.data))).astype(int) for i in (got, want))
         assert a.shape == b.shape and np.abs(a - b).max() <= 1
+        assert np.count_nonzero(a != b) <= a.size // 1000, np.count_nonzero(a != b)
 
 
 def test_oom_while_encoding_text_waits_for_the_running_call(tiny_model):

@@ -81,7 +81,7 @@ int RunReplay(const std::vector<std::string>& rest) {
   absl::StatusOr<int64_t> queue_size = args->GetInt("max-queue-size", 64, 1, 1000000);
   absl::StatusOr<int64_t> warmup = args->GetInt("warmup-steps", 2, 0, 1000);
   absl::StatusOr<int64_t> max_batches = args->GetInt("max-running-batches", 2, 1, 16);
-  absl::StatusOr<int64_t> graph_capacity = args->GetInt("graph-capacity", 32, 1, 4096);
+  absl::StatusOr<int64_t> graph_capacity = args->GetInt("graph-capacity", static_cast<int64_t>(pipeline::kDefaultGraphCapacity), 1, 4096);
   const std::string graph_buckets = args->Get("graph-buckets").value_or("fine");
   if (graph_buckets != "fine" && graph_buckets != "pow2") {
     return UsageError("--graph-buckets is \"" + graph_buckets + "\"; allowed: fine or pow2");

@@ -47,8 +47,8 @@ struct ReplayOptions {
   // CUDA graphs as the server's UNetGraphs keeps them (one cache per worker): counted, not costed (a step costs
   // what the profile measured, without padding).
   bool graphs = false;
-  size_t graph_capacity = 32;
-  int64_t graph_max_rows = 32;
+  size_t graph_capacity = pipeline::kDefaultGraphCapacity;
+  int64_t graph_max_rows = pipeline::kDefaultGraphMaxRows;
   pipeline::RowBuckets graph_buckets = pipeline::RowBuckets::kFine;
   // false: the layout key before graphs were keyed by shape (rows in admission order, unconditional halves
   // first, each row's sample and half in the key), for the comparison in docs/benchmarks.md.
