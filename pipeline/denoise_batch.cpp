@@ -167,7 +167,7 @@ absl::Status DenoiseBatch::Step() {
   std::vector<int64_t> uncond_row(active.size(), -1), cond_row(active.size(), -1);
   absl::Status unet = GuardTorch(absl::StrCat("denoising step (UNet call ", calls_done_ + 1, ")"), [&]() -> absl::Status {
     c10::InferenceMode inference;
-    std::vector<at::Tensor> inputs, embeddings;
+    std::vector<at::Tensor> inputs, embeddings, pooled, time_ids;
     std::vector<float> timesteps;
     UNetCall call;
     for (size_t i = 0; i < active.size(); ++i) {
@@ -183,7 +183,10 @@ absl::Status DenoiseBatch::Step() {
         const auto row = static_cast<int64_t>(inputs.size());
         (uncond ? uncond_row : cond_row)[i] = row;
         inputs.push_back(scaled);
-        embeddings.push_back(uncond ? s.uncond : s.cond);
+        const TextConditioning& text = uncond ? s.uncond : s.cond;
+        embeddings.push_back(text.embeds);
+        if (text.pooled.defined()) pooled.push_back(text.pooled);
+        if (s.time_ids.defined()) time_ids.push_back(s.time_ids);
         timesteps.push_back(s.state->timestep());
         g.rows.push_back(row);
         g.info.row_seeds.push_back(s.spec.seed);
@@ -197,11 +200,14 @@ absl::Status DenoiseBatch::Step() {
     // function of the composition): concatenated once per composition.
     if (active_ids != embedding_ids_) {
       embeddings_ = at::cat(embeddings);
+      added_ = {};
+      if (!pooled.empty()) added_ = {.text_embeds = at::cat(pooled), .time_ids = at::cat(time_ids)};
       embedding_ids_ = active_ids;
     }
     call.sample = at::cat(inputs);
     call.timesteps = at::tensor(timesteps, at::kFloat);
     call.encoder_hidden_states = embeddings_;
+    call.added = added_;
     out = graphs_ != nullptr ? graphs_->Run(model_.unet(), call) : RunUNetCall(model_.unet(), call);
     return absl::OkStatus();
   });

@@ -21,6 +21,8 @@
 #include "absl/status/statusor.h"
 #include "pipeline/generation.h"
 #include "pipeline/scheduler.h"
+#include "pipeline/text_conditioning.h"
+#include "pipeline/unet.h"
 
 namespace tomeserve::pipeline {
 
@@ -33,8 +35,9 @@ class DenoiseBatch {
   // server parks a sample evicted after an out-of-memory error and adds it back later, state intact).
   struct Sample {
     SampleSpec spec;     // resolved: num_inference_steps and scheduler set, hooks the sample's own (or null)
-    at::Tensor cond;     // [1, 77, D] prompt embedding
-    at::Tensor uncond;   // [1, 77, D] negative-prompt embedding; undefined when guidance <= 1
+    TextConditioning cond;    // the prompt's: embeds [1, 77, D] (+ SDXL's pooled [1, P])
+    TextConditioning uncond;  // the negative prompt's; undefined when guidance <= 1
+    at::Tensor time_ids;      // [1, 6]: SDXL's add_time_ids (both halves); undefined on SD 1.x
     at::Tensor latents;  // [1, 4, h, w] on the model's device, model dtype
     std::unique_ptr<SamplerState> state;
     at::Generator generator;  // CPU, seeded with spec.seed: initial noise and ancestral noise
@@ -97,9 +100,11 @@ class DenoiseBatch {
   int next_id_ = 0;
   int calls_done_ = 0;
   UNetGraphs* graphs_ = nullptr;
-  // The UNet's text-embedding rows for the active samples `embedding_ids_` (Step's row layout).
+  // The UNet's text-embedding rows (and SDXL's added conditions) for the active samples `embedding_ids_`
+  // (Step's row layout).
   std::vector<int> embedding_ids_;
   at::Tensor embeddings_;
+  UNetAddedConditions added_;
 };
 
 }  // namespace tomeserve::pipeline

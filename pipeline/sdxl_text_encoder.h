@@ -20,15 +20,14 @@
 #include "pipeline/clip_text_model.h"
 #include "pipeline/clip_tokenizer.h"
 #include "pipeline/device.h"
+#include "pipeline/text_conditioning.h"
 
 namespace tomeserve::pipeline {
 
 class SdxlTextEncoder {
  public:
-  struct Encoded {
-    at::Tensor embeds;  // [B, 77, hidden_1 + hidden_2]: encoder_hidden_states
-    at::Tensor pooled;  // [B, projection_dim]: the UNet's text_embeds
-  };
+  // embeds [B, 77, hidden_1 + hidden_2], pooled [B, projection_dim].
+  using Encoded = TextConditioning;
 
   // Loads tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/ of an SDXL folder onto `target`; errors
   // name the file (a text_encoder_2 without text_projection, say).
@@ -42,6 +41,11 @@ class SdxlTextEncoder {
   Encoded Zeros(int64_t rows) const;
   int64_t embed_dim() const;
   int64_t pooled_dim() const { return encoder_2_->config().projection_dim; }
+  // The first tower's tokenizer (both count a prompt's tokens alike; only their pad tokens differ).
+  const ClipTokenizer& tokenizer() const { return *tokenizer_; }
+  // Tower 1 or 2's encoder config and tokenizer (StableDiffusion::CheckComponentsFit).
+  const ClipTextConfig& config(int tower) const { return (tower == 1 ? encoder_ : encoder_2_)->config(); }
+  const ClipTokenizer& tokenizer(int tower) const { return tower == 1 ? *tokenizer_ : *tokenizer_2_; }
 
  private:
   SdxlTextEncoder() = default;

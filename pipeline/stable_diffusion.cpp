@@ -36,16 +36,16 @@ absl::StatusOr<std::unique_ptr<StableDiffusion>> StableDiffusion::Create(const P
     return absl::Status(index.status().code(),
                         absl::StrCat(index.status().message(), " (is ", dir.string(), " a diffusers model folder?)"));
   }
-  // The model family comes from model_index.json. SDXL's text towers load (ClipTextModelImpl with its
-  // projection, tokenizer_2's pad token); its UNet's added conditions and pipeline do not yet.
+  // The model family comes from model_index.json; a class of neither family loads as SD 1.x, whose component
+  // checks (CheckComponentsFit) name what does not fit.
+  std::unique_ptr<StableDiffusion> sd(new StableDiffusion(options));
   if (const auto cls = index->find("_class_name"); cls != index->end() && cls->is_string() &&
                                                    cls->get<std::string>() == "StableDiffusionXLPipeline") {
-    return absl::UnimplementedError(absl::StrCat(
-        (dir / "model_index.json").string(), ": StableDiffusionXLPipeline (SDXL) is not served yet: its UNet's "
-        "added conditions (addition_embed_type \"text_time\") and two-tower text path are missing; serve an SD 1.x "
-        "folder (StableDiffusionPipeline)"));
+    sd->family_ = ModelFamily::kSdxl;
+    const auto zeros = index->find("force_zeros_for_empty_prompt");
+    // StableDiffusionXLPipeline.__init__'s default is True.
+    sd->force_zeros_for_empty_prompt_ = zeros == index->end() || !zeros->is_boolean() || zeros->get<bool>();
   }
-  std::unique_ptr<StableDiffusion> sd(new StableDiffusion(options));
   sd->text_cache_ = std::make_unique<TextEmbeddingCache>(options.text_cache_entries);
   absl::StatusOr<SchedulerConfig> scheduler = SchedulerConfig::Load(dir / "scheduler" / "scheduler_config.json");
   if (!scheduler.ok()) return scheduler.status();
@@ -54,27 +54,49 @@ absl::StatusOr<std::unique_ptr<StableDiffusion>> StableDiffusion::Create(const P
   if (!kind.ok()) return kind.status();
   sd->default_scheduler_ = *kind;
 
-  absl::StatusOr<std::unique_ptr<ClipTokenizer>> tokenizer = ClipTokenizer::Load(dir / "tokenizer");
-  if (!tokenizer.ok()) return tokenizer.status();
-  sd->tokenizer_ = *std::move(tokenizer);
-  absl::StatusOr<std::shared_ptr<ClipTextModelImpl>> text = ClipTextModelImpl::Load(dir / "text_encoder", options.target, options.variant);
-  if (!text.ok()) return text.status();
-  sd->text_encoder_ = *std::move(text);
+  if (absl::Status s = sd->family_ == ModelFamily::kSdxl ? sd->LoadSdxlText() : sd->LoadSd1Text(); !s.ok()) return s;
   absl::StatusOr<std::shared_ptr<UNet2DConditionModelImpl>> unet =
       UNet2DConditionModelImpl::Load(dir / "unet", options.target, options.variant);
   if (!unet.ok()) return unet.status();
   sd->unet_ = *std::move(unet);
-  absl::StatusOr<std::shared_ptr<VaeDecoderImpl>> vae = VaeDecoderImpl::Load(dir / "vae", options.target, options.variant);
+  // StableDiffusionXLPipeline decodes an fp16 VAE in fp32 when its config says force_upcast (SDXL's original VAE
+  // overflows in fp16); a fp16-safe VAE's config clears it. SD 1.x's pipeline never upcasts (see vae.h).
+  ComputeTarget vae_target = options.target;
+  if (sd->family_ == ModelFamily::kSdxl && vae_target.dtype == at::kHalf) {
+    absl::StatusOr<VaeConfig> vae_config = VaeConfig::Load(dir / "vae" / "config.json");
+    if (!vae_config.ok()) return vae_config.status();
+    if (vae_config->force_upcast) vae_target.dtype = at::kFloat;
+  }
+  absl::StatusOr<std::shared_ptr<VaeDecoderImpl>> vae = VaeDecoderImpl::Load(dir / "vae", vae_target, options.variant);
   if (!vae.ok()) return vae.status();
   sd->vae_ = *std::move(vae);
   if (absl::Status s = sd->CheckComponentsFit(); !s.ok()) return s;
   return sd;
 }
 
+absl::Status StableDiffusion::LoadSd1Text() {
+  const std::filesystem::path& dir = options_.model_dir;
+  absl::StatusOr<std::unique_ptr<ClipTokenizer>> tokenizer = ClipTokenizer::Load(dir / "tokenizer");
+  if (!tokenizer.ok()) return tokenizer.status();
+  tokenizer_ = *std::move(tokenizer);
+  absl::StatusOr<std::shared_ptr<ClipTextModelImpl>> text =
+      ClipTextModelImpl::Load(dir / "text_encoder", options_.target, options_.variant);
+  if (!text.ok()) return text.status();
+  text_encoder_ = *std::move(text);
+  return absl::OkStatus();
+}
+
+absl::Status StableDiffusion::LoadSdxlText() {
+  absl::StatusOr<std::unique_ptr<SdxlTextEncoder>> text =
+      SdxlTextEncoder::Load(options_.model_dir, options_.target, options_.variant);
+  if (!text.ok()) return text.status();
+  sdxl_text_ = *std::move(text);
+  return absl::OkStatus();
+}
+
 absl::Status StableDiffusion::CheckComponentsFit() const {
   const std::string where = options_.model_dir.string();
   const UNet2DConditionConfig& unet = unet_->config();
-  const ClipTextConfig& text = text_encoder_->config();
   const int64_t latent = vae_->config().latent_channels;
   if (unet.in_channels != latent || unet.out_channels != latent) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -82,21 +104,60 @@ absl::Status StableDiffusion::CheckComponentsFit() const {
         " must both equal vae/config.json latent_channels ", latent, " (inpainting and other variants are not "
         "text-to-image models)"));
   }
+  const bool xl = family_ == ModelFamily::kSdxl;
+  const char* text_files = xl ? "text_encoder/ + text_encoder_2/config.json hidden_size" : "text_encoder/config.json hidden_size";
   for (int64_t dim : unet.cross_attention_dim) {
-    if (dim != text.hidden_size) {
+    if (dim != text_embed_dim()) {
       return absl::InvalidArgumentError(absl::StrCat(where, ": unet/config.json cross_attention_dim ", dim,
-                                                     " differs from text_encoder/config.json hidden_size ",
-                                                     text.hidden_size));
+                                                     " differs from ", text_files, " ", text_embed_dim()));
     }
   }
-  if (static_cast<int64_t>(tokenizer_->vocab_size()) > text.vocab_size ||
-      text.max_position_embeddings < ClipTokenizer::kMaxLength) {
+  if (unet.text_time() != xl) {
     return absl::InvalidArgumentError(absl::StrCat(
-        where, ": the tokenizer (", tokenizer_->vocab_size(), " ids, ", ClipTokenizer::kMaxLength,
-        " positions) does not fit text_encoder/config.json (vocab_size ", text.vocab_size,
-        ", max_position_embeddings ", text.max_position_embeddings, ")"));
+        where, ": unet/config.json ", xl ? "has no" : "has", " addition_embed_type \"text_time\", which ",
+        xl ? "StableDiffusionXLPipeline needs (model_index.json)" : "only StableDiffusionXLPipeline folders provide"));
+  }
+  if (xl && unet.pooled_text_dim() != sdxl_text_->pooled_dim()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, ": unet/config.json projection_class_embeddings_input_dim ", unet.added_cond_dim, " must be 6 x "
+        "addition_time_embed_dim (", 6 * unet.addition_time_embed_dim, ") + text_encoder_2/config.json "
+        "projection_dim (", sdxl_text_->pooled_dim(), ")"));
+  }
+  for (int tower = 1; tower <= (xl ? 2 : 1); ++tower) {
+    const ClipTokenizer& tokenizer = xl ? sdxl_text_->tokenizer(tower) : *tokenizer_;
+    const ClipTextConfig& text = xl ? sdxl_text_->config(tower) : text_encoder_->config();
+    const char* folder = tower == 1 ? "text_encoder" : "text_encoder_2";
+    if (static_cast<int64_t>(tokenizer.vocab_size()) > text.vocab_size ||
+        text.max_position_embeddings < ClipTokenizer::kMaxLength) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": the tokenizer (", tokenizer.vocab_size(), " ids, ", ClipTokenizer::kMaxLength,
+          " positions) does not fit ", folder, "/config.json (vocab_size ", text.vocab_size,
+          ", max_position_embeddings ", text.max_position_embeddings, ")"));
+    }
   }
   return absl::OkStatus();
+}
+
+const char* ModelFamilyName(ModelFamily family) { return family == ModelFamily::kSdxl ? "sdxl" : "sd1"; }
+
+const ClipTokenizer& StableDiffusion::tokenizer() const {
+  return family_ == ModelFamily::kSdxl ? sdxl_text_->tokenizer() : *tokenizer_;
+}
+
+int64_t StableDiffusion::text_embed_dim() const {
+  return family_ == ModelFamily::kSdxl ? sdxl_text_->embed_dim() : text_encoder_->config().hidden_size;
+}
+
+TextConditioning StableDiffusion::ZeroNegative() const {
+  if (family_ != ModelFamily::kSdxl || !force_zeros_for_empty_prompt_) return {};
+  return sdxl_text_->Zeros(1);
+}
+
+at::Tensor StableDiffusion::TimeIds(int height, int width) const {
+  const double h = height, w = width;
+  return at::tensor({h, w, 0.0, 0.0, h, w}, at::TensorOptions().dtype(at::kDouble))
+      .view({1, 6})
+      .to(at::TensorOptions().dtype(options_.target.dtype).device(options_.target.device));
 }
 
 int StableDiffusion::native_height() const {
@@ -109,10 +170,11 @@ int StableDiffusion::native_width() const {
   return w > 0 ? static_cast<int>(w) * vae_scale() : 512;
 }
 
-absl::StatusOr<at::Tensor> StableDiffusion::EncodePrompts(const std::vector<std::string>& texts) const {
-  return GuardTorch("text encoding", [&]() -> absl::StatusOr<at::Tensor> {
+absl::StatusOr<TextConditioning> StableDiffusion::EncodePrompts(const std::vector<std::string>& texts) const {
+  return GuardTorch("text encoding", [&]() -> absl::StatusOr<TextConditioning> {
     at::NoGradGuard no_grad;
-    return text_encoder_->forward(PaddedTokenIds(*tokenizer_, texts, options_.target.device));
+    if (family_ == ModelFamily::kSdxl) return sdxl_text_->Encode(texts);
+    return TextConditioning{.embeds = text_encoder_->forward(PaddedTokenIds(*tokenizer_, texts, options_.target.device))};
   });
 }
 
@@ -204,31 +266,57 @@ absl::StatusOr<std::vector<DenoiseBatch::Sample>> StableDiffusion::PrepareSample
   };
   std::vector<int64_t> cond_row(specs.size()), uncond_row(specs.size(), -1);
   for (size_t i = 0; i < specs.size(); ++i) cond_row[i] = row_for(specs[i].prompt);
+  // SDXL's force_zeros_for_empty_prompt: an empty negative prompt is all zeros, one row after the texts.
+  const TextConditioning zero_negative = ZeroNegative();
+  const auto zero_row = static_cast<int64_t>(texts.size()) + static_cast<int64_t>(specs.size());
+  bool zeros_used = false;
   for (size_t i = 0; i < specs.size(); ++i) {
-    if (specs[i].guidance_scale > 1.0) uncond_row[i] = row_for(specs[i].negative_prompt);
+    if (specs[i].guidance_scale <= 1.0) continue;
+    if (zero_negative.defined() && specs[i].negative_prompt.empty()) {
+      uncond_row[i] = zero_row;
+      zeros_used = true;
+    } else {
+      uncond_row[i] = row_for(specs[i].negative_prompt);
+    }
   }
-  std::vector<at::Tensor> rows(texts.size());
+  std::vector<TextConditioning> rows(texts.size());
   for (size_t t = 0; t < texts.size(); ++t) {
-    if (std::optional<at::Tensor> hit = text_cache_->Find(texts[t])) {
+    if (std::optional<TextConditioning> hit = text_cache_->Find(texts[t])) {
       rows[t] = *std::move(hit);
       continue;
     }
-    absl::StatusOr<at::Tensor> encoded = EncodePrompts({texts[t]});
+    absl::StatusOr<TextConditioning> encoded = EncodePrompts({texts[t]});
     if (!encoded.ok()) return encoded.status();
     text_cache_->Insert(texts[t], *encoded);
     rows[t] = *std::move(encoded);
   }
-  absl::StatusOr<at::Tensor> embeddings =
-      GuardTorch("text encoding", [&]() -> absl::StatusOr<at::Tensor> { return at::cat(rows); });
+  if (zeros_used) {
+    for (int64_t& r : uncond_row) r = r == zero_row ? static_cast<int64_t>(rows.size()) : r;
+    rows.push_back(zero_negative);
+  }
+  absl::StatusOr<TextConditioning> embeddings = GuardTorch("text encoding", [&]() -> absl::StatusOr<TextConditioning> {
+    std::vector<at::Tensor> embeds, pooled;
+    for (const TextConditioning& r : rows) {
+      embeds.push_back(r.embeds);
+      if (r.pooled.defined()) pooled.push_back(r.pooled);
+    }
+    return TextConditioning{.embeds = at::cat(embeds), .pooled = pooled.empty() ? at::Tensor() : at::cat(pooled)};
+  });
   if (!embeddings.ok()) return embeddings.status();
   if (timings != nullptr) timings->text_encoding = SecondsSince(t0);
+  const auto text_row = [&](int64_t row) {
+    return TextConditioning{
+        .embeds = embeddings->embeds.narrow(0, row, 1),
+        .pooled = embeddings->pooled.defined() ? embeddings->pooled.narrow(0, row, 1) : at::Tensor()};
+  };
 
   return GuardTorch("preparing latents", [&]() -> absl::StatusOr<std::vector<DenoiseBatch::Sample>> {
     std::vector<DenoiseBatch::Sample> samples;
     for (size_t i = 0; i < specs.size(); ++i) {
       DenoiseBatch::Sample s;
-      s.cond = embeddings->narrow(0, cond_row[i], 1);
-      if (uncond_row[i] >= 0) s.uncond = embeddings->narrow(0, uncond_row[i], 1);
+      s.cond = text_row(cond_row[i]);
+      if (uncond_row[i] >= 0) s.uncond = text_row(uncond_row[i]);
+      if (family_ == ModelFamily::kSdxl) s.time_ids = TimeIds(spec.height, spec.width);
       s.generator = at::make_generator<at::CPUGeneratorImpl>(specs[i].seed);
       const at::TensorOptions model_options = at::TensorOptions().dtype(options_.target.dtype).device(options_.target.device);
       at::Tensor initial;

@@ -1,8 +1,13 @@
-// A loaded Stable Diffusion 1.x model (tokenizer, text encoder, UNet, VAE decoder, scheduler config) on one device
-// and dtype. Immutable after Create() but for its text-embedding cache (internally locked): one instance serves
+// A loaded Stable Diffusion model of either family model_index.json names: SD 1.x (StableDiffusionPipeline: one
+// CLIP tokenizer and text encoder) or SDXL (StableDiffusionXLPipeline: two towers, SdxlTextEncoder, and a UNet
+// with "text_time" added conditions), with its UNet, VAE decoder and scheduler config, on one device and dtype.
+// Both families run the same denoising driver (DenoiseBatch); what differs is the text path (TextConditioning
+// with or without a pooled embedding), SDXL's micro-conditioning time ids per sample, and the VAE's decode
+// dtype (SDXL's force_upcast). Immutable after Create() but for its text-embedding cache (internally locked): one instance serves
 // batch after batch with different sizes, schedulers and Token Merging settings, and concurrent calls are safe
 // (the components' forward passes are const); the server still gives each device one worker thread, because
 // batches on one device only compete for it.
+//
 //
 // A request's journey through it: EncodePrompts -> StartBatch -> DenoiseBatch::Step() x num_calls -> Decode.
 // Generate() strings these together for offline use (tomeserve-gen, tests, benchmarks).
@@ -23,12 +28,21 @@
 #include "pipeline/device.h"
 #include "pipeline/generation.h"
 #include "pipeline/scheduler_config.h"
+#include "pipeline/sdxl_text_encoder.h"
+#include "pipeline/text_conditioning.h"
 #include "pipeline/text_embedding_cache.h"
 #include "pipeline/unet.h"
 #include "pipeline/unet_graphs.h"
 #include "pipeline/vae.h"
 
 namespace tomeserve::pipeline {
+
+enum class ModelFamily {
+  kSd1,   // StableDiffusionPipeline (SD 1.x, and 2.x-style configs with the same blocks)
+  kSdxl,  // StableDiffusionXLPipeline
+};
+// "sd1" / "sdxl": log lines, model descriptions.
+const char* ModelFamilyName(ModelFamily family);
 
 struct PipelineOptions {
   std::filesystem::path model_dir;  // a diffusers folder: model_index.json, tokenizer/, text_encoder/, unet/, ...
@@ -61,10 +75,15 @@ class StableDiffusion {
   int vae_scale() const { return static_cast<int>(vae_->upscale_factor()); }
   SchedulerKind default_scheduler() const { return default_scheduler_; }
   const SchedulerConfig& scheduler_config() const { return scheduler_config_; }
-  const ClipTokenizer& tokenizer() const { return *tokenizer_; }
+  ModelFamily family() const { return family_; }
+  // The (first) tokenizer: prompt token counts for validation.
+  const ClipTokenizer& tokenizer() const;
+  // Width of the UNet's text conditioning (SD 1.5: 768; SDXL: 768 + 1280).
+  int64_t text_embed_dim() const;
 
-  // Token ids, padded to 77, for each text, then one text-encoder call: [N, 77, hidden] on the model's device.
-  absl::StatusOr<at::Tensor> EncodePrompts(const std::vector<std::string>& texts) const;
+  // Token ids, padded to 77, for each text, then one call of each text encoder: embeds [N, 77, D] (and SDXL's
+  // pooled [N, P]) on the model's device.
+  absl::StatusOr<TextConditioning> EncodePrompts(const std::vector<std::string>& texts) const;
 
   // Largest width or height accepted (the PNG limit).
   static constexpr int kMaxSide = 16384;
@@ -94,7 +113,6 @@ class StableDiffusion {
                                                        PhaseTimings* timings = nullptr) const;
 
   const UNet2DConditionModelImpl& unet() const { return *unet_; }
-  const ClipTextModelImpl& text_encoder() const { return *text_encoder_; }
   const VaeDecoderImpl& vae() const { return *vae_; }
   TextEmbeddingCache::Stats text_cache_stats() const { return text_cache_->stats(); }
 
@@ -104,9 +122,22 @@ class StableDiffusion {
   // embedding width, token ids and positions), so a mismatched folder fails at load, not on the first request.
   absl::Status CheckComponentsFit() const;
 
+  // One text path, by family: tokenizer_ + text_encoder_ (SD 1.x) or sdxl_text_ (SDXL).
+  absl::Status LoadSd1Text();
+  absl::Status LoadSdxlText();
+  // A negative prompt's conditioning when model_index.json's force_zeros_for_empty_prompt turns an empty one
+  // into zeros (SDXL); undefined otherwise.
+  TextConditioning ZeroNegative() const;
+  // SDXL's add_time_ids for a `height` x `width` image as diffusers builds them by default: original size,
+  // crop top-left (0, 0), target size. [1, 6] in the model's dtype and device.
+  at::Tensor TimeIds(int height, int width) const;
+
   PipelineOptions options_;
+  ModelFamily family_ = ModelFamily::kSd1;
   std::unique_ptr<ClipTokenizer> tokenizer_;
   std::shared_ptr<ClipTextModelImpl> text_encoder_;
+  std::unique_ptr<SdxlTextEncoder> sdxl_text_;
+  bool force_zeros_for_empty_prompt_ = false;
   std::shared_ptr<UNet2DConditionModelImpl> unet_;
   std::shared_ptr<VaeDecoderImpl> vae_;
   std::unique_ptr<TextEmbeddingCache> text_cache_;

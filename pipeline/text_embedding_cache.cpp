@@ -2,7 +2,7 @@
 
 namespace tomeserve::pipeline {
 
-std::optional<at::Tensor> TextEmbeddingCache::Find(const std::string& text) {
+std::optional<TextConditioning> TextEmbeddingCache::Find(const std::string& text) {
   absl::MutexLock lock(&mu_);
   auto it = index_.find(text);
   if (it == index_.end()) {
@@ -14,7 +14,7 @@ std::optional<at::Tensor> TextEmbeddingCache::Find(const std::string& text) {
   return it->second->second;
 }
 
-void TextEmbeddingCache::Insert(const std::string& text, at::Tensor embedding) {
+void TextEmbeddingCache::Insert(const std::string& text, TextConditioning embedding) {
   if (capacity_ == 0) return;
   absl::MutexLock lock(&mu_);
   if (auto it = index_.find(text); it != index_.end()) {

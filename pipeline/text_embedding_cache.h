@@ -1,5 +1,5 @@
-// A bounded least-recently-used map from a prompt's text to its text-encoder output ([1, 77, hidden] on the
-// model's device), so that repeated texts (the empty negative prompt of nearly every call, a popular prompt, the
+// A bounded least-recently-used map from a prompt's text to its text-encoder output (TextConditioning with one
+// row: [1, 77, hidden] on the model's device, plus SDXL's pooled [1, P]), so that repeated texts (the empty negative prompt of nearly every call, a popular prompt, the
 // N images of one request) skip the text encoder across calls. Each entry is the text encoded alone, so a cached
 // row is bit-identical to a fresh one whatever else was encoded with it (batch composition never changes a
 // prompt's embedding, and neither does the cache's state).
@@ -20,6 +20,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "pipeline/text_conditioning.h"
 
 namespace tomeserve::pipeline {
 
@@ -31,10 +32,10 @@ class TextEmbeddingCache {
   TextEmbeddingCache& operator=(const TextEmbeddingCache&) = delete;
 
   // The embedding of `text`, which becomes the most recently used entry; nullopt on a miss.
-  std::optional<at::Tensor> Find(const std::string& text);
+  std::optional<TextConditioning> Find(const std::string& text);
   // Adds (or replaces) `text`'s embedding as the most recently used entry, evicting the least recently used one
   // beyond the capacity.
-  void Insert(const std::string& text, at::Tensor embedding);
+  void Insert(const std::string& text, TextConditioning embedding);
 
   struct Stats {
     int64_t hits = 0, misses = 0;
@@ -44,7 +45,7 @@ class TextEmbeddingCache {
   size_t capacity() const { return capacity_; }
 
  private:
-  using Entry = std::pair<std::string, at::Tensor>;
+  using Entry = std::pair<std::string, TextConditioning>;
   const size_t capacity_;
   mutable absl::Mutex mu_;
   std::list<Entry> order_ ABSL_GUARDED_BY(mu_);  // most recently used first

@@ -22,6 +22,9 @@ UNetCall PadRows(const UNetCall& call, int64_t rows) {
   out.sample = pad(call.sample);
   out.timesteps = pad(call.timesteps);
   out.encoder_hidden_states = pad(call.encoder_hidden_states);
+  if (call.added.text_embeds.defined()) {
+    out.added = {.text_embeds = pad(call.added.text_embeds), .time_ids = pad(call.added.time_ids)};
+  }
   PadGroupRows(&out.groups, have, rows);
   return out;
 }
@@ -68,7 +71,8 @@ at::Tensor RunUNetCall(const UNet2DConditionModelImpl& unet, const UNetCall& cal
     }
     groups.push_back(std::move(hook_group));
   }
-  return unet.forward(call.sample, call.timesteps, call.encoder_hidden_states, groups);
+  return unet.forward(call.sample, call.timesteps, call.encoder_hidden_states, groups,
+                      call.added.text_embeds.defined() ? &call.added : nullptr);
 }
 
 }  // namespace tomeserve::pipeline

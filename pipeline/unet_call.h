@@ -17,6 +17,7 @@ struct UNetCall {
   at::Tensor sample;                 // [B, in_channels, h, w] on the model's device, model dtype
   at::Tensor timesteps;              // [B] float32, on the CPU or the device
   at::Tensor encoder_hidden_states;  // [B, L, D] on the model's device
+  UNetAddedConditions added;         // SDXL's text_embeds and time_ids, one row per row; undefined on SD 1.x
   struct Group {
     const HookFactory* factory = nullptr;  // not owned; null: the plain transformer block
     std::vector<int64_t> rows;             // ascending; the groups together partition [0, B)
@@ -28,7 +29,8 @@ struct UNetCall {
   int64_t rows() const { return sample.size(0); }
 };
 
-// The call grown to `rows` rows (>= call.rows()) with zero inputs, timestep 0 and zero embeddings. The new rows
+// The call grown to `rows` rows (>= call.rows()) with zero inputs, timestep 0 and zero embeddings (and zero
+// added conditions). The new rows
 // join the last group as samples of their own without guidance (Token Merging gives such rows its fixed
 // top-left partition). Rows are independent in every UNet layer, so the first call.rows() outputs are those
 // of the call itself.

@@ -251,4 +251,22 @@ absl::StatusOr<UNet2DConditionConfig> UNet2DConditionConfig::Load(const std::fil
   return LoadJsonConfig<UNet2DConditionConfig>(config_json);
 }
 
+std::vector<int> UNet2DConditionConfig::AttentionDownsamples() const {
+  const int64_t n = num_levels();
+  std::vector<bool> has(static_cast<size_t>(n), false);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i < static_cast<int64_t>(down_block_types.size()) && down_block_types[i] == UNetBlockKind::kCrossAttn) has[i] = true;
+    // Up block i runs at level n - 1 - i.
+    if (i < static_cast<int64_t>(up_block_types.size()) && up_block_types[i] == UNetBlockKind::kCrossAttn) {
+      has[n - 1 - i] = true;
+    }
+  }
+  if (n > 0) has[n - 1] = true;  // UNetMidBlock2DCrossAttn
+  std::vector<int> out;
+  for (int64_t i = 0; i < n; ++i) {
+    if (has[i]) out.push_back(1 << i);
+  }
+  return out;
+}
+
 }  // namespace tomeserve::pipeline

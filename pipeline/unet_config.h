@@ -64,6 +64,11 @@ struct UNet2DConditionConfig {
   int64_t num_levels() const { return static_cast<int64_t>(block_out_channels.size()); }
   bool text_time() const { return addition_time_embed_dim > 0; }
   int64_t pooled_text_dim() const { return added_cond_dim - 6 * addition_time_embed_dim; }
+  // How far the token grid is downsampled (1, 2, 4, ...) at each level that has transformer blocks (cross-
+  // attention down or up blocks, and the mid block at the coarsest level), ascending, without repeats: SD 1.5
+  // {1, 2, 4, 8}, SDXL {2, 4}. Token Merging's max_downsample patches the blocks at levels <= it, so the
+  // first entry is the smallest setting that merges anything.
+  std::vector<int> AttentionDownsamples() const;
   int64_t time_embed_dim() const {
     return time_embedding_dim > 0 ? time_embedding_dim : 4 * block_out_channels[0];
   }

@@ -111,6 +111,8 @@ struct UNetGraphs::Impl {
     int64_t bucket = 0;
     at::Tensor sample, timesteps, encoder_hidden_states, output;  // static, bucket rows
     at::Tensor embeddings_source;  // the call tensor last copied into encoder_hidden_states
+    UNetAddedConditions added;     // static (SDXL), bucket rows; undefined for models without them
+    at::Tensor added_source;       // the call's text_embeds last copied into `added`
     std::vector<std::unique_ptr<RecordedHookInputs>> inputs;       // per group
   };
 
@@ -142,6 +144,9 @@ struct UNetGraphs::Impl {
     padded.sample = padded.sample.clone();
     padded.timesteps = ToDeviceAsync(padded.timesteps, device).clone();
     padded.encoder_hidden_states = padded.encoder_hidden_states.clone();
+    if (padded.added.text_embeds.defined()) {
+      padded.added = {.text_embeds = padded.added.text_embeds.clone(), .time_ids = padded.added.time_ids.clone()};
+    }
     if (padded.groups.size() > 1) {
       for (UNetCall::Group& group : padded.groups) {
         group.device_rows = ToDeviceAsync(at::tensor(group.rows, at::TensorOptions().dtype(at::kLong)), device);
@@ -182,6 +187,8 @@ struct UNetGraphs::Impl {
     g.timesteps = padded.timesteps;
     g.encoder_hidden_states = padded.encoder_hidden_states;
     g.embeddings_source = call.encoder_hidden_states;
+    g.added = padded.added;
+    g.added_source = call.added.text_embeds;
     graphs[key] = std::move(g);
     cache.Captured(key);
     DropReleased();
@@ -196,6 +203,12 @@ struct UNetGraphs::Impl {
     if (!g.embeddings_source.is_same(call.encoder_hidden_states)) {
       CopyAsync(g.encoder_hidden_states.narrow(0, 0, real_rows), call.encoder_hidden_states);
       g.embeddings_source = call.encoder_hidden_states;
+    }
+    // Added conditions change with the composition too (DenoiseBatch keeps them beside the embeddings).
+    if (g.added.text_embeds.defined() && !g.added_source.is_same(call.added.text_embeds)) {
+      CopyAsync(g.added.text_embeds.narrow(0, 0, real_rows), call.added.text_embeds);
+      CopyAsync(g.added.time_ids.narrow(0, 0, real_rows), call.added.time_ids);
+      g.added_source = call.added.text_embeds;
     }
     std::vector<UNetCall::Group> groups = call.groups;
     PadGroupRows(&groups, real_rows, g.bucket);

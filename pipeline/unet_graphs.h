@@ -61,8 +61,8 @@ class UNetGraphs {
 
   // The call's output, as RunUNetCall gives it (a tensor of its own, not a view of a graph's buffer). On the
   // current stream; throws c10::Error like RunUNetCall (an out-of-memory error in a capture leaves the layout
-  // eager and runs the call eagerly instead). A replay skips copying call.encoder_hidden_states when it is the
-  // tensor the layout's last call passed (DenoiseBatch keeps one per batch composition), so callers must not
+  // eager and runs the call eagerly instead). A replay skips copying call.encoder_hidden_states (and call.added) when
+  // it is the tensor the layout's last call passed (DenoiseBatch keeps one per batch composition), so callers must not
   // change it in place.
   at::Tensor Run(const UNet2DConditionModelImpl& unet, const UNetCall& call);
   Stats stats() const;

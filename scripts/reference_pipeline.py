@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
-"""diffusers' StableDiffusionPipeline images for the C++ end-to-end tests.
+"""diffusers' StableDiffusionPipeline (or StableDiffusionXLPipeline) images for the C++ end-to-end tests.
 
     reference_pipeline.py --model DIR --out FILE.safetensors
 
-For every scheduler tomeserve offers, runs the pipeline (fp32, CPU, one thread) from fixed initial latents and
+The pipeline class comes from the folder's model_index.json. For every scheduler tomeserve offers, runs it (fp32, CPU, one thread) from fixed initial latents and
 stores the RGB8 image diffusers would save (PIL conversion: round(x * 255)). Cases cover the native size and a
 size that is not a multiple of 64 (odd latent sizes), guidance on and off. Tensors (F32 only, as the C++ reader
 loads float weights): "<case>/latents" [1,4,h,w] and "<case>/image" [H,W,3]; seeded cases (no latents: noise
 from one CPU generator per sample) store "<case>/image/<k>" per sample. Metadata "cases" is a JSON list of
 {name, scheduler, prompt, negative_prompt, seed | prompts, negative_prompts, seeds, width, height, steps, guidance}.
+
+SDXL (tiny-xl): the same schedulers at the native size and at sizes whose latents halve unevenly, an empty
+negative prompt (force_zeros_for_empty_prompt: zeros, not the encoding of ""; diffusers' negative_prompt=None,
+as tomeserve reads an empty one), guidance off, a seeded batch (non-empty negatives: a batched diffusers call
+zeroes all of its negatives or none).
+No invisible watermark (add_watermarker=False): tomeserve does not watermark, and the watermark is not part of
+the model.
 """
 import argparse
 import json
@@ -48,6 +55,35 @@ def cases():
     return out
 
 
+def xl_cases():
+    out = []
+    for name, (w, h) in zip(SCHEDULERS, [(128, 128), (96, 64), (128, 128), (72, 40), (64, 128), (128, 96)]):
+        out.append(dict(name=f"xl_{name}_{w}x{h}", scheduler=name, prompt="a photo of a cat on a red sofa",
+                        negative_prompt="blurry, low quality", width=w, height=h, steps=4, guidance=7.5, seed=42))
+    out.append(dict(name="xl_euler_empty_negative", scheduler="euler", prompt="an astronaut riding a horse",
+                    negative_prompt="", width=128, height=128, steps=4, guidance=5.0, seed=7))
+    out.append(dict(name="xl_euler_a_noguidance", scheduler="euler_a", prompt="a lighthouse at dusk",
+                    negative_prompt="", width=128, height=128, steps=4, guidance=1.0, seed=3))
+    out.append(dict(name="xl_euler_a_seeded_batch2", scheduler="euler_a", prompts=["a red car", "a green tree"],
+                    negative_prompts=["blurry", "dark"], seeds=[42, 2**40 + 7], width=128, height=96, steps=3,
+                    guidance=6.0))
+    return out
+
+
+def load_pipeline(model):
+    """The model's pipeline (fp32, no safety checker or watermark) and whether it is SDXL."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    xl = json.loads((Path(model) / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    if xl:
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
+                                                       torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, xl
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -55,14 +91,11 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(1)
     import diffusers
-    from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, requires_safety_checker=False,
-                                                   torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, xl = load_pipeline(a.model)
     base_config = pipe.scheduler.config
     tensors, meta = {}, []
-    for c in cases():
+    for c in (xl_cases() if xl else cases()):
         cls_name, extra = SCHEDULERS[c["scheduler"]]
         pipe.scheduler = getattr(diffusers, cls_name).from_config(base_config, **extra)
         if "seeds" in c:

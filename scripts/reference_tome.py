@@ -6,8 +6,10 @@
 UNet cases: diffusers' UNet2DConditionModel patched by tomesd.apply_patch with one setting per case, fp32, CPU,
 one intra-op thread, from seeded inputs. Tensors "unet/<case>/{sample,timesteps,encoder_hidden_states,out}"
 (SDXL UNets, tiny-xl: also text_embeds and time_ids, the added conditions).
-Pipeline cases (tiny only): StableDiffusionPipeline with tomesd applied, from fixed initial latents; tensors
-"pipe/<case>/{latents,image}" (RGB8 as F32, diffusers' round(x * 255)).
+Pipeline cases (tiny: StableDiffusionPipeline; tiny-xl: StableDiffusionXLPipeline, no watermark) with tomesd
+applied, from fixed initial latents; tensors "pipe/<case>/{latents,image}" (RGB8 as F32, diffusers'
+round(x * 255)). SDXL cases use max_downsample >= 2: at tomesd's default 1 nothing is patched on SDXL (its
+finest level has no attention), and one case pins exactly that.
 
 Metadata "unet_cases" / "pipeline_cases": JSON lists of {name, ..., tome: {apply_patch kwargs}, blocks}. blocks
 lists, in call order of the first UNet call, what tomesd's compute_merge handed to the matcher for every patched
@@ -84,6 +86,21 @@ def pipeline_cases():
     ]
 
 
+def xl_pipeline_cases():
+    return [
+        dict(name="xl_euler_r05_md2", scheduler="EulerDiscreteScheduler", prompt="a photo of a cat on a red sofa",
+             negative_prompt="blurry", width=128, height=128, steps=4, guidance=7.5, seed=42, tome=tome(0.5, md=2)),
+        dict(name="xl_ddim_odd_r03_md4_s12", scheduler="DDIMScheduler", prompt="an astronaut riding a horse",
+             negative_prompt="", width=72, height=40, steps=3, guidance=5.0, seed=7, tome=tome(0.3, md=4, sx=1)),
+        dict(name="xl_euler_noguidance_r075_md2_mlp", scheduler="EulerDiscreteScheduler",
+             prompt="a lighthouse at dusk", negative_prompt="", width=128, height=96, steps=3, guidance=1.0,
+             seed=3, tome=tome(0.75, md=2, mlp=True)),
+        dict(name="xl_euler_r05_md1_patches_nothing", scheduler="EulerDiscreteScheduler",
+             prompt="a bowl of fruit", negative_prompt="", width=128, height=128, steps=3, guidance=7.5, seed=5,
+             tome=tome(0.5, md=1)),
+    ]
+
+
 class BlockRecorder:
     """Wraps tomesd's matcher to record [N, w, h, r] per patched block of the first UNet call."""
 
@@ -114,7 +131,7 @@ def main():
     torch.set_num_threads(1)
     import diffusers
     import tomesd
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     tensors, unet_meta, pipe_meta = {}, [], []
     unet = UNet2DConditionModel.from_pretrained(str(a.model / "unet"), torch_dtype=torch.float32).eval()
@@ -141,12 +158,16 @@ def main():
         print(f"unet {name}: {len(rec.blocks)} patched blocks", flush=True)
     del unet
 
-    if a.preset_cases == "tiny":
-        pipe = StableDiffusionPipeline.from_pretrained(str(a.model), safety_checker=None,
-                                                       requires_safety_checker=False, torch_dtype=torch.float32)
+    if a.preset_cases in ("tiny", "tiny-xl"):
+        if a.preset_cases == "tiny":
+            pipe = StableDiffusionPipeline.from_pretrained(str(a.model), safety_checker=None,
+                                                           requires_safety_checker=False, torch_dtype=torch.float32)
+        else:
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(a.model), torch_dtype=torch.float32,
+                                                             add_watermarker=False)
         pipe.set_progress_bar_config(disable=True)
         base_config = pipe.scheduler.config
-        for c in pipeline_cases():
+        for c in (pipeline_cases() if a.preset_cases == "tiny" else xl_pipeline_cases()):
             pipe.scheduler = getattr(diffusers, c["scheduler"]).from_config(base_config)
             h, w = c["height"] // 8, c["width"] // 8
             latents = torch.randn((1, 4, h, w), generator=torch.Generator("cpu").manual_seed(1000 + c["seed"]))

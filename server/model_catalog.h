@@ -15,6 +15,11 @@ struct ModelDescription {
   int native_width = 512;
   int native_height = 512;
   pipeline::SchedulerKind default_scheduler = pipeline::SchedulerKind::kPndm;
+  std::string family = "sd1";  // pipeline::ModelFamilyName: "sd1" or "sdxl"
+  // The UNet's levels with transformer blocks, as Token Merging downsample factors, ascending
+  // (UNet2DConditionConfig::AttentionDownsamples): SD 1.5 {1, 2, 4, 8}, SDXL {2, 4}. The first is the default
+  // tome.max_downsample, so a ratio always merges something.
+  std::vector<int> tome_downsamples = {1, 2, 4, 8};
   std::vector<std::string> devices;
   std::string dtype;
   // Counts prompt tokens for validation; owned by the first replica (lives as long as the workers). May be

@@ -76,8 +76,12 @@ absl::StatusOr<int> CheckSide(const char* field, uint32_t value, int native, con
   return static_cast<int>(value);
 }
 
-absl::StatusOr<tome::TokenMerging> ConvertTome(const v1::TokenMerging& in, const RequestLimits& limits) {
+absl::StatusOr<tome::TokenMerging> ConvertTome(const v1::TokenMerging& in, const ModelDescription& model,
+                                               const RequestLimits& limits) {
   tome::TokenMerging t;
+  // The model's finest level with attention (SDXL has none at full resolution: tomesd's default of 1 would
+  // patch nothing there).
+  if (!model.tome_downsamples.empty()) t.max_downsample = model.tome_downsamples.front();
   t.ratio = in.has_ratio() ? FloatToShortestDouble(in.ratio()) : limits.default_tome_ratio;
   // Range checks are tome::Validate's; values past int's range saturate so its message reports them sanely.
   const auto as_int = [](uint32_t v) { return static_cast<int>(std::min<uint32_t>(v, INT32_MAX)); };
@@ -194,7 +198,7 @@ absl::StatusOr<GenerationRequest> ConvertRequest(const v1::GenerateRequest& requ
       return Invalid(absl::StrCat("output_format: unknown value ", static_cast<int>(request.output_format()),
                                   "; allowed: 0 (PNG), 1 (PNG), 2 (RAW_RGB8)"));
   }
-  absl::StatusOr<tome::TokenMerging> tome = ConvertTome(request.tome(), limits);
+  absl::StatusOr<tome::TokenMerging> tome = ConvertTome(request.tome(), *model, limits);
   if (!tome.ok()) return tome.status();
   out.tome = *tome;
 
@@ -209,6 +213,15 @@ absl::StatusOr<GenerationRequest> ConvertRequest(const v1::GenerateRequest& requ
     out.tome_max_ratio = max_ratio;
   } else if (limits.adaptive_tome_max_ratio > out.tome.ratio) {
     out.tome_max_ratio = std::min(limits.adaptive_tome_max_ratio, tome::MaxRatio(out.tome.sx, out.tome.sy));
+  }
+  // Settings that would merge nothing on this model are refused, not silently run unmerged.
+  if ((out.tome.ratio > 0 || out.tome_max_ratio > 0) && !model->tome_downsamples.empty() &&
+      out.tome.max_downsample < model->tome_downsamples.front()) {
+    return Invalid(absl::StrCat("tome.max_downsample is ", out.tome.max_downsample, ", which patches no block of ",
+                                "model \"", model->name, "\": its transformer blocks are at downsample ",
+                                absl::StrJoin(model->tome_downsamples, ", "), "; allowed: ",
+                                model->tome_downsamples.front(), " to 8, or 0 for the model's default (",
+                                model->tome_downsamples.front(), ")"));
   }
   switch (request.priority()) {
     case v1::PRIORITY_INTERACTIVE:

@@ -218,6 +218,8 @@ grpc::ServerUnaryReactor* ImageGeneratorService::ListModels(grpc::CallbackServer
     info->set_default_scheduler(ToProto(m.default_scheduler));
     for (const std::string& d : m.devices) info->add_devices(d);
     info->set_dtype(m.dtype);
+    info->set_family(m.family);
+    for (int d : m.tome_downsamples) info->add_tome_downsamples(static_cast<uint32_t>(d));
     const RequestLimits& l = front_->limits();
     info->set_default_tome_ratio(static_cast<float>(l.default_tome_ratio));
     v1::RequestLimits* limits = info->mutable_limits();

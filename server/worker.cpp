@@ -162,6 +162,8 @@ std::vector<ModelDescription> Worker::Describe() const {
                    .native_width = sd.native_width(),
                    .native_height = sd.native_height(),
                    .default_scheduler = sd.default_scheduler(),
+                   .family = pipeline::ModelFamilyName(sd.family()),
+                   .tome_downsamples = sd.unet().config().AttentionDownsamples(),
                    .devices = {impl_->options.device},
                    .dtype = pipeline::ComputeDTypeName(impl_->target.dtype),
                    .tokenizer = &sd.tokenizer()});

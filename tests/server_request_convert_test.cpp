@@ -8,6 +8,7 @@
 #include <limits>
 #include <string>
 
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/request_convert.h"
 
@@ -25,7 +26,11 @@ ModelCatalog Catalog(const pipeline::ClipTokenizer* tokenizer = nullptr) {
   ModelDescription big = tiny;
   big.name = "big";
   big.native_width = big.native_height = 512;
-  return {.default_model = "tiny", .models = {tiny, big}};
+  ModelDescription xl = tiny;
+  xl.name = "xl";
+  xl.family = "sdxl";
+  xl.tome_downsamples = {2, 4};
+  return {.default_model = "tiny", .models = {tiny, big, xl}};
 }
 
 RandomSource Fixed() {
@@ -61,6 +66,29 @@ TEST(RequestConvertTest, FillsDefaults) {
   EXPECT_EQ(g->tome.ratio, 0.25);
   EXPECT_EQ(g->tome, (tome::TokenMerging{.ratio = 0.25}));
   EXPECT_EQ(g->key.tome, g->tome);
+}
+
+// max_downsample's default is the model's finest level with attention, so a ratio always merges something; a
+// setting below it (SDXL at tomesd's default 1) merges nothing and is refused, naming the levels.
+TEST(RequestConvertTest, MaxDownsampleDefaultIsModelAware) {
+  v1::GenerateRequest r = Valid();
+  r.mutable_tome()->set_ratio(0.5f);
+  absl::StatusOr<GenerationRequest> sd = Convert(r);
+  ASSERT_TRUE(sd.ok()) << sd.status();
+  EXPECT_EQ(sd->tome.max_downsample, 1);
+  r.set_model("xl");
+  absl::StatusOr<GenerationRequest> xl = Convert(r);
+  ASSERT_TRUE(xl.ok()) << xl.status();
+  EXPECT_EQ(xl->tome.max_downsample, 2);
+  r.mutable_tome()->set_max_downsample(1);
+  absl::StatusOr<GenerationRequest> none = Convert(r);
+  ASSERT_EQ(none.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(none.status().message(), ::testing::HasSubstr("tome.max_downsample is 1"));
+  EXPECT_THAT(none.status().message(), ::testing::HasSubstr("downsample 2, 4"));
+  r.mutable_tome()->set_ratio(0);  // no merging asked for: nothing to refuse
+  EXPECT_TRUE(Convert(r).ok());
+  r.mutable_tome()->set_max_ratio(0.5f);  // the controller may merge: refused too
+  EXPECT_EQ(Convert(r).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(RequestConvertTest, TakesExplicitValues) {

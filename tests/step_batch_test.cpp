@@ -320,18 +320,18 @@ TEST_F(StepBatchTest, EqualPromptsAreEncodedOnce) {
   ASSERT_EQ(s.size(), 4u);
   // The same row, not equal copies: 4 distinct texts ("a red cube", "a blue ball", "", "blurry") were encoded,
   // where one row per prompt and per negative prompt would be 7.
-  EXPECT_EQ(s[0].cond.data_ptr(), s[1].cond.data_ptr());
-  EXPECT_EQ(s[0].cond.data_ptr(), s[3].cond.data_ptr());
-  EXPECT_EQ(s[0].uncond.data_ptr(), s[1].uncond.data_ptr());  // the empty negative prompt, once
-  EXPECT_EQ(s[0].cond.storage().nbytes(), 4 * s[0].cond.nbytes());
+  EXPECT_EQ(s[0].cond.embeds.data_ptr(), s[1].cond.embeds.data_ptr());
+  EXPECT_EQ(s[0].cond.embeds.data_ptr(), s[3].cond.embeds.data_ptr());
+  EXPECT_EQ(s[0].uncond.embeds.data_ptr(), s[1].uncond.embeds.data_ptr());  // the empty negative prompt, once
+  EXPECT_EQ(s[0].cond.embeds.storage().nbytes(), 4 * s[0].cond.embeds.nbytes());
   EXPECT_FALSE(s[3].uncond.defined());  // no guidance, no unconditional half
-  EXPECT_FALSE(at::equal(s[0].cond, s[2].cond));
-  EXPECT_FALSE(at::equal(s[0].uncond, s[2].uncond));
+  EXPECT_FALSE(at::equal(s[0].cond.embeds, s[2].cond.embeds));
+  EXPECT_FALSE(at::equal(s[0].uncond.embeds, s[2].uncond.embeds));
   for (const auto& [text, got] : std::vector<std::pair<std::string, at::Tensor>>{
-           {"a red cube", s[0].cond}, {"a blue ball", s[2].cond}, {"blurry", s[2].uncond}, {"", s[0].uncond}}) {
+           {"a red cube", s[0].cond.embeds}, {"a blue ball", s[2].cond.embeds}, {"blurry", s[2].uncond.embeds}, {"", s[0].uncond.embeds}}) {
     auto alone = sd_->EncodePrompts({text});
     ASSERT_TRUE(alone.ok());
-    EXPECT_TRUE(at::equal(got, *alone)) << text;  // each text encoded alone: exactly its own embedding
+    EXPECT_TRUE(at::equal(got, alone->embeds)) << text;  // each text encoded alone: exactly its own embedding
   }
 }
 
@@ -346,24 +346,24 @@ TEST_F(StepBatchTest, RepeatedTextsComeFromTheCache) {
   const TextEmbeddingCache::Stats after = sd_->text_cache_stats();
   EXPECT_EQ(after.hits - before.hits, 2);  // the prompt and the negative prompt
   EXPECT_EQ(after.misses, before.misses);
-  EXPECT_TRUE(at::equal((*first)[0].cond, (*second)[0].cond));
-  EXPECT_TRUE(at::equal((*first)[0].uncond, (*second)[0].uncond));
+  EXPECT_TRUE(at::equal((*first)[0].cond.embeds, (*second)[0].cond.embeds));
+  EXPECT_TRUE(at::equal((*first)[0].uncond.embeds, (*second)[0].uncond.embeds));
 }
 
 TEST(TextEmbeddingCache, EvictsTheLeastRecentlyUsed) {
   TextEmbeddingCache cache(2);
-  cache.Insert("a", at::full({1}, 1.0));
-  cache.Insert("b", at::full({1}, 2.0));
+  cache.Insert("a", {.embeds = at::full({1}, 1.0)});
+  cache.Insert("b", {.embeds = at::full({1}, 2.0)});
   ASSERT_TRUE(cache.Find("a").has_value());  // "a" is now the most recent
-  cache.Insert("c", at::full({1}, 3.0));     // evicts "b"
+  cache.Insert("c", {.embeds = at::full({1}, 3.0)});     // evicts "b"
   EXPECT_FALSE(cache.Find("b").has_value());
-  EXPECT_EQ(cache.Find("a")->item<double>(), 1.0);
-  EXPECT_EQ(cache.Find("c")->item<double>(), 3.0);
-  cache.Insert("c", at::full({1}, 4.0));  // replacing keeps one entry
-  EXPECT_EQ(cache.Find("c")->item<double>(), 4.0);
+  EXPECT_EQ(cache.Find("a")->embeds.item<double>(), 1.0);
+  EXPECT_EQ(cache.Find("c")->embeds.item<double>(), 3.0);
+  cache.Insert("c", {.embeds = at::full({1}, 4.0)});  // replacing keeps one entry
+  EXPECT_EQ(cache.Find("c")->embeds.item<double>(), 4.0);
   EXPECT_EQ(cache.stats().entries, 2u);
   TextEmbeddingCache off(0);
-  off.Insert("a", at::full({1}, 1.0));
+  off.Insert("a", {.embeds = at::full({1}, 1.0)});
   EXPECT_FALSE(off.Find("a").has_value());
   EXPECT_EQ(off.stats().entries, 0u);
 }

@@ -144,11 +144,19 @@ TEST_P(TomeUNetParity, MatchesTomesdNoRand) {
 
 INSTANTIATE_TEST_SUITE_P(Presets, TomeUNetParity, ::testing::Values("tiny", "sd15", "tiny_xl"));
 
-TEST(TomePipeline, MatchesDiffusersWithTomesd) {
-  if (EnvPath("TOMESERVE_REF_DIR").empty()) GTEST_SKIP() << "TOMESERVE_REF_DIR not set";
-  auto sd = pipeline::StableDiffusion::Create({ModelDir("tiny"), {}});
+// The whole pipeline with tomesd applied: StableDiffusionPipeline on tiny, StableDiffusionXLPipeline on
+// tiny-xl (max_downsample 2 and 4, and 1, which patches nothing on SDXL).
+class TomePipeline : public ::testing::TestWithParam<std::string> {};
+
+INSTANTIATE_TEST_SUITE_P(Presets, TomePipeline, ::testing::Values("tiny", "tiny_xl"));
+
+TEST_P(TomePipeline, MatchesDiffusersWithTomesd) {
+  if (EnvPath("TOMESERVE_REF_DIR").empty() || ModelDir(GetParam()).empty()) {
+    GTEST_SKIP() << "TOMESERVE_REF_DIR or the preset's model not set";
+  }
+  auto sd = pipeline::StableDiffusion::Create({ModelDir(GetParam()), {}});
   ASSERT_TRUE(sd.ok()) << sd.status();
-  Reference ref = OpenReference("tiny");
+  Reference ref = OpenReference(GetParam());
   ASSERT_TRUE(ref.store);
   ASSERT_GE(ref.pipeline_cases.size(), 3u);
   for (const auto& c : ref.pipeline_cases) {

@@ -220,15 +220,22 @@ absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Co
     const int64_t rows = 2 * c.batch, scale = sd.vae_scale();
     const int64_t lh = c.height / scale, lw = c.width / scale;
     const at::Tensor sample = at::randn({rows, sd.unet().config().in_channels, lh, lw}, options);
-    const at::Tensor context = at::randn({rows, 77, sd.text_encoder().config().hidden_size}, options);
+    const at::Tensor context = at::randn({rows, 77, sd.text_embed_dim()}, options);
     const at::Tensor t = at::full({rows}, 500.0, at::kFloat);
     const at::Tensor block_input = at::randn({rows, lh * lw, sd.unet().config().block_out_channels.at(0)}, options);
+    pipeline::UNetAddedConditions added;  // SDXL: a pooled embedding and the image's size ids per row
+    if (sd.unet().config().text_time()) {
+      const double h = static_cast<double>(c.height), w = static_cast<double>(c.width);
+      added = {.text_embeds = at::randn({rows, sd.unet().config().pooled_text_dim()}, options),
+               .time_ids = at::tensor({h, w, 0.0, 0.0, h, w}, at::kDouble).repeat({rows, 1}).to(options)};
+    }
     for (int64_t i = 0; i < c.warmup + c.reps; ++i) {
       if (profile != nullptr && i == c.warmup) torch::autograd::profiler::enableProfiler(profiler_config, activities);
       Sync(device);
       const auto t0 = std::chrono::steady_clock::now();
       if (c.mode == "unet") {
-        const pipeline::UNetCall call = GuidedCall(sample, t, context, c.batch, hooks.get());
+        pipeline::UNetCall call = GuidedCall(sample, t, context, c.batch, hooks.get());
+        call.added = added;
         (void)(graphs != nullptr ? graphs->Run(sd.unet(), call) : pipeline::RunUNetCall(sd.unet(), call));
       } else if (c.mode == "merge") {
         auto hook = hooks ? hooks->ForCall({}) : nullptr;

@@ -7,6 +7,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "pipeline/image_codec.h"
 #include "pipeline/load_weights.h"
@@ -38,6 +39,7 @@ struct Options {
   int num_images = 1;
   std::optional<std::string> scheduler;
   tome::TokenMerging tome{.ratio = 0};  // off unless --tome-ratio > 0
+  bool tome_max_downsample_set = false;  // else the model's finest level with attention (1 SD 1.x, 2 SDXL)
   std::shared_ptr<const tome::TokenMergingHooks> tome_hooks;
 };
 
@@ -132,12 +134,7 @@ absl::StatusOr<Options> ParseOptions(const std::vector<std::string>& raw) {
   if (!dtype.ok()) return absl::InvalidArgumentError(absl::StrCat("--dtype: ", dtype.status().message()));
   o.load.target = {*device, *dtype};
   if (absl::Status s = ParseTomeFlags(*a, o.tome); !s.ok()) return s;
-  if (tome::IsActive(o.tome)) {
-    auto hooks = tome::TokenMergingHooks::Create(o.tome);
-    if (!hooks.ok()) return hooks.status();
-    o.tome_hooks = *hooks;
-    o.batch.hooks = *hooks;
-  }
+  o.tome_max_downsample_set = a->Has("tome-max-downsample");
   o.init_latents = a->Get("init-latents").value_or("");
   o.save_latents = a->Get("save-latents").value_or("");
   return o;
@@ -171,6 +168,21 @@ int Generate(const std::vector<std::string>& args) {
   absl::StatusOr<std::unique_ptr<pipeline::StableDiffusion>> sd = pipeline::StableDiffusion::Create(o.load);
   if (!sd.ok()) return RuntimeError(sd.status());
   if (!o.scheduler) o.batch.scheduler = (*sd)->default_scheduler();
+  if (tome::IsActive(o.tome)) {
+    // max_downsample's default is the model's finest level with attention, as the server's: SDXL has none at
+    // full resolution, where tomesd's default of 1 would patch nothing.
+    const std::vector<int> levels = (*sd)->unet().config().AttentionDownsamples();
+    if (!levels.empty() && !o.tome_max_downsample_set) o.tome.max_downsample = levels.front();
+    if (!levels.empty() && o.tome.max_downsample < levels.front()) {
+      return UsageError(absl::InvalidArgumentError(absl::StrCat(
+          "--tome-max-downsample ", o.tome.max_downsample, " patches no block of this model: its transformer "
+          "blocks are at downsample ", absl::StrJoin(levels, ", "), "; use at least ", levels.front())));
+    }
+    auto hooks = tome::TokenMergingHooks::Create(o.tome);
+    if (!hooks.ok()) return UsageError(hooks.status());
+    o.tome_hooks = *hooks;
+    o.batch.hooks = *hooks;
+  }
 
   at::Tensor init;
   if (!o.init_latents.empty()) {
