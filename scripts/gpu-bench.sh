@@ -14,9 +14,12 @@
 #      $OUT/gpu-sd15-profile.json, and the gpu-sd15 trace replayed on it next to the built-in h200-sd15-fp16;
 #      then a short trace (GPU_REAL_CALLS=24) on the real server (scripts/load_open.py --transport http) next to
 #      the simulator's prediction for the same arrivals
+#   7. (phase "sdxl") the sdxl preset (full SDXL architecture, random weights, fp16; generated in the background
+#      from phase 2 on) at 1024² batch 1 and 4, ToMe 0 and 0.5: max_downsample 2 (tomeserve's default on SDXL) on
+#      both sides, then tomesd's own default 1 on both sides (which merges nothing on SDXL); CUDA graphs on and off
 # Everything is logged to $OUT/gpu.log; $OUT/benchmarks.md is docs/benchmarks.md with the GPU sections added.
 #   GPU_BENCH_BUDGET=420  GPU_BENCH_REPS=10
-#   GPU_BENCH_PHASES="tests serve bench"   (a follow-up run can pick; "bench-short" = headline + UNet batch 1;
+#   GPU_BENCH_PHASES="tests serve bench sdxl"   (a follow-up run can pick; "bench-short" = headline + UNet batch 1;
 #                                           "table" = the seed's grid, scripts/bench_table.py; "sim")
 #   GPU_SIM_MODEL=$td/sd15 GPU_SIM_SIZES=512x512,768x768,1024x1024 GPU_SIM_PRESET=gpu-sd15 GPU_REAL_CALLS=24
 # Dry run on a CPU machine (plumbing only): PATH=.venv/bin:$PATH GPU_DEVICE=cpu GPU_BENCH_MODEL=build/testdata/tiny
@@ -32,7 +35,7 @@ reps="${GPU_BENCH_REPS:-10}"
 log() { echo "[gpu-bench +$((SECONDS))s] $*"; }
 left() { echo $((budget - SECONDS)); }
 status=0
-phases="${GPU_BENCH_PHASES:-tests serve bench}"
+phases="${GPU_BENCH_PHASES:-tests serve bench sdxl}"
 want() { [[ " $phases " == *" $1 "* ]]; }
 
 log "1. environment"
@@ -68,6 +71,9 @@ make_model tiny_legacy --preset tiny --legacy-text-encoder-keys & pids+=($!)
 make_model sd15 --preset sd15 & pids+=($!)
 make_model tiny_xl --preset tiny-xl & pids+=($!)
 wait "${pids[@]}"  # not a bare wait: that would also wait for the tee above
+# The full SDXL architecture takes a minute or two to write; it is only needed by the last phase.
+sdxl_pid=
+if want sdxl; then make_model sdxl --preset sdxl --dtype fp16 & sdxl_pid=$!; fi
 cp .devbuild/refs/*.safetensors "$td/refs/"
 if (cd $td && sha256sum --quiet -c "$root/.devbuild/models.sha256"); then
   log "models equal the ones the carried references were computed from"
@@ -202,6 +208,22 @@ if want sim; then
         --trace "$out/gpu-real-trace.jsonl" --profile "$out/gpu-sd15-profile.json" --arrival-scale "$scale" \
         --max-batch-cost 430000)"
     fi
+  fi
+fi
+if want sdxl; then
+  log "7. SDXL ($(left) s left)"
+  [ -n "$sdxl_pid" ] && wait "$sdxl_pid"
+  if [ -f "$td/sdxl/model_index.json" ] && (($(left) > 90)); then
+    for b in 1 4; do
+      GPU_BENCH_MODEL=$td/sdxl bench 90 --label "sdxl UNet batch $b, $card" --sizes 1024 --modes unet \
+        --tome-ratios 0,0.5 --batch $b --reps "$reps" --warmup 3 --cpp-variants plain,cuda-graphs \
+        --section gpu-sdxl-unet-b$b-fp16
+    done
+    GPU_BENCH_MODEL=$td/sdxl bench 60 --label "sdxl UNet batch 4, tomesd's default max_downsample 1, $card" \
+      --sizes 1024 --modes unet --tome-ratios 0,0.5 --batch 4 --reps "$reps" --warmup 3 --tome-max-downsample 1 \
+      --section gpu-sdxl-unet-b4-md1-fp16
+  else
+    log "sdxl skipped (model missing or budget)"
   fi
 fi
 log "done, status $status"

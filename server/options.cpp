@@ -26,8 +26,9 @@
 // it.
 ABSL_FLAG(
     std::string, model, "",
-    "Model folder (diffusers layout). Repeat as --model NAME=DIR to serve several; the first is the default "
-    "model, a bare DIR is named after its folder. Environment/file: comma-separated or a list.");
+    "Model folder (diffusers layout: SD 1.x or SDXL, from its model_index.json). Repeat as --model NAME=DIR to "
+    "serve several (e.g. --model sd15=DIR --model sdxl=DIR); the first is the default model, a bare DIR is named "
+    "after its folder. Environment/file: comma-separated or a list.");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "gRPC address HOST:PORT (port 0 picks a free port).");
 ABSL_FLAG(std::string, metrics_listen, "", "Prometheus /metrics address HOST:PORT; empty turns metrics off.");
 ABSL_FLAG(std::string, http_listen, "",

@@ -9,6 +9,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <filesystem>
+#include <fstream>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -178,6 +179,28 @@ TEST(PipelineSdxl, MatchesDiffusersXLPipeline) {
   EXPECT_EQ((*sd)->native_width(), 128);  // unet sample_size 16 x 8
   EXPECT_EQ((*sd)->text_embed_dim(), 32 + 32);
   ExpectMatchesReference(**sd, EnvPath("TOMESERVE_REF_DIR") / "pipeline_tiny_xl.safetensors", 9);
+}
+
+// StableDiffusionXLPipeline decodes an fp16 VAE in fp32 when its config says force_upcast (SDXL's original VAE
+// overflows in fp16), and in fp16 when the config clears it (a fp16-safe VAE).
+TEST(PipelineSdxl, Fp16VaeIsUpcastWhenItsConfigSaysSo) {
+  const fs::path xl = EnvPath("TOMESERVE_TINY_XL_MODEL");
+  if (xl.empty()) GTEST_SKIP() << "TOMESERVE_TINY_XL_MODEL not set";
+  auto upcast = StableDiffusion::Create({.model_dir = xl, .target = {c10::Device(c10::kCPU), c10::kHalf}});
+  ASSERT_TRUE(upcast.ok()) << upcast.status();
+  EXPECT_EQ((*upcast)->vae().parameters().front().scalar_type(), c10::kFloat);
+  EXPECT_EQ((*upcast)->unet().parameters().front().scalar_type(), c10::kHalf);
+
+  const fs::path dir = fs::temp_directory_path() / ("tomeserve_xl_fp16_vae_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::copy(xl, dir, fs::copy_options::recursive);
+  nlohmann::json config = nlohmann::json::parse(std::ifstream(dir / "vae" / "config.json"));
+  config["force_upcast"] = false;
+  std::ofstream(dir / "vae" / "config.json") << config.dump();
+  auto safe = StableDiffusion::Create({.model_dir = dir, .target = {c10::Device(c10::kCPU), c10::kHalf}});
+  ASSERT_TRUE(safe.ok()) << safe.status();
+  EXPECT_EQ((*safe)->vae().parameters().front().scalar_type(), c10::kHalf);
+  fs::remove_all(dir);
 }
 
 // A folder missing a part SDXL needs fails at load, one line naming the file.

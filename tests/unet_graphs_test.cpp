@@ -129,6 +129,30 @@ TEST_F(UNetCallTest, PaddingLeavesTheRealRowsAlone) {
   EXPECT_LE(test::RelErr(got, want), 1e-5);
 }
 
+// SDXL's added conditions are padded with the rest (zero rows) and travel with the call.
+TEST(UNetCallSdxlTest, PaddingCarriesTheAddedConditions) {
+  if (EnvPath("TOMESERVE_TINY_XL_MODEL").empty()) GTEST_SKIP() << "TOMESERVE_TINY_XL_MODEL not set";
+  c10::InferenceMode inference;
+  auto sd = pipeline::StableDiffusion::Create({EnvPath("TOMESERVE_TINY_XL_MODEL"), {}});
+  ASSERT_TRUE(sd.ok()) << sd.status();
+  const auto& unet = (*sd)->unet();
+  const auto tome = Hooks({.ratio = 0.5, .max_downsample = 2});
+  UNetCall call = MakeCall(unet, tome.get(), 1, 7);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  call.added = {.text_embeds = at::randn({6, unet.config().pooled_text_dim()}, gen),
+                .time_ids = at::tensor({64.0, 64.0, 0.0, 0.0, 64.0, 64.0}).repeat({6, 1})};
+  const UNetCall padded = pipeline::PadRows(call, 8);
+  ASSERT_EQ(padded.added.text_embeds.size(0), 8);
+  ASSERT_EQ(padded.added.time_ids.size(0), 8);
+  EXPECT_TRUE(at::equal(padded.added.time_ids.narrow(0, 6, 2), at::zeros({2, 6})));
+  const at::Tensor want = pipeline::RunUNetCall(unet, call);
+  const at::Tensor got = pipeline::RunUNetCall(unet, padded).narrow(0, 0, 6);
+  EXPECT_LE(test::RelErr(got, want), 1e-5);
+  UNetCall other = call;  // the added conditions matter: other pooled embeddings, other output
+  other.added.text_embeds = at::randn_like(call.added.text_embeds);
+  EXPECT_GT(test::RelErr(pipeline::RunUNetCall(unet, other), want), 1e-3);
+}
+
 // What a replay does, on the CPU: the hooks' uploads of a recording call become slots; refilled for another call
 // they hold exactly what that call's hooks draw, and a run of the layout that reads the slots in place (as the
 // captured graph does) gives that call's eager result.
@@ -189,49 +213,54 @@ TEST(UNetGraphsCudaTest, GraphStepsEqualEagerSteps_CUDA) {
   if (EnvPath("TOMESERVE_TINY_MODEL").empty()) GTEST_SKIP() << "TOMESERVE_TINY_MODEL not set";
   c10::InferenceMode inference;
   c10::cuda::CUDAStreamGuard stream(c10::cuda::getStreamFromPool(false, 0));  // graphs need a non-default stream
-  auto sd = pipeline::StableDiffusion::Create({EnvPath("TOMESERVE_TINY_MODEL"), {c10::Device("cuda:0"), c10::kFloat}});
-  ASSERT_TRUE(sd.ok()) << sd.status();
-  const auto random = Hooks({.ratio = 0.5, .max_downsample = 2});
-  const auto fixed = Hooks({.ratio = 0.3, .max_downsample = 1, .use_rand = false, .merge_mlp = true});
-  const std::vector<pipeline::SampleSpec> specs = {
-      {.prompt = "a", .seed = 1, .guidance_scale = 7.5, .num_inference_steps = 8,
-       .scheduler = pipeline::SchedulerKind::kDdim, .hooks = random},
-      {.prompt = "b", .seed = 2, .guidance_scale = 1.0, .num_inference_steps = 8,
-       .scheduler = pipeline::SchedulerKind::kEulerAncestral, .hooks = fixed},
-      {.prompt = "c", .seed = 3, .guidance_scale = 4.0, .num_inference_steps = 5,
-       .scheduler = pipeline::SchedulerKind::kDpmpp2mKarras, .hooks = random, .hook_seed = 9}};
-  auto graphs = UNetGraphs::Create(c10::Device("cuda:0"), {});
-  ASSERT_TRUE(graphs.ok()) << graphs.status();
-  std::vector<at::Tensor> finals[2];
-  for (int use_graphs = 0; use_graphs < 2; ++use_graphs) {
-    pipeline::DenoiseBatch batch(**sd, 8, 8);
-    if (use_graphs) batch.set_graphs(graphs->get());
-    for (const pipeline::SampleSpec& spec : specs) {
-      auto prepared = (*sd)->PrepareSamples({.width = 64, .height = 64}, {spec});
-      ASSERT_TRUE(prepared.ok()) << prepared.status();
-      ASSERT_TRUE(batch.Add(std::move((*prepared)[0])).ok());
+  // SD 1.x, then SDXL (its added conditions are static graph inputs too).
+  for (const char* model : {"TOMESERVE_TINY_MODEL", "TOMESERVE_TINY_XL_MODEL"}) {
+    SCOPED_TRACE(model);
+    if (EnvPath(model).empty()) continue;
+    auto sd = pipeline::StableDiffusion::Create({EnvPath(model), {c10::Device("cuda:0"), c10::kFloat}});
+    ASSERT_TRUE(sd.ok()) << sd.status();
+    const auto random = Hooks({.ratio = 0.5, .max_downsample = 2});
+    const auto fixed = Hooks({.ratio = 0.3, .max_downsample = 1, .use_rand = false, .merge_mlp = true});
+    const std::vector<pipeline::SampleSpec> specs = {
+        {.prompt = "a", .seed = 1, .guidance_scale = 7.5, .num_inference_steps = 8,
+         .scheduler = pipeline::SchedulerKind::kDdim, .hooks = random},
+        {.prompt = "b", .seed = 2, .guidance_scale = 1.0, .num_inference_steps = 8,
+         .scheduler = pipeline::SchedulerKind::kEulerAncestral, .hooks = fixed},
+        {.prompt = "c", .seed = 3, .guidance_scale = 4.0, .num_inference_steps = 5,
+         .scheduler = pipeline::SchedulerKind::kDpmpp2mKarras, .hooks = random, .hook_seed = 9}};
+    auto graphs = UNetGraphs::Create(c10::Device("cuda:0"), {});
+    ASSERT_TRUE(graphs.ok()) << graphs.status();
+    std::vector<at::Tensor> finals[2];
+    for (int use_graphs = 0; use_graphs < 2; ++use_graphs) {
+      pipeline::DenoiseBatch batch(**sd, 8, 8);
+      if (use_graphs) batch.set_graphs(graphs->get());
+      for (const pipeline::SampleSpec& spec : specs) {
+        auto prepared = (*sd)->PrepareSamples({.width = 64, .height = 64}, {spec});
+        ASSERT_TRUE(prepared.ok()) << prepared.status();
+        ASSERT_TRUE(batch.Add(std::move((*prepared)[0])).ok());
+      }
+      int steps = 0;
+      while (!batch.Done()) {
+        const bool check_sync = use_graphs && steps >= 3 && steps < 5;  // replays of the first layout
+        if (check_sync) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+        const absl::Status s = batch.Step();
+        if (check_sync) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+        ASSERT_TRUE(s.ok()) << s;
+        ++steps;
+      }
+      for (int id : batch.ids()) finals[use_graphs].push_back(batch.sample(id).latents.cpu());
     }
-    int steps = 0;
-    while (!batch.Done()) {
-      const bool check_sync = use_graphs && steps >= 3 && steps < 5;  // replays of the first layout
-      if (check_sync) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
-      const absl::Status s = batch.Step();
-      if (check_sync) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
-      ASSERT_TRUE(s.ok()) << s;
-      ++steps;
+    const UNetGraphs::Stats stats = (*graphs)->stats();
+    EXPECT_EQ(stats.capture_failures, 0);
+    EXPECT_GE(stats.captures, 2);  // 5 rows (padded to 6) while all three run, then 3 rows (padded to 4)
+    EXPECT_GT(stats.padded_rows, 0);
+    EXPECT_GE(stats.layouts, 2);
+    EXPECT_GE(stats.replays, 4);
+    ASSERT_EQ(finals[0].size(), finals[1].size());
+    for (size_t i = 0; i < finals[0].size(); ++i) {
+      // Padding changes the row count the GEMMs see: float32 last-bit differences, grown over 8 steps.
+      EXPECT_LE(test::RelErr(finals[1][i], finals[0][i]), 1e-4) << "sample " << i;
     }
-    for (int id : batch.ids()) finals[use_graphs].push_back(batch.sample(id).latents.cpu());
-  }
-  const UNetGraphs::Stats stats = (*graphs)->stats();
-  EXPECT_EQ(stats.capture_failures, 0);
-  EXPECT_GE(stats.captures, 2);  // 5 rows (padded to 6) while all three run, then 3 rows (padded to 4)
-  EXPECT_GT(stats.padded_rows, 0);
-  EXPECT_GE(stats.layouts, 2);
-  EXPECT_GE(stats.replays, 4);
-  ASSERT_EQ(finals[0].size(), finals[1].size());
-  for (size_t i = 0; i < finals[0].size(); ++i) {
-    // Padding changes the row count the GEMMs see: float32 last-bit differences, grown over 8 steps.
-    EXPECT_LE(test::RelErr(finals[1][i], finals[0][i]), 1e-4) << "sample " << i;
   }
 #endif
 }

@@ -42,7 +42,10 @@ std::string Sci(double v) {
 }
 
 fs::path VaeDir(const std::string& preset) {
-  return EnvPath(preset == "tiny" ? "TOMESERVE_TINY_MODEL" : "TOMESERVE_SD15_MODEL") / "vae";
+  return EnvPath(preset == "tiny"      ? "TOMESERVE_TINY_MODEL"
+                 : preset == "tiny_xl" ? "TOMESERVE_TINY_XL_MODEL"
+                                       : "TOMESERVE_SD15_MODEL") /
+         "vae";
 }
 
 struct Case {
@@ -171,7 +174,8 @@ TEST_P(VaeParity, MatchesDiffusers_CUDA) {
   RecordProperty("fp16_rgb8_max_diff", std::to_string(half_diff));
 }
 
-INSTANTIATE_TEST_SUITE_P(Presets, VaeParity, ::testing::Values("tiny", "sd15"));
+// tiny_xl: SDXL's VAE settings (scaling_factor 0.13025, force_upcast).
+INSTANTIATE_TEST_SUITE_P(Presets, VaeParity, ::testing::Values("tiny", "sd15", "tiny_xl"));
 
 // Copies the tiny VAE to `dir` with every tensor name passed through `rename` and weights through `reshape`.
 void WriteRenamedCopy(const fs::path& dir, const std::function<std::string(const std::string&)>& rename,

@@ -5,7 +5,8 @@
 // generate: text encoding + N steps + VAE decode for B prompts, guidance 7.5.
 // merge: Token Merging's own work for the first transformer block alone: plan (partition, similarity, matching)
 // + merge + unmerge of a [2B, H/8 * W/8, C] block input (C = the UNet's first block width).
-// --tome-ratio R > 0 applies Token Merging with tomesd's other defaults (unet, generate, merge).
+// --tome-ratio R > 0 applies Token Merging with tomesd's other defaults (unet, generate, merge), but for
+// max_downsample: --tome-max-downsample, else the model's finest level with attention (1 SD 1.x, 2 SDXL).
 // Reports the median and every repetition in seconds. Not a test: nothing here passes or fails on time.
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
@@ -50,7 +51,7 @@ constexpr char kUsage[] =
     "                       [--profile]\n"
     "                       [--stdin | CONFIGURATION]\n"
     "CONFIGURATION: [--mode unet|generate|merge] [--width W] [--height H] [--batch B] [--steps N]\n"
-    "               [--scheduler K] [--warmup N] [--reps N] [--tome-ratio R]\n"
+    "               [--scheduler K] [--warmup N] [--reps N] [--tome-ratio R] [--tome-max-downsample 1|2|4|8]\n"
     "Times the C++ pipeline and prints one JSON object per configuration (median and every repetition, in\n"
     "seconds) for scripts/bench.py, which runs it side by side with diffusers. With --stdin the model is loaded\n"
     "once and every line read from stdin is one CONFIGURATION (an empty line or end of input stops).\n"
@@ -68,7 +69,9 @@ constexpr char kUsage[] =
     "the torch profiler's host time per operator summed over the timed repetitions (scripts/profile_unet.py puts\n"
     "it next to diffusers').\n"
     "Defaults: --mode unet, 512x512, batch 1, 4 steps, the model's scheduler, cpu, fp32, 1 warm-up, 3 reps,\n"
-    "no Token Merging (--tome-ratio R > 0 applies it with tomesd's other defaults). Usage errors exit 2.\n";
+    "no Token Merging (--tome-ratio R > 0 applies it with tomesd's other defaults, but for max_downsample:\n"
+    "--tome-max-downsample, else the model's finest level with attention, 1 on SD 1.x and 2 on SDXL, as the\n"
+    "server's default). Usage errors exit 2.\n";
 
 int Fail(const absl::Status& s, int code) {
   std::fprintf(stderr, "tomeserve-bench: %s (see --help)\n", std::string(s.message()).c_str());
@@ -99,13 +102,14 @@ const std::set<std::string> kSessionFlags = {"model", "device", "dtype", "thread
 const std::set<std::string> kSessionSwitches = {"channels-last", "contiguous-weights", "cudnn-benchmark",
                                                 "cuda-graphs", "profile", "stdin"};
 const std::set<std::string> kConfigFlags = {"mode",   "width", "height", "batch",     "steps",
-                                            "scheduler", "warmup", "reps", "tome-ratio"};
+                                            "scheduler", "warmup", "reps", "tome-ratio", "tome-max-downsample"};
 
 // One timed configuration; every field validated.
 struct Config {
   std::string mode;
   int64_t width, height, batch, steps, warmup, reps;
   double tome_ratio;
+  int64_t tome_max_downsample;  // 0: the model's finest level with attention
   std::optional<pipeline::SchedulerKind> scheduler;
 };
 
@@ -129,6 +133,9 @@ absl::StatusOr<Config> ParseConfig(const CliArgs& a) {
   absl::StatusOr<double> ratio = a.GetDouble("tome-ratio", 0, 0, 1);
   if (!ratio.ok()) return ratio.status();
   c.tome_ratio = *ratio;
+  absl::StatusOr<int64_t> md = a.GetInt("tome-max-downsample", 0, 0, 8);
+  if (!md.ok()) return md.status();
+  c.tome_max_downsample = *md;
   if (auto k = a.Get("scheduler")) {
     absl::StatusOr<pipeline::SchedulerKind> parsed = pipeline::ParseSchedulerKind(*k);
     if (!parsed.ok()) return parsed.status();
@@ -205,7 +212,10 @@ absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Co
   const prof::ProfilerConfig profiler_config(prof::ProfilerState::KINETO);
   const std::set<prof::ActivityType> activities = {prof::ActivityType::CPU};
   if (profile != nullptr) torch::autograd::profiler::prepareProfiler(profiler_config, activities);
-  const tome::TokenMerging tome_settings{.ratio = c.tome_ratio};
+  const std::vector<int> levels = sd.unet().config().AttentionDownsamples();
+  const int max_downsample =
+      c.tome_max_downsample > 0 ? static_cast<int>(c.tome_max_downsample) : (levels.empty() ? 1 : levels.front());
+  const tome::TokenMerging tome_settings{.ratio = c.tome_ratio, .max_downsample = max_downsample};
   std::shared_ptr<const tome::TokenMergingHooks> hooks;
   if (tome::IsActive(tome_settings)) {
     auto created = tome::TokenMergingHooks::Create(tome_settings);

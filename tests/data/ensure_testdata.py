@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Creates test data on demand and reuses it while the scripts that made it are unchanged.
 
-  ensure_testdata.py model --preset tiny|sd15|tiny-xl --out DIR
+  ensure_testdata.py model --preset tiny|sd15|tiny-xl|sdxl --out DIR [--dtype fp32|fp16]
   ensure_testdata.py text-encoder-ref --model DIR --out FILE.safetensors [--tower 1|2|xl]
 
 Each output gets a stamp (a hash of the generating scripts and arguments); a matching stamp means the data is
@@ -42,7 +42,8 @@ def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="what", required=True)
     m = sub.add_parser("model")
-    m.add_argument("--preset", choices=["tiny", "sd15", "tiny-xl"], required=True)
+    m.add_argument("--preset", choices=["tiny", "sd15", "tiny-xl", "sdxl"], required=True)
+    m.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--legacy-text-encoder-keys", action="store_true",
@@ -56,9 +57,9 @@ def main():
 
     if a.what == "model":
         scripts = [os.path.join(SCRIPTS, "make_tiny_model.py"), os.path.join(SCRIPTS, "clip_vocab.py")]
-        want = digest(scripts, (a.preset, a.seed, a.legacy_text_encoder_keys))
+        want = digest(scripts, (a.preset, a.seed, a.legacy_text_encoder_keys) + ((a.dtype,) if a.dtype != "fp32" else ()))
         os.makedirs(a.out, exist_ok=True)
-        command = [sys.executable, scripts[0], a.out, "--preset", a.preset, "--seed", str(a.seed)]
+        command = [sys.executable, scripts[0], a.out, "--preset", a.preset, "--seed", str(a.seed), "--dtype", a.dtype]
         if a.legacy_text_encoder_keys:
             command.append("--legacy-text-encoder-keys")
         ensure(os.path.join(a.out, ".stamp"), want, command)

@@ -1,9 +1,13 @@
 """SDXL served next to SD 1.5 (`--model sd15=DIR --model sdxl=DIR`) over real gRPC on 127.0.0.1, tiny models on
-CPU: concurrent calls of both models each equal their solo runs (and `tomeserve-gen` on the same model), Token
-Merging on SDXL merges in its 2x-down blocks by default, and settings that would merge nothing are refused."""
+CPU: concurrent calls of both models each equal their solo runs (and `tomeserve-gen` on the same model, and the
+OpenAI Images API on the same server), Token Merging on SDXL merges in its 2x-down blocks by default, settings
+that would merge nothing are refused, and metrics carry the model."""
+import base64
+import json
 import concurrent.futures as futures
 import io
 import subprocess
+import urllib.request
 
 import grpc
 import numpy as np
@@ -36,7 +40,10 @@ XL = dict(model="sdxl", prompt="a lighthouse at dusk", seed=9, num_inference_ste
 
 def test_sd15_and_sdxl_side_by_side(tiny_model, tiny_xl_model, tmp_path):
     binary("tomeserve")
-    with running_server(["--model", f"sd15={tiny_model}", "--model", f"sdxl={tiny_xl_model}"]) as s:
+    http_port = tmp_path / "http.port"
+    args = ["--model", f"sd15={tiny_model}", "--model", f"sdxl={tiny_xl_model}", "--http-listen", "127.0.0.1:0",
+            "--http-port-file", str(http_port)]
+    with running_server(args, metrics=True) as s:
         stub = pb_grpc.ImageGeneratorStub(s.channel)
         models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
         assert models["sdxl"].family == "sdxl" and models["sd15"].family == "sd1"
@@ -72,6 +79,19 @@ def test_sd15_and_sdxl_side_by_side(tiny_model, tiny_xl_model, tmp_path):
         assert "tome.max_downsample is 1" in e.value.details() and "2, 4" in e.value.details()
         ok = stub.Generate(pb.GenerateRequest(**SD, tome=pb.TokenMerging(ratio=0.5, max_downsample=1)), timeout=300)
         assert ok.merged_tokens
+
+        # The HTTP front door reaches the same model: the OpenAI Images API's image is the gRPC one.
+        body = {"model": "sdxl", "prompt": XL["prompt"], "seed": 9, "size": "128x96", "num_inference_steps": 12,
+                "guidance_scale": 5.0, "response_format": "b64_json"}
+        req = urllib.request.Request(f"http://127.0.0.1:{http_port.read_text().strip()}/v1/images/generations",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            png = base64.b64decode(json.load(r)["data"][0]["b64_json"])
+        assert np.array_equal(pixels(png), pixels(solo_xl.images[0].data))
+
+        with urllib.request.urlopen(s.metrics_url, timeout=30) as r:
+            metrics = r.read().decode()
+        assert 'tomeserve_requests_total{code="OK",model="sdxl"}' in metrics, metrics[:2000]
 
     # The same SDXL image from the command line.
     out = tmp_path / "xl.png"
