@@ -283,7 +283,83 @@ AdmitPlan BatchingPolicy::AdmitStep(const WorkerView& worker, std::span<const Po
     lane_images[lane] += c.images;
     lane_cost[lane] += c.cost();
   };
-  for (const RunningCall& r : worker.running) add(r.call, r.ratio, r.calls_left, DueTime(cost_model, r.call));
+  // Fair preemption (see the header): room for the most urgent call, taken from backlogged tenants' calls.
+  std::vector<bool> paused(worker.running.size(), false);
+  for (size_t i = 0; i < worker.running.size(); ++i) paused[i] = worker.running[i].paused;
+  std::optional<size_t> preempting;
+  // The candidate: the most urgent queued call at its fair start (a tenant calling back to back gets its share,
+  // not the whole worker) whose tenant has nothing here, paused calls included (no pausing back and forth).
+  // Calls ahead of it are of tenants already running here: they wait for room anyway.
+  const auto tenant_runs = [&](const std::string& tenant) {
+    return std::any_of(worker.running.begin(), worker.running.end(),
+                       [&](const RunningCall& r) { return r.call.tenant == tenant; });
+  };
+  const auto candidate = std::find_if(order.begin(), order.end(), [&](size_t i) {
+    const PolicyCall& q = queue[i];
+    return q.tenant_weight > 0 && q.fair_start >= 0 && q.fair_start <= now && !tenant_runs(q.tenant);
+  });
+  if (candidate != order.end()) {
+    const PolicyCall& c = queue[*candidate];
+    std::vector<size_t> lane;  // c's batch's running calls, admission order
+    int images = 0;
+    int64_t cost = 0;
+    for (size_t i = 0; i < worker.running.size(); ++i) {
+      if (paused[i] || !SameBatch(worker.running[i].call, c)) continue;
+      lane.push_back(i);
+      images += worker.running[i].call.images;
+      cost += worker.running[i].call.cost();
+    }
+    const auto fits = [&] { return images + c.images <= worker.max_images && cost + c.cost() <= worker.budget; };
+    // Backlogged: the tenant has calls queued, and all of them after c in fair-start order (c is the call
+    // start-time fair queueing would start next anyway; pausing only moves that start to this step boundary).
+    const auto backlogged = [&](const std::string& tenant) {
+      bool queued = false;
+      for (const PolicyCall& q : queue) {
+        if (q.tenant != tenant) continue;
+        if (q.fair_start >= 0 && q.fair_start < c.fair_start) return false;
+        queued = true;
+      }
+      return queued;
+    };
+    if (!lane.empty() && !fits()) {
+      std::vector<size_t> chosen;
+      // A deadline (a client's cancel time; gRPC clients nearly always set one) must survive the pause: the
+      // call's remaining work after the candidate's whole call.
+      const std::optional<double> pause_for = SoloSeconds(cost_model, c, c.ratio);
+      const auto deadline_at_risk = [&](const RunningCall& r) {
+        if (r.call.deadline == kNever) return false;
+        const std::optional<double> solo = SoloSeconds(cost_model, r.call, r.ratio);
+        if (!pause_for || !solo) return true;
+        const double left = *solo * r.calls_left / std::max(1, r.call.unet_calls);
+        return now + *pause_for + left > r.call.deadline;
+      };
+      for (auto it = lane.rbegin(); it != lane.rend() && !fits(); ++it) {
+        const PolicyCall& r = worker.running[*it].call;
+        if (r.tenant_weight <= 0 || r.target_seconds > 0 || deadline_at_risk(worker.running[*it]) ||
+            !backlogged(r.tenant)) {
+          continue;
+        }
+        chosen.push_back(*it);
+        images -= r.images;
+        cost -= r.cost();
+      }
+      if (fits()) {
+        preempting = *candidate;
+        for (size_t i : chosen) {
+          paused[i] = true;
+          plan.pause.push_back({.running_id = worker.running[i].call.id, .for_index = *preempting});
+        }
+        // It starts first: the room is its.
+        order.erase(candidate);
+        order.insert(order.begin(), *preempting);
+      }
+    }
+  }
+  for (size_t i = 0; i < worker.running.size(); ++i) {
+    if (paused[i]) continue;
+    const RunningCall& r = worker.running[i];
+    add(r.call, r.ratio, r.calls_left, DueTime(cost_model, r.call));
+  }
 
   const PolicyCall* blocked = nullptr;  // the most urgent call that cannot start now
   int blocked_lane = -1;                // its lane, if it has one (else it waits for the first lane to drain)
@@ -357,6 +433,11 @@ AdmitPlan BatchingPolicy::AdmitStep(const WorkerView& worker, std::span<const Po
     plan.admit.push_back({idx, *decision_ratio, e.slo});
     add(c, *decision_ratio, c.unet_calls, due[idx]);
   }
+  // Pauses only ever make room for an admitted call.
+  if (preempting && std::none_of(plan.admit.begin(), plan.admit.end(),
+                                 [&](const Admission& a) { return a.index == *preempting; })) {
+    plan.pause.clear();
+  }
   return plan;
 }
 
@@ -364,8 +445,9 @@ size_t BatchingPolicy::PickBatch(const WorkerView& worker) const {
   size_t best = 0;
   double best_due = kNever;
   for (size_t i = 0; i < worker.running.size(); ++i) {
+    if (worker.running[i].paused) continue;  // holds no rows
     const double d = DueTime(worker.cost, worker.running[i].call);
-    if (i == 0 || d < best_due) {
+    if (d < best_due || (best_due == kNever && worker.running[best].paused)) {
       best = i;
       best_due = d;
     }

@@ -30,6 +30,14 @@
 //    is not a refusal (the call runs, the response says target_met = false).
 //  - An idle worker starts the most urgent call at once, whatever its size; a call larger than the budget runs
 //    alone.
+//  - Fair preemption (tenants, AssignFairStarts): when the most urgent queued call cannot join its batch (the
+//    image cap or the budget), its fair start has come (its tenant is within its share: a tenant calling back
+//    to back is not), its tenant has nothing running on this worker, and best-effort calls of other,
+//    backlogged tenants (tenants with calls still queued) hold the room, the policy pauses the most recently
+//    admitted of them until the call fits (AdmitPlan::pause): the worker parks their samples, state kept, until
+//    that call ends. A light tenant then waits one step, not a heavy tenant's whole call. A call with a latency
+//    target is never paused, nor one whose deadline the pause would put at risk (its remaining solo time after
+//    the pausing call's).
 // Request mode (the comparison baseline, the pre-step-level behaviour): an idle worker takes the oldest call's
 // whole batch key up to max_batch_images once that many are queued, the oldest waited max_queue_delay, or the
 // server drains; nothing joins a running batch.
@@ -93,6 +101,7 @@ struct RunningCall {
   PolicyCall call;
   double ratio = 0;    // effective
   int calls_left = 0;  // UNet calls until its last sample is done
+  bool paused = false;  // its samples are parked for another call (AdmitPlan::pause): holds no rows now
 };
 
 // A worker at a step boundary. Its running calls form batches, one per model and size; each batch takes one
@@ -123,9 +132,15 @@ struct Refusal {
   size_t index = 0;
   std::string why;  // DEADLINE_EXCEEDED's message
 };
+// A running call to park (all its samples, state kept) until the admitted call queue[for_index] ends.
+struct Pause {
+  uint64_t running_id = 0;  // PolicyCall::id of a call in WorkerView::running
+  size_t for_index = 0;     // into the queue passed to Admit; always one of the plan's admissions
+};
 struct AdmitPlan {
   std::vector<Admission> admit;  // in the order to start them
   std::vector<Refusal> refuse;
+  std::vector<Pause> pause;      // done before the admissions start
 };
 
 struct PolicyOptions {

@@ -144,7 +144,11 @@ std::vector<AdmittedCall> Scheduler::TakeLocked(const WorkerView& worker, absl::
     e.call.fair_start = calls[a.index].fair_start;
     e.call.fair_share = calls[a.index].fair_share;
     BatchingPolicy::ChargeTenant(estimates_, e.call, fair_share_);
-    out.push_back({e.job, e.call});
+    AdmittedCall admitted{e.job, e.call};
+    for (const Pause& p : plan.pause) {
+      if (p.for_index == a.index) admitted.pause.push_back(p.running_id);
+    }
+    out.push_back(std::move(admitted));
     taken.push_back(a.index);
   }
   for (const Refusal& r : plan.refuse) {

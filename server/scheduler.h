@@ -45,6 +45,8 @@ struct SchedulerOptions {
 struct AdmittedCall {
   std::shared_ptr<Job> job;
   PolicyCall call;
+  // Running calls (PolicyCall::id) the worker parks before starting this one, until it ends (AdmitPlan::pause).
+  std::vector<uint64_t> pause;
 };
 
 class Scheduler {

@@ -242,7 +242,10 @@ void Worker::Impl::Loop(Scheduler* scheduler) {
         continue;
       }
       if (was_idle) mark = std::chrono::steady_clock::now();  // the wait for work is not the worker's time
-      for (const AdmittedCall& call : admitted) StartOrFail(call);
+      for (const AdmittedCall& call : admitted) {
+        Pause(call);
+        StartOrFail(call);
+      }
       RetireStopped();
       charge("admit");
       Step();
@@ -340,7 +343,10 @@ WorkerView Worker::Impl::View(std::vector<RunningJob*>* order) const {
       const int done = id >= 0 ? run->batch->denoise->sample(id).state->step_index() : run->last_progress;
       left = std::max(left, run->num_calls - done);
     }
-    v.running.push_back({.call = run->call, .ratio = run->tome.ratio, .calls_left = left});
+    v.running.push_back({.call = run->call,
+                         .ratio = run->tome.ratio,
+                         .calls_left = left,
+                         .paused = run->paused_for.has_value() && Live(*run->paused_for)});
     if (order != nullptr) order->push_back(run.get());
   }
   return v;
@@ -521,12 +527,44 @@ void Worker::Impl::Start(const AdmittedCall& admitted, bool oomed_alone) {
   }
 }
 
+bool Worker::Impl::Live(uint64_t id) const {
+  return std::any_of(jobs.begin(), jobs.end(), [&](const auto& r) { return r->call.id == id && !r->ended; });
+}
+
+void Worker::Impl::Pause(const AdmittedCall& call) {
+  const uint64_t for_id = call.call.id;
+  for (const uint64_t id : call.pause) {
+    for (auto& run : jobs) {
+      if (run->ended || run->call.id != id) continue;
+      pipeline::DenoiseBatch& denoise = *run->batch->denoise;
+      for (int i = 0; i < static_cast<int>(run->sample_ids.size()); ++i) {
+        const int sid = run->sample_ids[i];
+        if (sid < 0 || !denoise.sample(sid).active()) continue;
+        std::optional<pipeline::DenoiseBatch::Sample> s = denoise.Remove(sid);
+        run->sample_ids[i] = -1;
+        parked.push_back({run.get(), i, *std::move(s), for_id});
+        run->paused_for = for_id;
+      }
+      if (run->paused_for == for_id) {
+        spdlog::info("worker {} on {}: paused id={} (tenant {}) for id={} (tenant {}): fair share", options.index,
+                     options.device, run->job->request().request_id, run->call.tenant,
+                     call.job->request().request_id, call.call.tenant);
+      }
+    }
+  }
+}
+
 void Worker::Impl::Readmit() {
   const int cap = std::min(options.max_batch_images, oom_cap);
-  // Oldest evicted first; a sample waits while its batch is at the cap (a later one of another batch may pass).
+  // Oldest evicted first; a sample waits while its batch is at the cap (a later one of another batch may pass),
+  // and a paused one while the call it was paused for runs.
   for (auto it = parked.begin(); it != parked.end();) {
     if (it->run->ended) {
       it = parked.erase(it);
+      continue;
+    }
+    if (it->held_for && Live(*it->held_for)) {
+      ++it;
       continue;
     }
     pipeline::DenoiseBatch& denoise = *it->run->batch->denoise;
@@ -542,6 +580,7 @@ void Worker::Impl::Readmit() {
       continue;
     }
     p.run->sample_ids[p.image] = *id;
+    p.run->paused_for.reset();
   }
 }
 

@@ -64,6 +64,8 @@ struct RunningJob {
   int num_calls = 0;  // UNet calls per sample (PNDM: steps + 1)
   bool ended = false;
   int encoding = 0;   // images handed to the EncodePool and not collected yet: the run is kept until 0
+  // Set while its samples are parked for another call (AdmitPlan::pause): that call's PolicyCall::id.
+  std::optional<uint64_t> paused_for;
 
   int images_left() const {
     return static_cast<int>(std::count_if(images.begin(), images.end(), [](const auto& i) { return !i; }));
@@ -99,11 +101,13 @@ inline constexpr size_t kDecodeChunk = 4;
 // Successful steps at the OOM image cap before the cap grows by one image.
 inline constexpr int kOomProbeSteps = 16;
 
-// A sample evicted after an out-of-memory error, state intact, waiting to rejoin.
+// A sample evicted after an out-of-memory error, or paused for another call (fair preemption), state intact,
+// waiting to rejoin.
 struct Parked {
   RunningJob* run;
   int image;
   pipeline::DenoiseBatch::Sample sample;
+  std::optional<uint64_t> held_for;  // paused: rejoins only once the call with this PolicyCall::id has ended
 };
 
 }  // namespace worker_internal
@@ -197,6 +201,10 @@ struct Worker::Impl {
   void RetryDeferred();
   void FailDeferred(const absl::Status& why);
   void Readmit();
+  // Parks every active sample of the running calls `call.pause` until `call` ends (AdmitPlan::pause).
+  void Pause(const AdmittedCall& call);
+  // Whether a call with this PolicyCall::id is running here and has not ended.
+  bool Live(uint64_t id) const;
   void RetireStopped();
   void Step();
   // Observes the timed steps' seconds (step-time model, step histogram, marginal-cost gauges).

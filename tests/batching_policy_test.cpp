@@ -278,5 +278,62 @@ TEST(FairShareTest, AFairStartMovesTheBestEffortDueTimeAndTheClockMovesOn) {
   EXPECT_DOUBLE_EQ(next[1].fair_start, 0.0);
 }
 
+// Fair preemption: a light tenant's call at its fair start does not wait behind a backlogged heavy tenant's
+// running call when the batch is full: the heavy call is paused (parked) for it, and only then.
+TEST(FairShareTest, ALightTenantAtItsFairStartPausesABackloggedTenantsCall) {
+  const FakeCost cpu(0.0, 0.01);
+  const auto tenant = [](PolicyCall c, const std::string& name) {
+    c.tenant = name;
+    c.tenant_weight = 1;
+    c.fair_start = c.enqueued;
+    return c;
+  };
+  const PolicyCall heavy_running = tenant(Call(0, {.calls = 50}), "heavy");
+  const WorkerView full{.cost = &cpu, .running = {Running(heavy_running, 40)}, .max_images = 1, .budget = 1 << 20};
+  const std::vector<PolicyCall> queue = {tenant(Call(1, {.calls = 50}), "heavy"),
+                                         tenant(Call(2, {.calls = 10, .enqueued = 1}), "light")};
+  std::vector<PolicyCall> light_first = queue;
+  light_first[0].fair_start = 5;  // heavy's next call waits for its share; light's is due now
+  const AdmitPlan plan = kStep.Admit(full, light_first, 1, false);
+  EXPECT_EQ(Admitted(plan, light_first), std::vector<uint64_t>{2});
+  ASSERT_EQ(plan.pause.size(), 1u);
+  EXPECT_EQ(plan.pause[0].running_id, 0u);
+  EXPECT_EQ(plan.pause[0].for_index, 1u);
+
+  // The paused call holds no rows: the worker reports it paused, and nothing pauses back (the heavy tenant
+  // has a call here, paused).
+  WorkerView after = full;
+  after.running[0].paused = true;
+  after.running.push_back(Running(light_first[1], 10));
+  const std::vector<PolicyCall> heavy_next = {light_first[0]};
+  const AdmitPlan none = kStep.Admit(after, heavy_next, 6, false);
+  EXPECT_TRUE(none.pause.empty());
+  EXPECT_TRUE(none.admit.empty());
+  EXPECT_EQ(kStep.PickBatch(after), 1u);  // the light call's batch steps
+
+  // Not before the light call's fair start (a tenant calling back to back gets its share, not the worker).
+  std::vector<PolicyCall> early = light_first;
+  early[1].fair_start = 3;
+  EXPECT_TRUE(kStep.Admit(full, early, 1, false).pause.empty());
+  // Not when the heavy tenant has nothing queued (not backlogged), nor a call with a target.
+  const std::vector<PolicyCall> light_only = {light_first[1]};
+  EXPECT_TRUE(kStep.Admit(full, light_only, 1, false).pause.empty());
+  WorkerView promised = full;
+  promised.running[0].call.target_seconds = 100;
+  EXPECT_TRUE(kStep.Admit(promised, light_first, 1, false).pause.empty());
+  // A deadline: paused only when it survives the pause (1 + 0.2 s of the light call + 40 x 0.02 s left = 2 s).
+  WorkerView tight = full, loose = full;
+  tight.running[0].call.deadline = 1.9;
+  loose.running[0].call.deadline = 2.1;
+  EXPECT_TRUE(kStep.Admit(tight, light_first, 1, false).pause.empty());
+  EXPECT_EQ(kStep.Admit(loose, light_first, 1, false).pause.size(), 1u);
+  // Not without tenants (no fair sharing).
+  std::vector<PolicyCall> anonymous = light_first;
+  for (PolicyCall& c : anonymous) c.tenant_weight = 0;
+  WorkerView anon_worker = full;
+  anon_worker.running[0].call.tenant_weight = 0;
+  EXPECT_TRUE(kStep.Admit(anon_worker, anonymous, 1, false).pause.empty());
+}
+
 }  // namespace
 }  // namespace tomeserve::server

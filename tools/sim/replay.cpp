@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <numeric>
 
@@ -221,6 +222,7 @@ ReplayResult Replay(const std::vector<TraceCall>& trace, const CostProfile& prof
     std::unique_ptr<server::StepTimeModel> model = std::make_unique<server::StepTimeModel>();
     std::unique_ptr<pipeline::GraphLayoutCache> graphs;
     std::vector<server::RunningCall> running;  // admission order
+    std::map<uint64_t, uint64_t> paused_for;    // paused running call -> the call it waits for
     bool busy = false;
     double free_at = 0;
   };
@@ -254,6 +256,15 @@ ReplayResult Replay(const std::vector<TraceCall>& trace, const CostProfile& prof
       result.calls[queue[r.index]].refused = true;
       taken.push_back(r.index);
     }
+    // Fair preemption: a paused call holds no rows until the call it was paused for ends (as the worker parks it).
+    for (const server::Pause& p : plan.pause) {
+      for (server::RunningCall& r : w.running) {
+        if (r.call.id == p.running_id) {
+          r.paused = true;
+          w.paused_for[r.call.id] = calls[queue[p.for_index]].id;
+        }
+      }
+    }
     for (const server::Admission& a : plan.admit) {
       const size_t i = queue[a.index];
       server::PolicyCall call = calls[i];
@@ -273,7 +284,7 @@ ReplayResult Replay(const std::vector<TraceCall>& trace, const CostProfile& prof
     view.running = w.running;
     const server::PolicyCall shape = w.running[policy.PickBatch(view)].call;
     auto in_batch = [&](const server::RunningCall& r) {
-      return r.call.model == shape.model && r.call.width == shape.width && r.call.height == shape.height;
+      return !r.paused && r.call.model == shape.model && r.call.width == shape.width && r.call.height == shape.height;
     };
     int rows = 0;
     double tome_rows = 0;
@@ -302,6 +313,16 @@ ReplayResult Replay(const std::vector<TraceCall>& trace, const CostProfile& prof
                             profile.CallSeconds(r.call.latent_pixels) + r.call.images * image);
     }
     std::erase_if(w.running, [](const server::RunningCall& r) { return r.calls_left <= 0; });
+    for (server::RunningCall& r : w.running) {
+      auto it = w.paused_for.find(r.call.id);
+      if (it == w.paused_for.end()) continue;
+      const bool waiting = std::any_of(w.running.begin(), w.running.end(),
+                                       [&](const server::RunningCall& o) { return o.call.id == it->second; });
+      if (!waiting) {
+        r.paused = false;
+        w.paused_for.erase(it);
+      }
+    }
     w.busy = true;
     w.free_at = t;
   };
