@@ -2,6 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <optional>
@@ -91,6 +92,11 @@ absl::Status StableDiffusion::LoadSdxlText() {
       SdxlTextEncoder::Load(options_.model_dir, options_.target, options_.variant);
   if (!text.ok()) return text.status();
   sdxl_text_ = *std::move(text);
+  if (!force_zeros_for_empty_prompt_) return absl::OkStatus();
+  absl::StatusOr<TextConditioning> zeros = GuardTorch(
+      "allocating the empty prompt's zeros", [&]() -> absl::StatusOr<TextConditioning> { return sdxl_text_->Zeros(1); });
+  if (!zeros.ok()) return zeros.status();
+  zero_negative_ = *std::move(zeros);
   return absl::OkStatus();
 }
 
@@ -146,11 +152,6 @@ const ClipTokenizer& StableDiffusion::tokenizer() const {
 
 int64_t StableDiffusion::text_embed_dim() const {
   return family_ == ModelFamily::kSdxl ? sdxl_text_->embed_dim() : text_encoder_->config().hidden_size;
-}
-
-TextConditioning StableDiffusion::ZeroNegative() const {
-  if (family_ != ModelFamily::kSdxl || !force_zeros_for_empty_prompt_) return {};
-  return sdxl_text_->Zeros(1);
 }
 
 at::Tensor StableDiffusion::TimeIds(int height, int width) const {
@@ -266,18 +267,12 @@ absl::StatusOr<std::vector<DenoiseBatch::Sample>> StableDiffusion::PrepareSample
   };
   std::vector<int64_t> cond_row(specs.size()), uncond_row(specs.size(), -1);
   for (size_t i = 0; i < specs.size(); ++i) cond_row[i] = row_for(specs[i].prompt);
-  // SDXL's force_zeros_for_empty_prompt: an empty negative prompt is all zeros, one row after the texts.
-  const TextConditioning zero_negative = ZeroNegative();
-  const auto zero_row = static_cast<int64_t>(texts.size()) + static_cast<int64_t>(specs.size());
-  bool zeros_used = false;
+  // SDXL's force_zeros_for_empty_prompt: an empty negative prompt is all zeros, a row after the texts.
+  constexpr int64_t kZeroRow = -2;
   for (size_t i = 0; i < specs.size(); ++i) {
     if (specs[i].guidance_scale <= 1.0) continue;
-    if (zero_negative.defined() && specs[i].negative_prompt.empty()) {
-      uncond_row[i] = zero_row;
-      zeros_used = true;
-    } else {
-      uncond_row[i] = row_for(specs[i].negative_prompt);
-    }
+    const bool zeros = zero_negative_.defined() && specs[i].negative_prompt.empty();
+    uncond_row[i] = zeros ? kZeroRow : row_for(specs[i].negative_prompt);
   }
   std::vector<TextConditioning> rows(texts.size());
   for (size_t t = 0; t < texts.size(); ++t) {
@@ -290,9 +285,9 @@ absl::StatusOr<std::vector<DenoiseBatch::Sample>> StableDiffusion::PrepareSample
     text_cache_->Insert(texts[t], *encoded);
     rows[t] = *std::move(encoded);
   }
-  if (zeros_used) {
-    for (int64_t& r : uncond_row) r = r == zero_row ? static_cast<int64_t>(rows.size()) : r;
-    rows.push_back(zero_negative);
+  if (std::find(uncond_row.begin(), uncond_row.end(), kZeroRow) != uncond_row.end()) {
+    for (int64_t& r : uncond_row) r = r == kZeroRow ? static_cast<int64_t>(rows.size()) : r;
+    rows.push_back(zero_negative_);
   }
   absl::StatusOr<TextConditioning> embeddings = GuardTorch("text encoding", [&]() -> absl::StatusOr<TextConditioning> {
     std::vector<at::Tensor> embeds, pooled;

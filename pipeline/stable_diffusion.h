@@ -125,9 +125,6 @@ class StableDiffusion {
   // One text path, by family: tokenizer_ + text_encoder_ (SD 1.x) or sdxl_text_ (SDXL).
   absl::Status LoadSd1Text();
   absl::Status LoadSdxlText();
-  // A negative prompt's conditioning when model_index.json's force_zeros_for_empty_prompt turns an empty one
-  // into zeros (SDXL); undefined otherwise.
-  TextConditioning ZeroNegative() const;
   // SDXL's add_time_ids for a `height` x `width` image as diffusers builds them by default: original size,
   // crop top-left (0, 0), target size. [1, 6] in the model's dtype and device.
   at::Tensor TimeIds(int height, int width) const;
@@ -138,6 +135,9 @@ class StableDiffusion {
   std::shared_ptr<ClipTextModelImpl> text_encoder_;
   std::unique_ptr<SdxlTextEncoder> sdxl_text_;
   bool force_zeros_for_empty_prompt_ = false;
+  // An empty negative prompt's conditioning when force_zeros_for_empty_prompt (SDXL): one row of zeros, made at
+  // load and shared read-only; undefined otherwise.
+  TextConditioning zero_negative_;
   std::shared_ptr<UNet2DConditionModelImpl> unet_;
   std::shared_ptr<VaeDecoderImpl> vae_;
   std::unique_ptr<TextEmbeddingCache> text_cache_;

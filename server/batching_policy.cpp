@@ -442,17 +442,17 @@ AdmitPlan BatchingPolicy::AdmitStep(const WorkerView& worker, std::span<const Po
 }
 
 size_t BatchingPolicy::PickBatch(const WorkerView& worker) const {
-  size_t best = 0;
+  std::optional<size_t> best;
   double best_due = kNever;
   for (size_t i = 0; i < worker.running.size(); ++i) {
     if (worker.running[i].paused) continue;  // holds no rows
     const double d = DueTime(worker.cost, worker.running[i].call);
-    if (d < best_due || (best_due == kNever && worker.running[best].paused)) {
+    if (!best || d < best_due) {
       best = i;
       best_due = d;
     }
   }
-  return best;
+  return best.value_or(0);
 }
 
 double BatchingPolicy::RequestReadyAt(std::span<const PolicyCall> queue, bool draining) const {

@@ -160,7 +160,7 @@ class BatchingPolicy {
 
   // Which batch steps next: the index in `worker.running` of a call whose batch it is — the batch holding the
   // most urgent call (earliest due), so a call with a tight target is not stuck behind another size's batch.
-  // `worker.running` must not be empty.
+  // Paused calls are skipped. `worker.running` must hold a call that is not paused.
   size_t PickBatch(const WorkerView& worker) const;
 
   // Request mode: when an idle worker may take the oldest key's batch (-inf: now; +inf: never / step mode).

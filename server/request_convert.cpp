@@ -79,9 +79,7 @@ absl::StatusOr<int> CheckSide(const char* field, uint32_t value, int native, con
 absl::StatusOr<tome::TokenMerging> ConvertTome(const v1::TokenMerging& in, const ModelDescription& model,
                                                const RequestLimits& limits) {
   tome::TokenMerging t;
-  // The model's finest level with attention (SDXL has none at full resolution: tomesd's default of 1 would
-  // patch nothing there).
-  if (!model.tome_downsamples.empty()) t.max_downsample = model.tome_downsamples.front();
+  t.max_downsample = tome::DefaultMaxDownsample(model.tome_downsamples);
   t.ratio = in.has_ratio() ? FloatToShortestDouble(in.ratio()) : limits.default_tome_ratio;
   // Range checks are tome::Validate's; values past int's range saturate so its message reports them sanely.
   const auto as_int = [](uint32_t v) { return static_cast<int>(std::min<uint32_t>(v, INT32_MAX)); };
@@ -215,13 +213,10 @@ absl::StatusOr<GenerationRequest> ConvertRequest(const v1::GenerateRequest& requ
     out.tome_max_ratio = std::min(limits.adaptive_tome_max_ratio, tome::MaxRatio(out.tome.sx, out.tome.sy));
   }
   // Settings that would merge nothing on this model are refused, not silently run unmerged.
-  if ((out.tome.ratio > 0 || out.tome_max_ratio > 0) && !model->tome_downsamples.empty() &&
-      out.tome.max_downsample < model->tome_downsamples.front()) {
-    return Invalid(absl::StrCat("tome.max_downsample is ", out.tome.max_downsample, ", which patches no block of ",
-                                "model \"", model->name, "\": its transformer blocks are at downsample ",
-                                absl::StrJoin(model->tome_downsamples, ", "), "; allowed: ",
-                                model->tome_downsamples.front(), " to 8, or 0 for the model's default (",
-                                model->tome_downsamples.front(), ")"));
+  if (absl::Status s = tome::CheckPatchesABlock(out.tome.max_downsample, out.tome.ratio > 0 || out.tome_max_ratio > 0,
+                                                model->tome_downsamples, model->name);
+      !s.ok()) {
+    return s;
   }
   switch (request.priority()) {
     case v1::PRIORITY_INTERACTIVE:

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_format.h"
 
 namespace tomeserve::tome {
@@ -47,6 +48,17 @@ std::string ToString(const TokenMerging& tome) {
       "ratio=%g max_downsample=%d sx=%d sy=%d use_rand=%d attn/crossattn/mlp=%d/%d/%d seed=%d", tome.ratio,
       tome.max_downsample, tome.sx, tome.sy, tome.use_rand, tome.merge_attn, tome.merge_crossattn, tome.merge_mlp,
       tome.seed);
+}
+
+int DefaultMaxDownsample(const std::vector<int>& levels) { return levels.empty() ? 1 : levels.front(); }
+
+absl::Status CheckPatchesABlock(int max_downsample, bool merges, const std::vector<int>& levels,
+                                absl::string_view model) {
+  if (!merges || levels.empty() || max_downsample >= levels.front()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "tome.max_downsample is ", max_downsample, ", which patches no block of model \"", model,
+      "\": its transformer blocks are at downsample ", absl::StrJoin(levels, ", "), "; allowed: at least ",
+      levels.front(), " (the model's default)"));
 }
 
 }  // namespace tomeserve::tome

@@ -5,8 +5,10 @@
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 
 namespace tomeserve::tome {
 
@@ -44,6 +46,16 @@ double MaxRatio(int sx, int sy);
 // INVALID_ARGUMENT naming the field and its allowed range for values tomesd would mis-handle or silently cap:
 // ratio NaN or outside [0, MaxRatio(sx, sy)], max_downsample not in {1, 2, 4, 8}, sx/sy outside [1, kMaxStride].
 absl::Status Validate(const TokenMerging& tome);
+
+// Model-aware max_downsample. `levels`: the UNet's levels with transformer blocks as downsample factors,
+// ascending (pipeline::UNet2DConditionConfig::AttentionDownsamples: SD 1.5 {1, 2, 4, 8}, SDXL {2, 4}).
+// The default is the finest of them (1 without levels): tomesd's own 1 patches no block of SDXL, which has no
+// attention at full resolution.
+int DefaultMaxDownsample(const std::vector<int>& levels);
+// INVALID_ARGUMENT naming tome.max_downsample, `model` and its levels when settings that merge (`merges`: a
+// ratio or a controller range above 0) would patch no block at `max_downsample`.
+absl::Status CheckPatchesABlock(int max_downsample, bool merges, const std::vector<int>& levels,
+                                absl::string_view model);
 
 // True when the settings change the UNet's output: ratio > 0 and at least one sub-layer merged. Inactive
 // settings are run as the plain UNet (bit-identical to no ToMe).

@@ -212,9 +212,9 @@ absl::StatusOr<std::vector<double>> Time(pipeline::StableDiffusion& sd, const Co
   const prof::ProfilerConfig profiler_config(prof::ProfilerState::KINETO);
   const std::set<prof::ActivityType> activities = {prof::ActivityType::CPU};
   if (profile != nullptr) torch::autograd::profiler::prepareProfiler(profiler_config, activities);
-  const std::vector<int> levels = sd.unet().config().AttentionDownsamples();
-  const int max_downsample =
-      c.tome_max_downsample > 0 ? static_cast<int>(c.tome_max_downsample) : (levels.empty() ? 1 : levels.front());
+  const int max_downsample = c.tome_max_downsample > 0
+                                 ? static_cast<int>(c.tome_max_downsample)
+                                 : tome::DefaultMaxDownsample(sd.unet().config().AttentionDownsamples());
   const tome::TokenMerging tome_settings{.ratio = c.tome_ratio, .max_downsample = max_downsample};
   std::shared_ptr<const tome::TokenMergingHooks> hooks;
   if (tome::IsActive(tome_settings)) {

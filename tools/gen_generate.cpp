@@ -7,7 +7,6 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "pipeline/image_codec.h"
 #include "pipeline/load_weights.h"
@@ -172,11 +171,11 @@ int Generate(const std::vector<std::string>& args) {
     // max_downsample's default is the model's finest level with attention, as the server's: SDXL has none at
     // full resolution, where tomesd's default of 1 would patch nothing.
     const std::vector<int> levels = (*sd)->unet().config().AttentionDownsamples();
-    if (!levels.empty() && !o.tome_max_downsample_set) o.tome.max_downsample = levels.front();
-    if (!levels.empty() && o.tome.max_downsample < levels.front()) {
-      return UsageError(absl::InvalidArgumentError(absl::StrCat(
-          "--tome-max-downsample ", o.tome.max_downsample, " patches no block of this model: its transformer "
-          "blocks are at downsample ", absl::StrJoin(levels, ", "), "; use at least ", levels.front())));
+    if (!o.tome_max_downsample_set) o.tome.max_downsample = tome::DefaultMaxDownsample(levels);
+    if (absl::Status s = tome::CheckPatchesABlock(o.tome.max_downsample, true, levels,
+                                                  o.load.model_dir.filename().string());
+        !s.ok()) {
+      return UsageError(absl::InvalidArgumentError(absl::StrReplaceAll(s.message(), {{"tome.max_downsample", "--tome-max-downsample"}})));
     }
     auto hooks = tome::TokenMergingHooks::Create(o.tome);
     if (!hooks.ok()) return UsageError(hooks.status());

@@ -115,5 +115,5 @@ def test_gen_cli_tome_on_sdxl(gen, tiny_xl_model, tmp_path):
     assert "max_downsample=2" in r.stderr and "10 blocks, 640 -> 320 tokens" in r.stderr, r.stderr
     bad = run("--tome-ratio", 0.5, "--tome-max-downsample", 1)
     assert bad.returncode == 2
-    assert "--tome-max-downsample 1 patches no block" in bad.stderr and "2, 4" in bad.stderr
+    assert "--tome-max-downsample is 1, which patches no block" in bad.stderr and "2, 4" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
